@@ -1,0 +1,368 @@
+"""Target attention: DIN, multi-head scaled dot-product, early fusion and Decoupled Target Attention.
+
+Shapes: B batch, L behaviours, d ID-embedding width, K modalities, H heads, d_h head width,
+nb similarity buckets, d_z bucket-embedding width.
+
+Early fusion (DESIGN.md section 2) gives each behaviour token the candidate-dependent side
+information z_tj^k = E_k[b_tj^k]: x_tj = [e_j ; z_tj^1 ; ... ; z_tj^K], then
+K_tj = W_K x_tj, V_tj = W_V x_tj, q_t = W_Q e_t and r = sum_j softmax_j(q_t.K_tj / sqrt(d_h)) V_tj.
+
+Decoupled Target Attention splits W_K = [W_K^id ; W_K^1 ; ... ; W_K^K] by input block, so
+K_tj = W_K^id e_j + sum_k T_K^k[b_tj^k] with the nb-row table T_K^k = E_k W_K^k (likewise V).
+The ID part is target-agnostic (computed once per user); per candidate only the scores
+q_t.K_j^id + sum_k (q_t.T_K^k)[b_tj^k] and the bucket masses A_b^k = sum_j a_j [b_tj^k = b] are
+needed. Both modules hold the same `FusionAttentionWeights`, so they compute the same function.
+
+Masked positions get no attention; a row whose mask is all False returns zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmf_jax import checks
+from dmf_jax.similarity import SimilarityBucketEmbedding
+
+_KERNEL_INIT = jax.nn.initializers.lecun_normal()
+DIN_NORMALIZATIONS = ("none", "softmax")
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+  """Softmax over `axis` restricted to mask == True; all-masked slices give zeros (no NaN)."""
+  floor = jnp.finfo(scores.dtype).min
+  scores = jnp.where(mask, scores, floor)
+  peak = jax.lax.stop_gradient(jnp.max(scores, axis=axis, keepdims=True))
+  e = jnp.exp(scores - peak) * mask
+  total = jnp.sum(e, axis=axis, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+def _validate_inputs(
+    module: str,
+    target: jax.Array,
+    behaviors: jax.Array,
+    mask: jax.Array,
+    id_dim: int,
+    bucket_ids: jax.Array | None = None,
+    num_modalities: int = 0,
+    num_buckets: int = 0,
+) -> None:
+  """Ranks, dims and dtypes of a batched attention call; value checks when eager."""
+  checks.check_rank(f"{module}: target_id_emb", target, 2)
+  checks.check_rank(f"{module}: behavior_id_emb", behaviors, 3)
+  checks.check_rank(f"{module}: mask", mask, 2)
+  checks.check_floating(f"{module}: target_id_emb", target)
+  checks.check_floating(f"{module}: behavior_id_emb", behaviors)
+  checks.check_bool(f"{module}: mask", mask)
+  batch, seq_len = behaviors.shape[:2]
+  checks.check_shape(f"{module}: target_id_emb", target, (batch, id_dim))
+  checks.check_shape(f"{module}: behavior_id_emb", behaviors, (batch, seq_len, id_dim))
+  checks.check_same_dims(
+      [("behavior_id_emb", behaviors.shape[1]), ("mask", mask.shape[1])], "L (sequence length)"
+  )
+  checks.check_shape(f"{module}: mask", mask, (batch, seq_len))
+  if bucket_ids is not None:
+    checks.check_rank(f"{module}: bucket_ids", bucket_ids, 3)
+    checks.check_integer(f"{module}: bucket_ids", bucket_ids)
+    checks.check_same_dims(
+        [("behavior_id_emb", seq_len), ("bucket_ids", bucket_ids.shape[1])], "L (sequence length)"
+    )
+    checks.check_shape(f"{module}: bucket_ids", bucket_ids, (batch, seq_len, num_modalities))
+    checks.check_ids_in_range(f"{module}: bucket_ids", bucket_ids, num_buckets)
+
+
+class DinAttention(nnx.Module):
+  """DIN local activation unit: weights from an MLP over [q, k, q - k, q * k].
+
+  target [B, d], behaviors [B, L, d], mask [B, L] -> [B, d] = sum_j w_j k_j. As in the DIN paper
+  the weights are not normalized by default ('none'); 'softmax' normalizes over unmasked j.
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      *,
+      hidden: Sequence[int] = (80, 40),
+      normalization: str = "none",
+      rngs: nnx.Rngs,
+  ):
+    if normalization not in DIN_NORMALIZATIONS:
+      raise ValueError(f"DIN normalization {normalization!r} is not one of {DIN_NORMALIZATIONS}")
+    self.dim = dim
+    self.normalization = normalization
+    dims = (4 * dim, *hidden)
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+    self.score = nnx.Linear(dims[-1], 1, rngs=rngs)
+
+  def weights(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention weights [B, L] (zero where masked)."""
+    q = jnp.broadcast_to(target[:, None, :], behaviors.shape)
+    h = jnp.concatenate([q, behaviors, q - behaviors, q * behaviors], axis=-1)
+    for layer in self.hidden:
+      h = jax.nn.sigmoid(layer(h))
+    scores = self.score(h)[..., 0]
+    if self.normalization == "softmax":
+      return masked_softmax(scores, mask)
+    return scores * mask
+
+  def __call__(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
+    _validate_inputs("DinAttention", target, behaviors, mask, self.dim)
+    return jnp.einsum("bl,bld->bd", self.weights(target, behaviors, mask), behaviors)
+
+
+class MultiHeadTargetAttention(nnx.Module):
+  """ID-only multi-head scaled dot-product target attention.
+
+  target [B, d] (query), behaviors [B, L, d] (keys and values), mask [B, L] -> [B, H * d_h].
+  """
+
+  def __init__(self, *, id_dim: int, num_heads: int, head_dim: int, rngs: nnx.Rngs):
+    self.id_dim, self.num_heads, self.head_dim = id_dim, num_heads, head_dim
+    width = num_heads * head_dim
+    self.query = nnx.Param(_KERNEL_INIT(rngs.params(), (id_dim, width)))
+    self.key = nnx.Param(_KERNEL_INIT(rngs.params(), (id_dim, width)))
+    self.value = nnx.Param(_KERNEL_INIT(rngs.params(), (id_dim, width)))
+
+  @property
+  def out_dim(self) -> int:
+    return self.num_heads * self.head_dim
+
+  def __call__(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
+    _validate_inputs("MultiHeadTargetAttention", target, behaviors, mask, self.id_dim)
+    h, dh = self.num_heads, self.head_dim
+    q = (target @ self.query[...]).reshape(-1, h, dh)
+    k = (behaviors @ self.key[...]).reshape(*behaviors.shape[:2], h, dh)
+    v = (behaviors @ self.value[...]).reshape(*behaviors.shape[:2], h, dh)
+    a = masked_softmax(jnp.einsum("bhd,blhd->bhl", q, k) / jnp.sqrt(dh), mask[:, None, :])
+    return jnp.einsum("bhl,blhd->bhd", a, v).reshape(-1, h * dh)
+
+
+class FusionAttentionWeights(nnx.Module):
+  """The weights shared by early fusion and DTA.
+
+  query [d, H*d_h]; key, value [d + K*d_z, H*d_h] whose first d rows act on the ID embedding and
+  the next K blocks of d_z rows on each modality's bucket embedding; bucket tables [K, nb, d_z].
+  """
+
+  def __init__(
+      self,
+      *,
+      id_dim: int,
+      num_buckets: int,
+      bucket_dim: int,
+      num_modalities: int,
+      num_heads: int,
+      head_dim: int,
+      rngs: nnx.Rngs,
+  ):
+    for name, value in dict(
+        id_dim=id_dim, num_buckets=num_buckets, bucket_dim=bucket_dim,
+        num_modalities=num_modalities, num_heads=num_heads, head_dim=head_dim,
+    ).items():
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"fusion attention: {name} must be a positive int, got {value!r}")
+    self.id_dim, self.num_buckets, self.bucket_dim = id_dim, num_buckets, bucket_dim
+    self.num_modalities, self.num_heads, self.head_dim = num_modalities, num_heads, head_dim
+    width = num_heads * head_dim
+    token_dim = id_dim + num_modalities * bucket_dim
+    self.buckets = SimilarityBucketEmbedding(num_modalities, num_buckets, bucket_dim, rngs=rngs)
+    self.query = nnx.Param(_KERNEL_INIT(rngs.params(), (id_dim, width)))
+    self.key = nnx.Param(_KERNEL_INIT(rngs.params(), (token_dim, width)))
+    self.value = nnx.Param(_KERNEL_INIT(rngs.params(), (token_dim, width)))
+
+  def config(self) -> dict[str, int]:
+    return dict(
+        id_dim=self.id_dim, num_buckets=self.num_buckets, bucket_dim=self.bucket_dim,
+        num_modalities=self.num_modalities, num_heads=self.num_heads, head_dim=self.head_dim,
+    )
+
+  def queries(self, target: jax.Array) -> jax.Array:
+    """[..., d] -> [..., H, d_h]."""
+    return (target @ self.query[...]).reshape(*target.shape[:-1], self.num_heads, self.head_dim)
+
+  def bucket_tables(self, kernel: jax.Array) -> jax.Array:
+    """T^k = E_k W^k for all k: kernel [d + K*d_z, H*d_h] -> [K, nb, H, d_h]."""
+    side = kernel[self.id_dim:].reshape(self.num_modalities, self.bucket_dim, -1)
+    tables = jnp.einsum("knz,kzo->kno", self.buckets.tables[...], side)
+    return tables.reshape(self.num_modalities, self.num_buckets, self.num_heads, self.head_dim)
+
+  def id_projection(self, kernel: jax.Array, behaviors: jax.Array) -> jax.Array:
+    """W^id e_j: [..., L, d] -> [..., L, H, d_h]."""
+    out = behaviors @ kernel[: self.id_dim]
+    return out.reshape(*behaviors.shape[:-1], self.num_heads, self.head_dim)
+
+
+class EarlyFusionTargetAttention(nnx.Module):
+  """Target attention over behaviour tokens carrying the similarity-bucket embeddings.
+
+  __call__: target [B, d], behaviors [B, L, d], bucket_ids int32 [B, L, K], mask bool [B, L]
+  -> [B, H * d_h]. Keys and values are recomputed for every (candidate, behaviour) pair.
+  """
+
+  def __init__(
+      self,
+      *,
+      id_dim: int,
+      num_buckets: int,
+      bucket_dim: int,
+      num_modalities: int,
+      num_heads: int,
+      head_dim: int,
+      rngs: nnx.Rngs | None = None,
+      weights: FusionAttentionWeights | None = None,
+  ):
+    if weights is None:
+      if rngs is None:
+        raise ValueError("EarlyFusionTargetAttention needs `rngs` (or existing `weights`)")
+      weights = FusionAttentionWeights(
+          id_dim=id_dim, num_buckets=num_buckets, bucket_dim=bucket_dim,
+          num_modalities=num_modalities, num_heads=num_heads, head_dim=head_dim, rngs=rngs,
+      )
+    self.weights = weights
+
+  @property
+  def out_dim(self) -> int:
+    return self.weights.num_heads * self.weights.head_dim
+
+  def _attend_one(self, q, behaviors, bucket_ids, mask):
+    """One candidate: q [H, d_h], behaviors [L, d], bucket_ids [L, K], mask [L] -> [H*d_h]."""
+    w = self.weights
+    tokens = jnp.concatenate([behaviors, w.buckets(bucket_ids)], axis=-1)  # [L, d + K*d_z]
+    keys = (tokens @ w.key[...]).reshape(-1, w.num_heads, w.head_dim)
+    values = (tokens @ w.value[...]).reshape(-1, w.num_heads, w.head_dim)
+    scores = jnp.einsum("hd,lhd->hl", q, keys) / jnp.sqrt(w.head_dim)
+    a = masked_softmax(scores, mask[None, :])
+    return jnp.einsum("hl,lhd->hd", a, values).reshape(-1)
+
+  def __call__(self, target_id_emb, behavior_id_emb, bucket_ids, mask):
+    w = self.weights
+    _validate_inputs(
+        "EarlyFusionTargetAttention", target_id_emb, behavior_id_emb, mask, w.id_dim,
+        bucket_ids, w.num_modalities, w.num_buckets,
+    )
+    bucket_ids = jnp.clip(bucket_ids, 0, w.num_buckets - 1)
+    return jax.vmap(self._attend_one)(w.queries(target_id_emb), behavior_id_emb, bucket_ids, mask)
+
+  def score_candidates(self, behavior_id_emb, mask, target_id_emb, bucket_ids):
+    """Serving reference: one user [L, d], [L] against N candidates [N, d], [N, L, K] -> [N, H*d_h]."""
+    w = self.weights
+    bucket_ids = jnp.clip(bucket_ids, 0, w.num_buckets - 1)
+    attend = jax.vmap(self._attend_one, in_axes=(0, None, 0, None))
+    return attend(w.queries(target_id_emb), behavior_id_emb, bucket_ids, mask)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DTAUserState:
+  """The target-agnostic part of DTA for one user (or a batch of users, with a leading dim).
+
+  key_id, value_id: [..., L, H, d_h] = W^id e_j; mask: bool [..., L].
+  """
+
+  key_id: jax.Array
+  value_id: jax.Array
+  mask: jax.Array
+
+
+class DecoupledTargetAttention(nnx.Module):
+  """Early fusion's function, with the per-user part separated from the per-candidate part.
+
+  __call__ has the signature and result of `EarlyFusionTargetAttention.__call__`. For serving,
+  `encode_user` runs once per request and `score_candidates` scores N candidates against it.
+  """
+
+  def __init__(
+      self,
+      *,
+      id_dim: int,
+      num_buckets: int,
+      bucket_dim: int,
+      num_modalities: int,
+      num_heads: int,
+      head_dim: int,
+      rngs: nnx.Rngs | None = None,
+      weights: FusionAttentionWeights | None = None,
+  ):
+    if weights is None:
+      if rngs is None:
+        raise ValueError("DecoupledTargetAttention needs `rngs` (or existing `weights`)")
+      weights = FusionAttentionWeights(
+          id_dim=id_dim, num_buckets=num_buckets, bucket_dim=bucket_dim,
+          num_modalities=num_modalities, num_heads=num_heads, head_dim=head_dim, rngs=rngs,
+      )
+    self.weights = weights
+
+  @classmethod
+  def from_early_fusion(cls, ef: EarlyFusionTargetAttention) -> "DecoupledTargetAttention":
+    """A DTA sharing `ef`'s weights (the same Params: training one trains the other)."""
+    return cls(**ef.weights.config(), weights=ef.weights)
+
+  @property
+  def out_dim(self) -> int:
+    return self.weights.num_heads * self.weights.head_dim
+
+  def encode_user(self, behavior_id_emb: jax.Array, mask: jax.Array) -> DTAUserState:
+    """Target-agnostic part: behaviours [..., L, d], mask [..., L] -> DTAUserState."""
+    w = self.weights
+    checks.check_floating("behavior_id_emb", behavior_id_emb)
+    checks.check_bool("mask", mask)
+    if behavior_id_emb.shape[-1] != w.id_dim or behavior_id_emb.shape[:-1] != mask.shape:
+      raise ValueError(
+          f"encode_user: behavior_id_emb {tuple(behavior_id_emb.shape)} and mask "
+          f"{tuple(mask.shape)} must be [..., L, {w.id_dim}] and [..., L]"
+      )
+    return DTAUserState(
+        key_id=w.id_projection(w.key[...], behavior_id_emb),
+        value_id=w.id_projection(w.value[...], behavior_id_emb),
+        mask=mask,
+    )
+
+  def _attend_one(self, q, onehot, key_id, value_id, mask, key_tables, value_tables):
+    """One candidate: q [H, d_h], onehot [L, K, nb], user part [L, H, d_h] x2, mask [L]."""
+    scale = 1.0 / jnp.sqrt(self.weights.head_dim)
+    q_side = jnp.einsum("hd,knhd->hkn", q, key_tables)  # (q . T_K^k)[b] for every bucket
+    scores = jnp.einsum("hd,lhd->hl", q, key_id) + jnp.einsum("hkn,lkn->hl", q_side, onehot)
+    a = masked_softmax(scores * scale, mask[None, :])  # [H, L]
+    mass = jnp.einsum("hl,lkn->hkn", a, onehot)  # attention mass per (modality, bucket)
+    out = jnp.einsum("hl,lhd->hd", a, value_id) + jnp.einsum("hkn,knhd->hd", mass, value_tables)
+    return out.reshape(-1)
+
+  def _onehot(self, bucket_ids: jax.Array) -> jax.Array:
+    w = self.weights
+    return jax.nn.one_hot(jnp.clip(bucket_ids, 0, w.num_buckets - 1), w.num_buckets)
+
+  def score_candidates(
+      self, user: DTAUserState, target_id_emb: jax.Array, bucket_ids: jax.Array
+  ) -> jax.Array:
+    """One user's state ([L, H, d_h]) against N candidates: [N, d], [N, L, K] -> [N, H*d_h]."""
+    w = self.weights
+    checks.check_rank("target_id_emb", target_id_emb, 2)
+    checks.check_rank("bucket_ids", bucket_ids, 3)
+    checks.check_integer("bucket_ids", bucket_ids)
+    checks.check_shape(
+        "bucket_ids", bucket_ids, (target_id_emb.shape[0], user.mask.shape[-1], w.num_modalities)
+    )
+    checks.check_ids_in_range("bucket_ids", bucket_ids, w.num_buckets)
+    attend = jax.vmap(self._attend_one, in_axes=(0, 0, None, None, None, None, None))
+    return attend(
+        w.queries(target_id_emb), self._onehot(bucket_ids), user.key_id, user.value_id,
+        user.mask, w.bucket_tables(w.key[...]), w.bucket_tables(w.value[...]),
+    )
+
+  def __call__(self, target_id_emb, behavior_id_emb, bucket_ids, mask):
+    w = self.weights
+    _validate_inputs(
+        "DecoupledTargetAttention", target_id_emb, behavior_id_emb, mask, w.id_dim,
+        bucket_ids, w.num_modalities, w.num_buckets,
+    )
+    user = self.encode_user(behavior_id_emb, mask)
+    attend = jax.vmap(self._attend_one, in_axes=(0, 0, 0, 0, 0, None, None))
+    return attend(
+        w.queries(target_id_emb), self._onehot(bucket_ids), user.key_id, user.value_id,
+        user.mask, w.bucket_tables(w.key[...]), w.bucket_tables(w.value[...]),
+    )

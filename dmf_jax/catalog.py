@@ -1,0 +1,105 @@
+"""The item catalog: per-item side fields and frozen multimodal vectors, looked up by item id.
+
+Held once per process inside the model as non-trainable `CatalogTable` variables (the optimizer
+updates `nnx.Param` only), so batches carry item ids and never copies of the vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dmf_jax import checks
+from dmf_jax.schema import FeatureSchema
+
+
+class CatalogTable(nnx.Variable):
+  """A frozen per-item table (not an nnx.Param: never trained)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemCatalog:
+  """Host-side catalog arrays.
+
+  side: field name -> int32 [num_items] (single-valued) or [num_items, M] (multi-valued, -1 pad).
+  modalities: modality name -> float32 [num_items, D_k]; an all-zero row marks a missing vector.
+  """
+
+  side: Mapping[str, np.ndarray]
+  modalities: Mapping[str, np.ndarray]
+
+  def validate(self, schema: FeatureSchema) -> None:
+    """Raises a ValueError naming the culprit unless the arrays fit `schema`."""
+    n = schema.num_items
+    want_side = {f.name for f in schema.item_features}
+    if set(self.side) != want_side:
+      raise ValueError(f"catalog side fields {sorted(self.side)} != schema {sorted(want_side)}")
+    for spec in schema.item_features:
+      arr = np.asarray(self.side[spec.name])
+      expected = (n, spec.max_values) if spec.multi_valued else (n,)
+      checks.check_shape(f"catalog.side[{spec.name!r}]", arr, expected)
+      checks.check_integer(f"catalog.side[{spec.name!r}]", arr)
+      checks.check_ids_in_range(
+          f"catalog.side[{spec.name!r}]", arr, spec.vocab_size, allow_padding=spec.multi_valued
+      )
+    want_mod = set(schema.modality_names)
+    if set(self.modalities) != want_mod:
+      raise ValueError(
+          f"catalog modalities {sorted(self.modalities)} != schema {sorted(want_mod)}"
+      )
+    for spec in schema.modalities:
+      arr = np.asarray(self.modalities[spec.name])
+      checks.check_shape(f"catalog.modalities[{spec.name!r}]", arr, (n, spec.dim))
+      checks.check_floating(f"catalog.modalities[{spec.name!r}]", arr)
+      checks.check_finite(f"catalog.modalities[{spec.name!r}]", arr)
+
+  @classmethod
+  def zeros(cls, schema: FeatureSchema) -> "ItemCatalog":
+    """A placeholder of the right shapes (for abstract init before the real values load)."""
+    n = schema.num_items
+    side = {
+        f.name: np.zeros((n, f.max_values) if f.multi_valued else (n,), np.int32)
+        for f in schema.item_features
+    }
+    mods = {m.name: np.zeros((n, m.dim), np.float32) for m in schema.modalities}
+    return cls(side, mods)
+
+
+class CatalogTables(nnx.Module):
+  """The catalog as frozen variables: `side(name, ids)` and `vectors(name, ids)` gathers."""
+
+  def __init__(self, schema: FeatureSchema, catalog: ItemCatalog | None = None):
+    catalog = catalog or ItemCatalog.zeros(schema)
+    catalog.validate(schema)
+    self.num_items = schema.num_items
+    self.side = nnx.Dict(
+        {k: CatalogTable(jnp.asarray(v, jnp.int32)) for k, v in catalog.side.items()}
+    )
+    self.modalities = nnx.Dict(
+        {k: CatalogTable(jnp.asarray(v, jnp.float32)) for k, v in catalog.modalities.items()}
+    )
+
+  def load(self, schema: FeatureSchema, catalog: ItemCatalog) -> None:
+    """Replaces the values in place after validating them (keeps each variable's sharding)."""
+    catalog.validate(schema)
+    for name, value in catalog.side.items():
+      self.side[name].set_value(jnp.asarray(value, jnp.int32))
+    for name, value in catalog.modalities.items():
+      self.modalities[name].set_value(jnp.asarray(value, jnp.float32))
+
+  def _rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
+    # Item ids were range-checked by the item-id embedding; clip keeps jit lookups defined.
+    return jnp.take(table, jnp.clip(item_ids, 0, self.num_items - 1), axis=0)
+
+  def side_values(self, name: str, item_ids: jax.Array) -> jax.Array:
+    """int [...] -> int32 [...] or [..., M]."""
+    return self._rows(self.side[name][...], item_ids)
+
+  def vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
+    """int [...] -> float32 [..., D_k]."""
+    return self._rows(self.modalities[name][...], item_ids)

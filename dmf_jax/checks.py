@@ -1,0 +1,88 @@
+"""Input validation that names the culprit.
+
+Checks on shapes, ranks and dtypes run at trace time, so they hold under `jax.jit` too.
+Checks on values (id ranges, finiteness) need concrete arrays: they run in eager use and are
+skipped for tracers, where each caller documents its defined jit-time behaviour instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when `x` holds values (numpy or a committed jax array), not a tracer."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_rank(name: str, x, rank: int) -> None:
+  if np.ndim(x) != rank:
+    raise ValueError(f"{name}: expected rank {rank}, got shape {tuple(np.shape(x))}")
+
+
+def check_shape(name: str, x, expected: Sequence[int | None]) -> None:
+  """Checks `x.shape` against `expected`, where None matches any size."""
+  shape = tuple(np.shape(x))
+  if len(shape) != len(expected) or any(
+      e is not None and e != s for s, e in zip(shape, expected)
+  ):
+    want = tuple("?" if e is None else e for e in expected)
+    raise ValueError(f"{name}: expected shape {want}, got {shape}")
+
+
+def check_integer(name: str, x) -> None:
+  if not jnp.issubdtype(jnp.asarray(x).dtype if is_concrete(x) else x.dtype, jnp.integer):
+    raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
+
+
+def check_floating(name: str, x) -> None:
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a floating dtype, got {dtype}")
+
+
+def check_bool(name: str, x) -> None:
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  if dtype != jnp.bool_:
+    raise TypeError(f"{name}: expected a bool mask, got {dtype}")
+
+
+def check_finite(name: str, x) -> None:
+  """Raises if a concrete `x` holds NaN or inf (no-op for tracers)."""
+  if not is_concrete(x):
+    return
+  arr = np.asarray(x)
+  bad = ~np.isfinite(arr)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{name}: {int(bad.sum())} non-finite value(s), first at index {first} "
+        f"(value {arr[first]})"
+    )
+
+
+def check_ids_in_range(name: str, ids, vocab_size: int, *, allow_padding: bool = False) -> None:
+  """Raises if a concrete `ids` has values outside [0, vocab_size) (-1 allowed as padding)."""
+  if not is_concrete(ids):
+    return
+  arr = np.asarray(ids)
+  low = -1 if allow_padding else 0
+  bad = (arr < low) | (arr >= vocab_size)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    allowed = f"[0, {vocab_size})" + (" or -1 (padding)" if allow_padding else "")
+    raise ValueError(
+        f"{name}: id {int(arr[first])} at index {first} is out of range; allowed {allowed}"
+    )
+
+
+def check_same_dims(names_and_sizes: Sequence[tuple[str, int]], what: str) -> None:
+  """Raises unless all sizes agree, e.g. the sequence length L of several inputs."""
+  sizes = {size for _, size in names_and_sizes}
+  if len(sizes) > 1:
+    listed = ", ".join(f"{n}={s}" for n, s in names_and_sizes)
+    raise ValueError(f"mismatched {what}: {listed}")

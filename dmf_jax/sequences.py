@@ -1,0 +1,78 @@
+"""From logged events to CTR examples: strict-history behaviour sequences and chronological splits.
+
+Protocol (DESIGN.md section 5): events are ordered per user by (timestamp, item id); the
+behaviour sequence of a target is the user's positive items with timestamp strictly before the
+target's (same-second events excluded), the last `seq_len` of them, most recent last. Per-user
+chronological split: with n events, the last max(1, round(0.1 n)) go to test, the
+max(1, round(0.1 n)) before them to validation, the rest to train (Python's round).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+
+
+def order_events(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+  """Permutation sorting events by (user, timestamp, item)."""
+  return np.lexsort((item, timestamp, user))
+
+
+def user_boundaries(sorted_user: np.ndarray) -> np.ndarray:
+  """Start offsets of each user's run in a user-sorted array, plus the end: [num_users + 1]."""
+  starts = np.flatnonzero(np.r_[True, sorted_user[1:] != sorted_user[:-1]])
+  return np.r_[starts, len(sorted_user)]
+
+
+def build_histories(
+    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, label: np.ndarray, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Strict-history sequences for events already ordered by (user, timestamp, item).
+
+  Returns hist_item_id int32 [n, seq_len] (chronological, most recent at index len - 1, padding
+  0 after), hist_len int32 [n] and hist_timestamp int64 [n, seq_len] (for leakage checks).
+  """
+  n = len(user)
+  hist = np.zeros((n, seq_len), np.int32)
+  hist_ts = np.full((n, seq_len), -1, np.int64)
+  hist_len = np.zeros(n, np.int32)
+  bounds = user_boundaries(user)
+  for start, end in zip(bounds[:-1], bounds[1:]):
+    ts, lab = timestamp[start:end], label[start:end]
+    pos = np.flatnonzero(lab > 0)
+    pos_items, pos_ts = item[start:end][pos], ts[pos]
+    # Positives with timestamp < target's: pos_ts is sorted, so a left searchsorted counts them.
+    counts = np.searchsorted(pos_ts, ts, side="left")
+    for i, count in enumerate(counts):
+      lo = max(0, count - seq_len)
+      length = count - lo
+      hist[start + i, :length] = pos_items[lo:count]
+      hist_ts[start + i, :length] = pos_ts[lo:count]
+      hist_len[start + i] = length
+  return hist, hist_len, hist_ts
+
+
+def per_user_split(user: np.ndarray) -> np.ndarray:
+  """Split index per event (0 train, 1 validation, 2 test) for events ordered per user."""
+  split = np.zeros(len(user), np.int8)
+  bounds = user_boundaries(user)
+  for start, end in zip(bounds[:-1], bounds[1:]):
+    n_test, n_val = split_sizes(end - start)
+    split[end - n_test:end] = 2
+    split[end - n_test - n_val:end - n_test] = 1
+  return split
+
+
+def split_sizes(n: int) -> tuple[int, int]:
+  """(n_test, n_validation) for a user with n events."""
+  tenth = max(1, round(0.1 * n))
+  n_test = min(tenth, n)
+  n_val = min(tenth, n - n_test)
+  return n_test, n_val
+
+
+def global_time_split(timestamp: np.ndarray, fractions=(0.8, 0.1)) -> np.ndarray:
+  """Split index per event by a global time cut at the given quantiles (cold-start report)."""
+  cuts = np.quantile(timestamp, [fractions[0], fractions[0] + fractions[1]])
+  return np.where(timestamp < cuts[0], 0, np.where(timestamp < cuts[1], 1, 2)).astype(np.int8)

@@ -1,0 +1,75 @@
+"""Pure train and eval steps over a split NNX model (single device; issue 4 adds the mesh).
+
+The model is split once into a static graphdef, its trainable `nnx.Param`s and the remaining
+state (batch statistics, frozen catalog). Steps are plain `jax.jit` functions that merge them
+inside, so the whole state is an explicit pytree that can be donated, sharded and checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dmf_jax.losses import bce_with_logits
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """step: int32 scalar; params: trainable Params; opt_state: optax state; rest: other state."""
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  rest: nnx.State
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, params, rest) with params the nnx.Param variables."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params, rest = split_model(model)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rest)
+  return graphdef, state
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, jit: bool = True
+) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+  """step(state, batch, rng) -> (new state, {'loss'}); dropout keys are fold_in(rng, step)."""
+
+  def step(state: TrainState, batch, rng):
+    dropout_rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, state.step))
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest)
+      logits = model(batch, train=True, rngs=dropout_rngs)
+      loss = bce_with_logits(logits, batch["label"], batch.get("weight"))
+      return loss, nnx.state(model, nnx.Not(nnx.Param))
+
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(state.step + 1, params, opt_state, rest)
+    return new_state, {"loss": loss}
+
+  return jax.jit(step, donate_argnums=0) if jit else step
+
+
+def make_predict_step(graphdef: nnx.GraphDef, *, jit: bool = True):
+  """predict(state, batch) -> logits [B] in inference mode."""
+
+  def predict(state: TrainState, batch):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    return model(batch, train=False)
+
+  return jax.jit(predict) if jit else predict

@@ -1,0 +1,32 @@
+"""Small generated problems shared by tests."""
+
+import functools
+
+import numpy as np
+
+from dmf_jax import synthetic
+
+TINY = synthetic.SyntheticConfig(
+    num_users=120, num_items=90, num_topics=4, latent_dim=8, events_per_user=24, seq_len=12,
+    modalities=(("text", 8, 0.3), ("image", 12, 0.6)), num_categories=5, num_tags=6, seed=3,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_problem():
+  """(schema, catalog, splits) of a tiny synthetic problem (cached per test session)."""
+  return synthetic.make_examples(TINY)
+
+
+def take(examples, index):
+  return {k: v[index] for k, v in examples.items()}
+
+
+def batches(examples, batch_size, seed=0):
+  """Endless shuffled full batches of a split."""
+  rng = np.random.default_rng(seed)
+  n = len(examples["label"])
+  while True:
+    perm = rng.permutation(n)
+    for i in range(0, n - batch_size + 1, batch_size):
+      yield take(examples, perm[i:i + batch_size])

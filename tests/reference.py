@@ -1,0 +1,63 @@
+"""Plain float64 numpy references of the modules, written from DESIGN.md's formulas."""
+
+import numpy as np
+
+
+def softmax_masked(scores, mask):
+  """scores [..., L], mask [..., L] -> weights, all-masked rows zero."""
+  out = np.zeros_like(scores, dtype=np.float64)
+  for idx in np.ndindex(scores.shape[:-1]):
+    m = mask[idx]
+    if m.any():
+      s = scores[idx][m].astype(np.float64)
+      e = np.exp(s - s.max())
+      out[idx][m] = e / e.sum()
+  return out
+
+
+def early_fusion(q_kernel, k_kernel, v_kernel, tables, target, behaviors, buckets, mask, heads):
+  """Literal early fusion: x_tj = [e_j ; E_k[b_tj^k] ...], per-head softmax attention."""
+  b, l, _ = behaviors.shape
+  kmods = buckets.shape[-1]
+  z = [tables[k][buckets[..., k]] for k in range(kmods)]
+  x = np.concatenate([behaviors, *z], axis=-1).astype(np.float64)
+  q = (target.astype(np.float64) @ q_kernel).reshape(b, heads, -1)
+  dh = q.shape[-1]
+  keys = (x @ k_kernel).reshape(b, l, heads, dh)
+  values = (x @ v_kernel).reshape(b, l, heads, dh)
+  out = np.zeros((b, heads, dh))
+  for i in range(b):
+    for h in range(heads):
+      scores = keys[i, :, h] @ q[i, h] / np.sqrt(dh)
+      a = softmax_masked(scores[None], mask[i][None])[0]
+      out[i, h] = a @ values[i, :, h]
+  return out.reshape(b, heads * dh)
+
+
+def cosine(target, behaviors):
+  t = target.astype(np.float64)
+  bh = behaviors.astype(np.float64)
+  tn = np.linalg.norm(t, axis=-1, keepdims=True)
+  bn = np.linalg.norm(bh, axis=-1, keepdims=True)
+  t = t / np.maximum(tn, 1e-8)
+  bh = bh / np.maximum(bn, 1e-8)
+  return np.einsum("bd,bld->bl", t, bh)
+
+
+def bucketize(s, num_buckets):
+  return np.clip(np.floor((s + 1.0) / 2.0 * num_buckets), 0, num_buckets - 1).astype(np.int64)
+
+
+def simtier(s, mask, tiers, normalization):
+  b, l, k = s.shape
+  out = np.zeros((b, k, tiers))
+  for i in range(b):
+    for kk in range(k):
+      for j in range(l):
+        if mask[i, j]:
+          out[i, kk, bucketize(s[i, j, kk], tiers)] += 1
+  if normalization == "normalized":
+    out = out / np.maximum(mask.sum(-1), 1)[:, None, None]
+  elif normalization == "log1p":
+    out = np.log1p(out)
+  return out
