@@ -76,3 +76,59 @@ def global_time_split(timestamp: np.ndarray, fractions=(0.8, 0.1)) -> np.ndarray
   """Split index per event by a global time cut at the given quantiles (cold-start report)."""
   cuts = np.quantile(timestamp, [fractions[0], fractions[0] + fractions[1]])
   return np.where(timestamp < cuts[0], 0, np.where(timestamp < cuts[1], 1, 2)).astype(np.int8)
+
+
+def examples_from_events(
+    user: np.ndarray,
+    item: np.ndarray,
+    timestamp: np.ndarray,
+    label: np.ndarray,
+    user_table: dict[str, np.ndarray],
+    seq_len: int,
+    split: np.ndarray | str = "per_user",
+) -> dict[str, dict[str, np.ndarray]]:
+  """Impression examples per split from raw events.
+
+  Args:
+    user, item, timestamp, label: [n] arrays of events in any order (user and item are
+      dense indices, label 0/1).
+    user_table: field name -> array indexed by user index ([num_users] or [num_users, M]).
+    seq_len: L, the longest behaviour sequence kept.
+    split: 'per_user' (chronological 80/10/10), 'global_time' (global time cut), or an
+      explicit int array [n] of 0/1/2 given in the events' original order.
+
+  Returns:
+    {split name: {user/<field>, item_id, timestamp, label, hist_item_id [m, L], hist_len}}
+    with each split's rows ordered by (user, timestamp, item).
+  """
+  order = order_events(user, item, timestamp)
+  user, item, ts, label = user[order], item[order], timestamp[order], label[order]
+  hist, hist_len, _ = build_histories(user, item, ts, label, seq_len)
+  if isinstance(split, str):
+    if split == "per_user":
+      split = per_user_split(user)
+    elif split == "global_time":
+      split = global_time_split(ts)
+    else:
+      raise ValueError(f"split {split!r} is not one of ('per_user', 'global_time')")
+  else:
+    split = np.asarray(split)[order]
+  out = {}
+  for index, name in enumerate(SPLITS):
+    sel = split == index
+    rows = {f"user/{k}": np.asarray(v)[user[sel]] for k, v in user_table.items()}
+    rows.update(
+        item_id=item[sel].astype(np.int32), timestamp=ts[sel].astype(np.int64),
+        label=label[sel].astype(np.float32), hist_item_id=hist[sel], hist_len=hist_len[sel],
+    )
+    out[name] = rows
+  return out
+
+
+def to_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Examples from `examples_from_events` as one model batch (mask from hist_len, weight 1)."""
+  seq_len = rows["hist_item_id"].shape[1]
+  batch = {k: v for k, v in rows.items() if k != "hist_len"}
+  batch["hist_mask"] = np.arange(seq_len)[None, :] < rows["hist_len"][:, None]
+  batch["weight"] = np.ones(len(rows["label"]), np.float32)
+  return batch

@@ -153,22 +153,10 @@ def generate(config: SyntheticConfig):
 
 
 def make_examples(config: SyntheticConfig):
-  """(schema, catalog, {split: examples}) with examples as dicts of numpy arrays."""
+  """(schema, catalog, {split: batch}) with each split as one in-memory batch of numpy arrays."""
   catalog, users, events = generate(config)
-  hist, hist_len, _ = sequences.build_histories(
-      events["user"], events["item"], events["timestamp"], events["label"], config.seq_len
+  splits = sequences.examples_from_events(
+      events["user"], events["item"], events["timestamp"], events["label"], users,
+      config.seq_len, split=events["split"],
   )
-  splits = {}
-  for index, name in enumerate(sequences.SPLITS):
-    sel = events["split"] == index
-    u = events["user"][sel]
-    splits[name] = {
-        "user/user_id": users["user_id"][u],
-        "user/group": users["group"][u],
-        "item_id": events["item"][sel],
-        "hist_item_id": hist[sel],
-        "hist_mask": np.arange(config.seq_len)[None, :] < hist_len[sel][:, None],
-        "label": events["label"][sel].astype(np.float32),
-        "weight": np.ones(sel.sum(), np.float32),
-    }
-  return schema_for(config), catalog, splits
+  return schema_for(config), catalog, {k: sequences.to_batch(v) for k, v in splits.items()}

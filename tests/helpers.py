@@ -30,3 +30,19 @@ def batches(examples, batch_size, seed=0):
     perm = rng.permutation(n)
     for i in range(0, n - batch_size + 1, batch_size):
       yield take(examples, perm[i:i + batch_size])
+
+
+def shared_dir():
+  """The shared folder beside the checkout (CI puts it there); DMF_SHARED_DIR overrides."""
+  import os
+  import pathlib
+
+  root = os.environ.get("DMF_SHARED_DIR")
+  path = pathlib.Path(root) if root else pathlib.Path(__file__).resolve().parents[2] / "shared"
+  ml = path / "datasets" / "movielens-100k-mm"
+  if not (ml / "ml-100k" / "u.data").exists():
+    raise FileNotFoundError(
+        f"the real MovieLens-100K multimodal dataset is missing at {ml}: integration tests need "
+        f"it (set DMF_SHARED_DIR to the folder holding datasets/movielens-100k-mm)"
+    )
+  return ml

@@ -1,0 +1,56 @@
+"""Shared base of the CTR dataset builders: one record per impression, side files beside them."""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dmf_jax import data_format
+from dmf_jax.catalog import ItemCatalog
+from dmf_jax.schema import FeatureSchema
+
+
+class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
+  """Subclasses implement `_prepare`.
+
+  `_prepare` returns (schema, catalog, {split: examples}) with examples as produced by
+  `dmf_jax.sequences.examples_from_events`. The base writes the schema and catalog into the
+  (still incomplete) dataset directory, then yields the records; TFDS moves everything into
+  place only when the whole build succeeded.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def url_infos(cls):
+    """Nothing is downloaded (data is generated or read from `manual_dir`): no checksums file."""
+    return None
+
+  def __init__(self, *args, file_format="array_record", **kwargs):
+    super().__init__(*args, file_format=file_format, **kwargs)
+
+  @abc.abstractmethod
+  def _prepare(self, dl_manager) -> tuple[FeatureSchema, ItemCatalog, dict]:
+    """Reads the raw data and returns (schema, catalog, examples per split)."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__, features=data_format.example_features()
+    )
+
+  def _split_generators(self, dl_manager):
+    schema, catalog, splits = self._prepare(dl_manager)
+    data_format.write_side_files(self.data_path, schema, catalog)
+    return {name: self._generate_examples(schema, rows) for name, rows in splits.items()}
+
+  def _generate_examples(self, schema: FeatureSchema, rows):
+    for i in range(len(rows["label"])):
+      length = int(rows["hist_len"][i])
+      yield i, {
+          "user_features": data_format.pack_user_features(schema, rows, i),
+          "item_id": int(rows["item_id"][i]),
+          "timestamp": int(rows["timestamp"][i]),
+          "hist_item_id": np.ascontiguousarray(rows["hist_item_id"][i, :length], np.int32),
+          "label": float(rows["label"][i]),
+      }

@@ -1,0 +1,138 @@
+"""movielens_100k_mm: MovieLens-100K with TMDB text and posters (research use only).
+
+A TFDS manual-download dataset: the raw folder is given as `manual_dir` (it is never copied
+into the repository). Protocol: DESIGN.md section 5 — label = rating >= 4; behaviour sequence =
+the user's items rated >= 4 strictly before the target's timestamp, last 50; per-user
+chronological 80/10/10 split.
+
+Configs:
+  text_image  (default) text + image modality vectors from the encoding step's cache
+              (`python -m data.movielens_100k_mm.encode_items`, see README);
+  text        the text vectors only;
+  ids         no modality vectors (ID-only models, protocol checks).
+The encoder cache is `<manual_dir>/../movielens_100k_mm_encoded` unless the environment variable
+DMF_ML_ENCODED_DIR (or the config's `encoded_dir`) names another folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data.common import CtrBuilder
+from data.movielens_100k_mm import raw
+from dmf_jax import sequences
+from dmf_jax.catalog import ItemCatalog
+from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
+
+SEQ_LEN = 50
+ID_DIM, FIELD_DIM = 32, 8
+USER_FIELDS = (
+    FeatureSpec("user_id", 943, ID_DIM),
+    FeatureSpec("age", len(raw.AGE_EDGES) + 1, FIELD_DIM),
+    FeatureSpec("gender", 2, FIELD_DIM),
+    FeatureSpec("occupation", 21, FIELD_DIM),
+)
+ENCODED_ENV = "DMF_ML_ENCODED_DIR"
+
+
+@dataclasses.dataclass(kw_only=True)
+class MovielensConfig(tfds.core.BuilderConfig):
+  modalities: tuple[str, ...] = ("text", "image")
+  encoded_dir: str | None = None
+
+
+def read_modality(encoded_dir: epath.Path, name: str, num_items: int) -> np.ndarray:
+  """`<name>.npy` [n, D] with `<name>_ids.npy` [n] (MovieLens ids) -> [num_items, D] by index.
+
+  Items absent from the cache (e.g. no poster) get a zero vector (similarity 0 to everything).
+  """
+  vec_path, ids_path = encoded_dir / f"{name}.npy", encoded_dir / f"{name}_ids.npy"
+  for path in (vec_path, ids_path):
+    if not path.exists():
+      raise FileNotFoundError(
+          f"missing {path}: run `python -m data.movielens_100k_mm.encode_items "
+          f"--manual_dir=... --output_dir={encoded_dir}` first (needs the `encoders` extra)"
+      )
+  with vec_path.open("rb") as f:
+    vectors = np.load(f)
+  with ids_path.open("rb") as f:
+    ids = np.load(f)
+  if vectors.ndim != 2 or len(vectors) != len(ids):
+    raise ValueError(f"{vec_path}: shape {vectors.shape} does not match {len(ids)} ids in {ids_path}")
+  if len(np.unique(ids)) != len(ids):
+    raise ValueError(f"{ids_path}: duplicate item ids")
+  if ids.min() < 1 or ids.max() > num_items:
+    raise ValueError(f"{ids_path}: ids outside 1..{num_items}")
+  bad = ~np.isfinite(vectors).all(axis=1)
+  if bad.any():
+    raise ValueError(f"{vec_path}: {int(bad.sum())} rows with NaN/inf (first: id {ids[bad][0]})")
+  table = np.zeros((num_items, vectors.shape[1]), np.float32)
+  table[ids - 1] = vectors
+  return table
+
+
+class Movielens100kMm(CtrBuilder):
+  """MovieLens-100K ratings as CTR impressions with TMDB text and poster modalities."""
+
+  name = "movielens_100k_mm"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Pass the MovieLens-100K multimodal folder as manual_dir (e.g. "
+      "../shared/datasets/movielens-100k-mm).\n" + raw.LAYOUT
+  )
+  BUILDER_CONFIGS = [
+      MovielensConfig(name="text_image", description="Text and image vectors."),
+      MovielensConfig(name="text", description="Text vectors only.", modalities=("text",)),
+      MovielensConfig(name="ids", description="No modality vectors.", modalities=()),
+  ]
+
+  def encoded_dir(self, manual_dir: epath.Path) -> epath.Path:
+    chosen = self.builder_config.encoded_dir or os.environ.get(ENCODED_ENV)
+    return epath.Path(chosen) if chosen else manual_dir.parent / "movielens_100k_mm_encoded"
+
+  def _prepare(self, dl_manager):
+    root = epath.Path(dl_manager.manual_dir)
+    ratings, items, users = raw.read_ratings(root), raw.read_items(root), raw.read_users(root)
+    num_items, num_users = len(items.title), len(users.age)
+    if ratings.item.min() < 0 or ratings.item.max() >= num_items:
+      raise ValueError(f"u.data: item ids outside 1..{num_items} of u.item")
+    if ratings.user.min() < 0 or ratings.user.max() >= num_users:
+      raise ValueError(f"u.data: user ids outside 1..{num_users} of u.user")
+
+    years = items.year
+    known = years > 0
+    year_index = np.where(known, years - years[known].min() + 1, 0).astype(np.int32)
+    max_genres = int((items.genres >= 0).sum(1).max())
+    schema = FeatureSchema(
+        num_items=num_items, item_id_dim=ID_DIM, seq_len=SEQ_LEN,
+        item_features=(
+            FeatureSpec("genres", raw.NUM_GENRES, FIELD_DIM, max_values=max_genres),
+            FeatureSpec("year", int(year_index.max()) + 1, FIELD_DIM),
+        ),
+        user_features=USER_FIELDS,
+    )
+    modalities = {}
+    encoded = self.encoded_dir(root)
+    for name in self.builder_config.modalities:
+      modalities[name] = read_modality(encoded, name, num_items)
+    schema = schema.replace(
+        modalities=tuple(ModalitySpec(k, v.shape[1]) for k, v in modalities.items())
+    )
+    catalog = ItemCatalog(
+        side={"genres": items.genres[:, :max_genres], "year": year_index}, modalities=modalities
+    )
+    user_table = {
+        "user_id": np.arange(num_users, dtype=np.int32), "age": raw.age_bucket(users.age),
+        "gender": users.gender, "occupation": users.occupation,
+    }
+    splits = sequences.examples_from_events(
+        ratings.user, ratings.item, ratings.timestamp, (ratings.rating >= 4).astype(np.int32),
+        user_table, SEQ_LEN,
+    )
+    return schema, catalog, splits
