@@ -124,9 +124,13 @@ class Movielens100kMm(CtrBuilder):
     schema = schema.replace(
         modalities=tuple(ModalitySpec(k, v.shape[1]) for k, v in modalities.items())
     )
-    catalog = ItemCatalog(
-        side={"genres": items.genres[:, :max_genres], "year": year_index}, modalities=modalities
-    )
+    side = {"genres": items.genres[:, :max_genres], "year": year_index}
+    if "image" in modalities:  # items without a poster: zero vector plus this flag
+      side["image_missing"] = (~modalities["image"].any(axis=1)).astype(np.int32)
+      schema = schema.replace(
+          item_features=schema.item_features + (FeatureSpec("image_missing", 2, FIELD_DIM),)
+      )
+    catalog = ItemCatalog(side=side, modalities=modalities)
     user_table = {
         "user_id": np.arange(num_users, dtype=np.int32), "age": raw.age_bucket(users.age),
         "gender": users.gender, "occupation": users.occupation,
