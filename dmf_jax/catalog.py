@@ -16,6 +16,7 @@ from flax import nnx
 
 from dmf_jax import checks
 from dmf_jax.schema import FeatureSchema
+from dmf_jax.sharding import NO_SHARDING, ShardingRules, gather_rows
 
 
 class CatalogTable(nnx.Variable):
@@ -73,10 +74,16 @@ class ItemCatalog:
 class CatalogTables(nnx.Module):
   """The catalog as frozen variables: `side(name, ids)` and `vectors(name, ids)` gathers."""
 
-  def __init__(self, schema: FeatureSchema, catalog: ItemCatalog | None = None):
+  def __init__(
+      self,
+      schema: FeatureSchema,
+      catalog: ItemCatalog | None = None,
+      sharding: ShardingRules = NO_SHARDING,
+  ):
     catalog = catalog or ItemCatalog.zeros(schema)
     catalog.validate(schema)
     self.num_items = schema.num_items
+    self.sharding = sharding
     self.side = nnx.Dict(
         {k: CatalogTable(jnp.asarray(v, jnp.int32)) for k, v in catalog.side.items()}
     )
@@ -94,7 +101,7 @@ class CatalogTables(nnx.Module):
 
   def _rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
     # Item ids were range-checked by the item-id embedding; clip keeps jit lookups defined.
-    return jnp.take(table, jnp.clip(item_ids, 0, self.num_items - 1), axis=0)
+    return gather_rows(table, jnp.clip(item_ids, 0, self.num_items - 1), self.sharding)
 
   def side_values(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> int32 [...] or [..., M]."""

@@ -8,13 +8,16 @@ from flax import nnx
 
 from dmf_jax import checks
 from dmf_jax.schema import FeatureSpec
-from dmf_jax.sharding import NO_SHARDING, ShardingRules
+from dmf_jax.sharding import NO_SHARDING, ShardingRules, gather_rows
 
 DEFAULT_INIT_STDDEV = 0.05
 
 
 class EmbeddingTable(nnx.Module):
   """A [vocab_size + 1, dim] table; row `vocab_size` is the reserved OOV row.
+
+  When row-sharded over S devices the table has its rows rounded up to a multiple of S; the
+  extra rows are never addressed.
 
   Out-of-range ids raise a ValueError when the ids are concrete (eager use). Under `jax.jit`
   the ids are tracers and cannot be inspected, so any id outside [0, vocab_size) is looked up
@@ -40,7 +43,7 @@ class EmbeddingTable(nnx.Module):
     self.name = name
     self.sharding = sharding
     init = jax.nn.initializers.normal(init_stddev)
-    value = init(rngs.params(), (vocab_size + 1, dim), jnp.float32)
+    value = init(rngs.params(), (sharding.padded_rows(vocab_size + 1), dim), jnp.float32)
     if sharding.table_axis is not None:
       self.embedding = nnx.Param(value, out_sharding=sharding.table_spec())
     else:
@@ -59,12 +62,7 @@ class EmbeddingTable(nnx.Module):
     """int [...] -> float32 [..., dim]. With allow_padding, -1 is accepted (OOV row)."""
     checks.check_integer(self.name, ids)
     checks.check_ids_in_range(self.name, ids, self.vocab_size, allow_padding=allow_padding)
-    safe = self.safe_ids(ids)
-    table = self.embedding[...]
-    spec = self.sharding.lookup_spec(safe.ndim)
-    if spec is None:
-      return jnp.take(table, safe, axis=0)
-    return table.at[safe].get(out_sharding=spec)
+    return gather_rows(self.embedding[...], self.safe_ids(ids), self.sharding)
 
 
 class FeatureEmbedding(nnx.Module):

@@ -1,18 +1,22 @@
 """Grain input pipelines over built datasets: shuffled training batches and padded eval batches.
 
-Training: per-process shard of the record indices -> seeded shuffle (a new permutation every
-epoch, from (seed, epoch)) -> batches of indices (drop_remainder, static shapes) -> read + parse +
-pad/mask each batch -> to_iter_dataset -> prefetch (threads, or worker processes with
-`worker_count`).
+Training: seeded shuffle of the record indices (a new permutation every epoch, from
+(seed, epoch)) -> global batches of indices (drop_remainder, static shapes) -> this process's rows
+of each global batch -> read + parse + pad/mask -> to_iter_dataset -> prefetch (threads, or
+worker processes with `worker_count`).
+
+Multi-host: every process follows the same global order and reads only its own rows of each
+global batch (rows p*b .. (p+1)*b of a global batch of P*b), so the global batches, and hence the
+training trajectory, are those of a single-process run with the same global batch size.
 
 Two choices make it fast on 2 cores (BUILD_NOTES.md): the shuffled index batches come from a
 random-access source that slices a numpy permutation (Grain's per-element shuffle/repeat/batch
 layers cost ~10 ms per 512 examples here), and records are read and parsed per batch (one bulk
 ArrayRecord read, one vectorized pad/mask) rather than per record.
 
-Evaluation: every process yields the same number of batches (collective steps stay in lockstep);
-the tail is padded with copies of a real row whose weight is 0, so no example is lost or counted
-twice.
+Evaluation: the split in order, padded to whole global batches with copies of a real row whose
+weight is 0 (no example lost or counted twice); each process reads its rows of every global
+batch, so all processes run the same number of steps.
 
 Iterators are Grain `DatasetIterator`s: `get_state()` / `set_state()` resume at the exact next
 batch (checkpointed with the model by the training loop).
@@ -60,34 +64,38 @@ class ReadBatch(grain.transforms.Map):
   def map(self, indices):
     indices = np.asarray(indices)
     real = indices != PAD_INDEX
-    if not real.any():
-      raise ValueError("ReadBatch: a batch with no real example")
-    safe = np.where(real, indices, indices[real][0])
+    # Padding rows repeat a real record (record 0 when the whole part is padding), weight 0.
+    safe = np.where(real, indices, indices[real][0] if real.any() else 0)
     batch = self._parser(self._records.read(safe.tolist()))
     batch["weight"] = batch["weight"] * real
     return batch
 
 
-def _shard_indices(num_records: int, shard: ShardInfo) -> np.ndarray:
-  if num_records == 0:
-    raise ValueError("the split has no records")
-  return np.arange(shard.index, num_records, shard.count, dtype=np.int64)
+def local_batch_size(global_batch_size: int, shard: ShardInfo) -> int:
+  if global_batch_size < 1 or global_batch_size % shard.count:
+    raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of the "
+                     f"{shard.count} processes")
+  return global_batch_size // shard.count
 
 
 class ShuffledBatches:
-  """Random-access source: item k is batch k of the epoch-long shuffled sequence of `indices`.
+  """Random-access source: item k is this process's part of global batch k.
 
-  Epoch e uses the permutation of np.random.default_rng((seed, e)); the last partial batch of
-  each epoch is dropped. `num_epochs=None` gives an (effectively) endless source.
+  Global batch k of epoch e is a slice of the permutation np.random.default_rng((seed, e)) of
+  range(num_records); the last partial batch of each epoch is dropped. `num_epochs=None` gives an
+  (effectively) endless source.
   """
 
   ENDLESS_EPOCHS = 1 << 40
 
-  def __init__(self, indices: np.ndarray, batch_size: int, seed: int, num_epochs: int | None):
-    self._indices = indices
-    self._batch_size = batch_size
+  def __init__(self, num_records: int, global_batch_size: int, seed: int,
+               num_epochs: int | None, shard: ShardInfo):
+    self._num_records = num_records
+    self._global = global_batch_size
+    self._local = local_batch_size(global_batch_size, shard)
+    self._offset = shard.index * self._local
     self._seed = seed
-    self._per_epoch = len(indices) // batch_size
+    self._per_epoch = num_records // global_batch_size
     self._epochs = self.ENDLESS_EPOCHS if num_epochs is None else num_epochs
 
   def __len__(self) -> int:
@@ -95,53 +103,54 @@ class ShuffledBatches:
 
   @functools.lru_cache(maxsize=2)
   def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng((self._seed, epoch)).permutation(len(self._indices))
+    return np.random.default_rng((self._seed, epoch)).permutation(self._num_records)
 
   def __getitem__(self, k: int) -> np.ndarray:
     if not 0 <= k < len(self):
       raise IndexError(k)
     epoch, b = divmod(int(k), self._per_epoch)
-    return self._indices[self._permutation(epoch)[b * self._batch_size:(b + 1) * self._batch_size]]
+    start = b * self._global + self._offset
+    return self._permutation(epoch)[start:start + self._local]
 
 
 def train_dataset(
     records: RawRecords,
     parser: RecordParser,
     *,
-    batch_size: int,
+    global_batch_size: int,
     seed: int,
     shard: ShardInfo = ShardInfo(),
     num_epochs: int | None = None,
 ) -> grain.MapDataset:
-  """Shuffled full batches of this process's shard; `num_epochs=None` repeats forever."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  indices = _shard_indices(len(records), shard)
-  if len(indices) < batch_size:
-    raise ValueError(f"shard of {len(indices)} examples is smaller than one batch of {batch_size}")
-  source = ShuffledBatches(indices, batch_size, seed, num_epochs)
+  """This process's part of shuffled full global batches; `num_epochs=None` repeats forever."""
+  if len(records) < global_batch_size:
+    raise ValueError(f"the split has {len(records)} examples, fewer than one batch of "
+                     f"{global_batch_size}")
+  source = ShuffledBatches(len(records), global_batch_size, seed, num_epochs, shard)
   return grain.MapDataset.source(source).map(ReadBatch(records, parser))
 
 
-def eval_num_batches(num_records: int, batch_size: int, shard_count: int = 1) -> int:
-  """Batches each process yields so that every process runs the same number of steps."""
-  return max(1, math.ceil(math.ceil(num_records / shard_count) / batch_size))
+def eval_num_batches(num_records: int, global_batch_size: int) -> int:
+  """Eval steps (the same for every process) covering the split."""
+  return max(1, math.ceil(num_records / global_batch_size))
 
 
 def eval_dataset(
     records: RawRecords,
     parser: RecordParser,
     *,
-    batch_size: int,
+    global_batch_size: int,
     shard: ShardInfo = ShardInfo(),
 ) -> grain.MapDataset:
-  """All of this shard's examples in order, padded to full batches with weight-0 rows."""
-  shard_indices = _shard_indices(len(records), shard)
-  steps = eval_num_batches(len(records), batch_size, shard.count)
-  indices = np.full(steps * batch_size, PAD_INDEX, np.int64)
-  indices[:len(shard_indices)] = shard_indices
-  index_ds = grain.MapDataset.source(indices.reshape(steps, batch_size))
-  return index_ds.map(ReadBatch(records, parser))
+  """The split in order, padded to whole global batches with weight-0 rows; this process's part."""
+  if len(records) == 0:
+    raise ValueError("the split has no records")
+  local = local_batch_size(global_batch_size, shard)
+  steps = eval_num_batches(len(records), global_batch_size)
+  indices = np.full(steps * global_batch_size, PAD_INDEX, np.int64)
+  indices[:len(records)] = np.arange(len(records))
+  mine = indices.reshape(steps, shard.count, local)[:, shard.index]
+  return grain.MapDataset.source(mine).map(ReadBatch(records, parser))
 
 
 def to_iterator(

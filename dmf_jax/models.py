@@ -169,7 +169,7 @@ class CTRModel(nnx.Module):
   ):
     self.schema = schema
     self.config = config
-    self.catalog = CatalogTables(schema, catalog)
+    self.catalog = CatalogTables(schema, catalog, sharding)
     self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
     self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
@@ -20,20 +22,38 @@ class ShardingRules:
   Attributes:
     batch_axis: mesh axis of the leading (batch) dimension of activations, or None.
     table_axis: mesh axis of embedding-table rows, or None for replicated tables.
+    table_shards: size of `table_axis`; tables pad their rows to a multiple of it.
   """
 
   batch_axis: str | None = None
   table_axis: str | None = None
+  table_shards: int = 1
+
+  def padded_rows(self, rows: int) -> int:
+    """`rows` rounded up to a multiple of the table shard count."""
+    return -(-rows // self.table_shards) * self.table_shards
 
   def table_spec(self) -> tuple[str | None, None]:
     """Partition names for a [vocab, dim] table (stored as Param `out_sharding` metadata)."""
     return (self.table_axis, None)
 
-  def lookup_spec(self, ids_ndim: int) -> P | None:
-    """Output sharding of a lookup of ids with `ids_ndim` dims, or None for a plain gather."""
+  def lookup_spec(self, out_ndim: int) -> P | None:
+    """Output sharding of a row gather with `out_ndim` dims, or None for a plain gather."""
     if self.batch_axis is None and self.table_axis is None:
       return None
-    return P(self.batch_axis, *([None] * ids_ndim))
+    return P(self.batch_axis, *([None] * (out_ndim - 1)))
+
+
+def gather_rows(table: jax.Array, ids: jax.Array, rules: ShardingRules) -> jax.Array:
+  """table[ids] for in-range int ids: [V, ...], [...ids] -> [...ids, ...].
+
+  On a mesh (Explicit axes) the output sharding is given explicitly: batch-split on
+  `rules.batch_axis`, whatever the table's row sharding.
+  """
+  spec = rules.lookup_spec(ids.ndim + table.ndim - 1)
+  if spec is None:
+    return jnp.take(table, ids, axis=0)
+  return table.at[ids].get(out_sharding=spec)
 
 
 NO_SHARDING = ShardingRules()

@@ -21,9 +21,15 @@ from dmf_jax.losses import bce_with_logits
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  """step: int32 scalar; params: trainable Params; opt_state: optax state; rest: other state."""
+  """The whole training state, one pytree.
+
+  step: int32 scalar; rng: uint32 key data (per-step keys are fold_in(rng, step));
+  params: trainable Params; opt_state: optax state; rest: the other variables (batch
+  statistics, the frozen catalog).
+  """
 
   step: jax.Array
+  rng: jax.Array
   params: nnx.State
   opt_state: optax.OptState
   rest: nnx.State
@@ -35,20 +41,22 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0
 ) -> tuple[nnx.GraphDef, TrainState]:
   graphdef, params, rest = split_model(model)
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rest)
+  rng = jax.random.key_data(jax.random.key(seed))
+  state = TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params), rest)
   return graphdef, state
 
 
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, jit: bool = True
-) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
-  """step(state, batch, rng) -> (new state, {'loss'}); dropout keys are fold_in(rng, step)."""
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
+  """step(state, batch) -> (new state, {'loss'}); dropout keys are fold_in(state.rng, step)."""
 
-  def step(state: TrainState, batch, rng):
-    dropout_rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, state.step))
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_rngs = nnx.Rngs(dropout=key)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest)
@@ -59,7 +67,7 @@ def make_train_step(
     (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(state.step + 1, params, opt_state, rest)
+    new_state = TrainState(state.step + 1, state.rng, params, opt_state, rest)
     return new_state, {"loss": loss}
 
   return jax.jit(step, donate_argnums=0) if jit else step

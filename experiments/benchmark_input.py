@@ -38,7 +38,7 @@ _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the records."
 def pipeline_rate(built, batch_size, num_batches, workers):
   records = data_format.raw_records(built.sources["train"])
   parser = data_format.RecordParser(built.schema)
-  it = ip.to_iterator(ip.train_dataset(records, parser, batch_size=batch_size, seed=0),
+  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0),
                       worker_count=workers)
   for _ in range(5):
     next(it)
@@ -51,21 +51,20 @@ def pipeline_rate(built, batch_size, num_batches, workers):
 def train_rate(built, batch_size, steps, model_name):
   records = data_format.raw_records(built.sources["train"])
   parser = data_format.RecordParser(built.schema)
-  it = ip.to_iterator(ip.train_dataset(records, parser, batch_size=batch_size, seed=0))
+  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0))
   batches = [jax.device_put(next(it)) for _ in range(8)]
   model = models.build_model({"name": model_name}, built.schema, rngs=nnx.Rngs(0),
                              catalog=built.catalog)
   tx = optax.adam(1e-3)
   graphdef, state = training.create_train_state(model, tx)
   step = training.make_train_step(graphdef, tx)
-  key = jax.random.key(0)
   for i in range(3):
-    state, out = step(state, batches[i % 8], key)
+    state, out = step(state, batches[i % 8])
   jax.block_until_ready(out)
   times = []
   for i in range(steps):
     t = time.perf_counter()
-    state, out = step(state, batches[i % 8], key)
+    state, out = step(state, batches[i % 8])
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t)
   return batch_size / float(np.median(times))

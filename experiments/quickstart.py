@@ -51,11 +51,11 @@ def train_one(name, schema, catalog, splits):
   graphdef, state = training.create_train_state(model, tx)
   step = training.make_train_step(graphdef, tx)
   predict = training.make_predict_step(graphdef)
-  rng, key = np.random.default_rng(_SEED.value), jax.random.key(_SEED.value)
+  rng = np.random.default_rng(_SEED.value)
   start, steps = time.time(), 0
   for epoch in range(_EPOCHS.value):
     for batch in _batches(splits["train"], _BATCH.value, rng):
-      state, out = step(state, batch, key)
+      state, out = step(state, batch)
       steps += 1
     print(f"  {name}: epoch {epoch + 1} loss {float(out['loss']):.4f}", flush=True)
   seconds = time.time() - start

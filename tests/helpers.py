@@ -46,3 +46,15 @@ def shared_dir():
         f"it (set DMF_SHARED_DIR to the folder holding datasets/movielens-100k-mm)"
     )
   return ml
+
+
+def tiny_train_config(data_dir, **overrides):
+  """experiments/configs/tiny.py with a data dir and no progress output: seconds per run."""
+  from experiments.configs import tiny
+
+  config = tiny.get_config()
+  config.data_dir = str(data_dir)
+  config.progress = False
+  for key, value in overrides.items():
+    config[key] = value
+  return config

@@ -61,11 +61,11 @@ def test_parser_truncates_to_the_last_l_items(built):
 
 def test_train_batches_static_shapes_and_seeded_order(built):
   parser = data_format.RecordParser(built.schema)
-  ds = ip.train_dataset(records_of(built, "train"), parser, batch_size=64, seed=7)
+  ds = ip.train_dataset(records_of(built, "train"), parser, global_batch_size=64, seed=7)
   a = list(itertools.islice(ip.to_iterator(ds), 3))
   b = list(itertools.islice(ip.to_iterator(ds), 3))
   c = list(itertools.islice(ip.to_iterator(
-      ip.train_dataset(records_of(built, "train"), parser, batch_size=64, seed=8)), 3))
+      ip.train_dataset(records_of(built, "train"), parser, global_batch_size=64, seed=8)), 3))
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
@@ -77,7 +77,7 @@ def test_one_epoch_visits_every_example_once_then_reshuffles(built):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "train")
   n = len(records)
-  ds = ip.train_dataset(records, parser, batch_size=1, seed=0)  # batch 1: no remainder
+  ds = ip.train_dataset(records, parser, global_batch_size=1, seed=0)  # batch 1: no remainder
   it = ip.to_iterator(ds)
   first = [key_rows(next(it))[0] for _ in range(n)]
   assert len(set(first)) == n
@@ -87,7 +87,7 @@ def test_one_epoch_visits_every_example_once_then_reshuffles(built):
 
 def test_iterator_resume_reproduces_the_next_batches(built):
   parser = data_format.RecordParser(built.schema)
-  ds = ip.train_dataset(records_of(built, "train"), parser, batch_size=32, seed=3)
+  ds = ip.train_dataset(records_of(built, "train"), parser, global_batch_size=32, seed=3)
   it = ip.to_iterator(ds)
   for _ in range(5):
     next(it)
@@ -104,7 +104,7 @@ def test_iterator_resume_reproduces_the_next_batches(built):
 def test_eval_batches_pad_with_zero_weight_and_lose_nothing(built):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "validation")
-  batches = list(ip.to_iterator(ip.eval_dataset(records, parser, batch_size=100)))
+  batches = list(ip.to_iterator(ip.eval_dataset(records, parser, global_batch_size=100)))
   assert len(batches) == 4 and all(len(b["label"]) == 100 for b in batches)
   weights = np.concatenate([b["weight"] for b in batches])
   assert weights.sum() == 346 and np.all(weights[346:] == 0)
@@ -113,20 +113,28 @@ def test_eval_batches_pad_with_zero_weight_and_lose_nothing(built):
 
 
 @pytest.mark.parametrize("count", [2, 3])
-def test_process_shards_are_disjoint_and_cover_the_split(built, count):
+def test_process_shards_are_disjoint_cover_the_split_and_form_the_global_batches(built, count):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "validation")
   rows, steps = [], set()
   for index in range(count):
     shard = ip.ShardInfo(index, count)
-    batches = list(ip.to_iterator(ip.eval_dataset(records, parser, batch_size=50, shard=shard)))
+    batches = list(ip.to_iterator(
+        ip.eval_dataset(records, parser, global_batch_size=12 * count, shard=shard)))
     steps.add(len(batches))
     rows += sum((key_rows(b) for b in batches), [])
-    train = ip.train_dataset(records, parser, batch_size=1, seed=0, shard=shard, num_epochs=1)
-    train_rows = [key_rows(b)[0] for b in ip.to_iterator(train)]
-    assert len(train_rows) == len(range(index, len(records), count))
   assert len(steps) == 1  # every process runs the same number of eval steps
   assert len(rows) == len(set(rows)) == len(records)
+
+  # Training: concatenating the processes' parts gives exactly the single-process batches.
+  single = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=6 * count, seed=4))
+  parts = [ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=6 * count, seed=4,
+                                           shard=ip.ShardInfo(i, count))) for i in range(count)]
+  for _ in range(3):
+    whole = key_rows(next(single))
+    assert sum((key_rows(next(p)) for p in parts), []) == whole
+  with pytest.raises(ValueError, match="global batch size 7 is not a positive multiple of the 2"):
+    ip.train_dataset(records, parser, global_batch_size=7, seed=0, shard=ip.ShardInfo(0, 2))
 
 
 def test_bad_pipeline_arguments():

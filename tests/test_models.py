@@ -85,7 +85,7 @@ def test_models_train_and_loss_falls(name):
   losses = []
   stream = batches(splits["train"], 64)
   for _ in range(60):
-    state, metrics = step(state, next(stream), jax.random.key(0))
+    state, metrics = step(state, next(stream))
     losses.append(float(metrics["loss"]))
   assert int(state.step) == 60
   assert np.all(np.isfinite(losses))

@@ -1,0 +1,285 @@
+"""The training job: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint`.
+
+Sections:
+  1. Experiment: validate the config, open (or build) the dataset, create the sharded state.
+  2. Evaluation: exact metrics over a whole split, gathered from every process.
+  3. Training loop: steps, reports, evaluation and early stopping, checkpoints, the non-finite
+     loss guard; resumes from the latest readable checkpoint in `workdir`.
+  4. Final report: the best checkpoint (by validation AUC) on validation and test,
+     `results.json` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from dmf_jax import config as config_lib
+from dmf_jax import data_format, input_pipeline as ip, metrics, optimizers, writers
+from dmf_jax.checkpointing import CheckpointManager
+from dmf_jax.models import build_model
+from dmf_jax.partitioner import Partitioner
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss; the run stops without saving that state."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Experiment
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config, shared by training and evaluation."""
+
+  config: ml_collections.ConfigDict
+  dataset: data_format.BuiltDataset
+  partitioner: Partitioner
+  graphdef: object
+  state: object
+  shardings: object
+  tx: object
+  total_steps: int
+  shard: ip.ShardInfo
+
+  def records(self, split: str) -> data_format.RawRecords:
+    if split not in self.dataset.sources:
+      raise ValueError(f"unknown split {split!r}; the dataset has {list(self.dataset.sources)}")
+    return data_format.raw_records(self.dataset.sources[split])
+
+  @property
+  def parser(self) -> data_format.RecordParser:
+    return data_format.RecordParser(self.dataset.schema)
+
+  def to_model_batch(self, local: dict) -> dict:
+    keys = self.dataset.schema.batch_keys()
+    return self.partitioner.shard_batch({k: local[k] for k in keys})
+
+
+def open_dataset(config) -> data_format.BuiltDataset:
+  """Builds the dataset on process 0 if needed, then opens it on every process."""
+  import data  # pylint: disable=g-import-not-at-top  (the builders live in the repo's data/)
+
+  data_dir = str(epath.Path(config.data_dir).expanduser())
+  manual = str(epath.Path(config.manual_dir).expanduser()) if config.manual_dir else None
+  if jax.process_index() == 0:
+    data.prepare(config.dataset, config.dataset_config, data_dir, manual)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset built")
+  return data.prepare(config.dataset, config.dataset_config, data_dir, manual)
+
+
+def total_train_steps(config, num_train_examples: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * (num_train_examples // config.batch_size))
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  validated = config_lib.validate(
+      config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  dataset = open_dataset(config)
+  partitioner = Partitioner(validated.mesh)
+  total = total_train_steps(config, len(dataset.sources["train"]))
+  if total < 1:
+    raise config_lib.ConfigError(
+        f"invalid config:\n  - training would run 0 steps ({len(dataset.sources['train'])} "
+        f"examples, batch_size {config.batch_size}, num_epochs {config.num_epochs})")
+  tx = optimizers.make_optimizer(validated.optimizer, total)
+
+  def factory(rules, rngs):
+    return build_model(validated.model, dataset.schema, rngs=rngs, sharding=rules)
+
+  graphdef, state, shardings = partitioner.init(
+      factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
+  return Experiment(config, dataset, partitioner, graphdef, state, shardings, tx, total,
+                    ip.ShardInfo.from_jax())
+
+
+def count_params(state) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_split(exp: Experiment, predict, state, split: str) -> dict[str, float]:
+  """Exact AUC / GAUC / logloss over every example of `split` (padding rows weigh 0)."""
+  ds = ip.eval_dataset(exp.records(split), exp.parser,
+                       global_batch_size=exp.config.eval_batch_size, shard=exp.shard)
+  acc = metrics.EvalAccumulator()
+  gather = exp.partitioner.gather
+  for local in ip.to_iterator(ds, prefetch=exp.config.prefetch):
+    batch = exp.to_model_batch(local)
+    logits = gather(predict(state, batch))
+    acc.update(gather(batch["user/user_id"]), gather(batch["label"]), logits,
+               gather(batch["weight"]))
+  return acc.compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bookkeeping:
+  """Loop state saved with each checkpoint (JSON), so a resumed run decides as the original."""
+
+  best_val_auc: float = -math.inf
+  best_step: int = -1
+  evals_since_best: int = 0
+  stopped_early: bool = False
+  train_seconds: float = 0.0
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["best_val_auc"] = None if math.isinf(self.best_val_auc) else self.best_val_auc
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Bookkeeping":
+    d = dict(d)
+    d["best_val_auc"] = -math.inf if d.get("best_val_auc") is None else d["best_val_auc"]
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def _write_json(path: epath.Path, value) -> None:
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_text(json.dumps(value, indent=2))
+  os.replace(tmp, path)  # atomic, overwrites
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds checkpoints) and writes results.json."""
+  workdir = epath.Path(workdir).expanduser()
+  is_main = jax.process_index() == 0
+  exp = build_experiment(config)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                           keep=config.keep_checkpoints)
+  train_step = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings)
+  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
+  train_ds = ip.train_dataset(exp.records("train"), exp.parser,
+                              global_batch_size=config.batch_size, seed=config.seed,
+                              shard=exp.shard)
+  new_iterator = lambda: ip.to_iterator(train_ds, worker_count=config.worker_count,
+                                        prefetch=config.prefetch)
+  abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
+  restored, iterator = ckpt.restore_latest(abstract, new_iterator)
+  state, book, step = exp.state, Bookkeeping(), 0
+  progress = writers.Progress(exp.total_steps, 0, config.batch_size,
+                              enabled=is_main and config.progress)
+  if restored is not None:
+    state, book, step = restored.state, Bookkeeping.from_json(restored.bookkeeping), restored.step
+    if is_main:
+      print(f"resumed from step {step} ({ckpt.directory})", file=sys.stderr, flush=True)
+  progress = writers.Progress(exp.total_steps, step, config.batch_size,
+                              enabled=is_main and config.progress)
+
+  t0, seconds_before, pending = time.time(), book.train_seconds, []
+  while step < exp.total_steps and not book.stopped_early:
+    state, out = train_step(state, exp.to_model_batch(next(iterator)))
+    step += 1
+    pending.append(out["loss"])
+    evaluate_now = step % config.eval_every_steps == 0 or step == exp.total_steps
+    save_now = evaluate_now or step % config.checkpoint_every_steps == 0
+    if save_now or step % config.log_every_steps == 0:
+      losses = np.asarray(jax.device_get(pending))
+      pending = []
+      if not np.all(np.isfinite(losses)):
+        last = ckpt.steps[-1] if ckpt.steps else None
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {step} (losses {losses[~np.isfinite(losses)][:3]});"
+            f" stopped without saving. Last good checkpoint: "
+            + (f"step {last} in {ckpt.directory}" if last is not None else "none"))
+      steps_per_s, ex_per_s = progress.rate(step)
+      writer.write(step, "train", {"loss": float(losses.mean()), "steps_per_s": steps_per_s,
+                                   "examples_per_s": ex_per_s})
+      progress.update(step, float(losses.mean()))
+    eval_metrics = None
+    if evaluate_now:
+      val = evaluate_split(exp, predict, state, "validation")
+      if val["auc"] > book.best_val_auc:
+        book.best_val_auc, book.best_step, book.evals_since_best = val["auc"], step, 0
+      else:
+        book.evals_since_best += 1
+      if config.patience and book.evals_since_best >= config.patience:
+        book.stopped_early = True
+        announce = print if is_main else (lambda *a, **k: None)
+        announce(f"early stop at step {step}: no better validation AUC in "
+                         f"{config.patience} evaluations (best {book.best_val_auc:.4f} at step "
+                         f"{book.best_step})", file=sys.stderr, flush=True)
+      writer.write(step, "eval", {f"val_{k}": v for k, v in val.items()})
+      progress.message(f"step {step}: validation AUC {val['auc']:.4f} GAUC {val['gauc']:.4f} "
+                       f"logloss {val['logloss']:.4f}")
+      eval_metrics = {"val_auc": float(val["auc"])}
+    if save_now or book.stopped_early:
+      book.train_seconds = seconds_before + time.time() - t0
+      ckpt.save(step, state, iterator, book.to_json(), metrics=eval_metrics, force=True)
+
+  # -------------------------------------------------------------------------------------------
+  # 4. Final report
+  # -------------------------------------------------------------------------------------------
+  best = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
+  if best is None:
+    raise RuntimeError(f"no checkpoint in {ckpt.directory} to evaluate")
+  best_state = ckpt.restore(best, abstract).state
+  results = {
+      "model": config.model,
+      "dataset": f"{config.dataset}/{config.dataset_config}",
+      "best_step": best,
+      "steps": step,
+      "stopped_early": book.stopped_early,
+      "train_seconds": round(book.train_seconds, 2),
+      "params": count_params(best_state),
+      "validation": evaluate_split(exp, predict, best_state, "validation"),
+      "test": evaluate_split(exp, predict, best_state, "test"),
+  }
+  if is_main:
+    _write_json(workdir / "results.json", results)
+    writers.plot_curves(workdir)
+  writer.close()
+  ckpt.close()
+  return results
+
+
+def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> dict:
+  """Restores the best (or a given) checkpoint of a finished or running `workdir`; its metrics."""
+  workdir = epath.Path(workdir).expanduser()
+  path = workdir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: {workdir} is not a training workdir")
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  exp = build_experiment(config)
+  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                           keep=config.keep_checkpoints)
+  if step is None:
+    step = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
+  if step is None or step not in ckpt.steps:
+    raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; kept: {ckpt.steps}")
+  abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
+  state = ckpt.restore(step, abstract).state
+  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
+  result = {"step": step, "split": split, **evaluate_split(exp, predict, state, split)}
+  ckpt.close()
+  logging.info("evaluated step %d on %s: %s", step, split, result)
+  return result

@@ -1,0 +1,45 @@
+r"""Evaluate a training workdir's best (or a given) checkpoint on a split; writes JSON.
+
+  python -m experiments.evaluate --workdir=/tmp/dmf_run --split=test
+  python -m experiments.evaluate --workdir=/tmp/dmf_run --split=validation --step=500
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from experiments import distributed
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation AUC).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default WORKDIR/eval_SPLIT.json).")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    result = train_lib.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    path = _OUTPUT.value or f"{_WORKDIR.value}/eval_{_SPLIT.value}.json"
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,135 @@
+"""The training system in-process: results files, evaluate, config errors, resume fallback,
+the non-finite guard, and tables sharded over a ('data', 'model') mesh of 8 fake devices."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dmf_jax import checkpointing, config as config_lib, models, partitioner as pt, synthetic
+from dmf_jax import train_lib
+from helpers import TINY, tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  workdir = tmp_path_factory.mktemp("run")
+  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  return data_dir, workdir, results
+
+
+def test_run_writes_every_output(finished_run):
+  _, workdir, results = finished_run
+  names = {p.name for p in workdir.iterdir()}
+  assert {"config.json", "metrics.jsonl", "results.json", "curves.png", "tensorboard",
+          "checkpoints"} <= names
+  assert any((workdir / "tensorboard").iterdir())
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk["best_step"] in (20, 40) and on_disk["steps"] == 40
+  for split in ("validation", "test"):
+    assert set(on_disk[split]) >= {"auc", "gauc", "logloss"}
+    assert 0.5 < on_disk[split]["auc"] <= 1.0
+  assert on_disk["test"]["count"] == 346  # every test example, none twice
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train] == list(range(5, 41, 5))
+  assert all({"loss", "steps_per_s", "examples_per_s"} <= set(r) for r in train)
+  assert [r["step"] for r in records if r["kind"] == "eval"] == [20, 40]
+  kept = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10).steps
+  assert 40 in kept and len(kept) <= 3  # latest 2 plus the best
+
+
+def test_evaluate_restores_the_best_checkpoint(finished_run):
+  _, workdir, results = finished_run
+  got = train_lib.evaluate_checkpoint(str(workdir), "test")
+  assert got["step"] == results["best_step"]
+  np.testing.assert_allclose(got["auc"], results["test"]["auc"], rtol=1e-9)
+  with pytest.raises(ValueError, match="no checkpoint for step 7"):
+    train_lib.evaluate_checkpoint(str(workdir), "test", step=7)
+
+
+def test_rerun_of_a_finished_run_resumes_instead_of_retraining(finished_run):
+  data_dir, workdir, results = finished_run
+  again = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  assert again["steps"] == 40 and again["test"] == results["test"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, capsys):
+  data_dir, workdir, _ = finished_run
+  exp = train_lib.build_experiment(tiny_train_config(data_dir))
+  abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
+  manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
+  latest, previous = manager.steps[-1], manager.steps[-2]
+  for path in (workdir / "checkpoints" / str(latest) / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"garbage")
+  restored, _ = manager.restore_latest(abstract, lambda: None)
+  assert restored.step == previous
+  assert f"checkpoint at step {latest}" in capsys.readouterr().out
+
+
+def test_config_errors_list_every_problem(tmp_path):
+  config = tiny_train_config(tmp_path)
+  config.model = "dnn"
+  config.batch_size = 30  # not divisible by the 8-device data axis
+  config.model_config.num_heads = 0
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=8)
+  message = str(err.value)
+  assert "unknown model 'dnn'; valid models: din, dmf" in message
+  assert "batch_size=30 is not divisible by the mesh's data axis (8)" in message
+  assert "num_heads must be a positive int" in message
+
+  config = tiny_train_config(tmp_path)
+  config.dataset = "movielens_100k_mm"
+  with pytest.raises(config_lib.ConfigError, match="is not built under .* no manual_dir"):
+    config_lib.validate(config, num_devices=1)
+  config.mesh.model = 3
+  with pytest.raises(config_lib.ConfigError, match="mesh.model=3 does not divide the 8 devices"):
+    config_lib.validate(config, num_devices=8)
+  config = tiny_train_config(tmp_path)
+  config.optimizer.name = "lamb"
+  with pytest.raises(config_lib.ConfigError, match="optimizer.name 'lamb' is not one of"):
+    config_lib.validate(config, num_devices=1)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+  config = tiny_train_config(tmp_path / "data", num_train_steps=30)
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(train_lib.NonFiniteLossError, match="non-finite training loss at step"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_tables_sharded_on_model_axis_match_one_device():
+  schema, catalog, splits = synthetic.make_examples(TINY)
+  factory = lambda rules, rngs: models.build_model(
+      {"name": "dmf", "num_heads": 2, "head_dim": 8}, schema, rngs=rngs, sharding=rules)
+  trajectories = {}
+  for name, partitioner in [("1 device", pt.Partitioner(devices=jax.devices()[:1])),
+                            ("4x2 mesh", pt.Partitioner(pt.MeshConfig(model=2)))]:
+    tx = optax.adam(3e-3)
+    graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
+                                                  catalog=catalog)
+    step = partitioner.train_step(graphdef, tx, shardings)
+    losses = []
+    for i in range(8):
+      batch = partitioner.shard_batch({k: v[i * 64:(i + 1) * 64]
+                                       for k, v in splits["train"].items()})
+      state, out = step(state, batch)
+      losses.append(float(out["loss"]))
+    trajectories[name] = losses
+    table = state.params["items"]["item_id"]["table"]["embedding"][...]
+    if name == "4x2 mesh":
+      assert dict(partitioner.mesh.shape) == {"data": 4, "model": 2}
+      assert table.sharding.spec == jax.sharding.PartitionSpec("model", None)
+      assert len({str(s.index) for s in table.addressable_shards}) == 2  # rows split in two
+      adam_mu = state.opt_state[0].mu["items"]["item_id"]["table"]["embedding"][...]
+      assert adam_mu.sharding.spec == table.sharding.spec  # optimizer state follows
+    else:
+      assert table.sharding.spec == jax.sharding.PartitionSpec()
+  np.testing.assert_allclose(trajectories["4x2 mesh"], trajectories["1 device"], rtol=2e-5)
