@@ -4,7 +4,7 @@ r"""DMF (or any registered model) on the generated dataset: the default main job
   python -m experiments.train --config=experiments/configs/synthetic.py --config.model=din \
       --workdir=/tmp/din_run
 
-About 2 minutes per model on 2 CPU cores (build of the data included).
+About one minute per model on 2 CPU cores, the first build of the data included.
 """
 
 from dmf_jax.config import default_config
