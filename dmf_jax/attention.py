@@ -141,6 +141,19 @@ class MultiHeadTargetAttention(nnx.Module):
     a = masked_softmax(jnp.einsum("bhd,blhd->bhl", q, k) / jnp.sqrt(dh), mask[:, None, :])
     return jnp.einsum("bhl,blhd->bhd", a, v).reshape(-1, h * dh)
 
+  def encode_user(self, behaviors: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One user's keys and values: [L, d] -> ([L, H, d_h], [L, H, d_h])."""
+    shape = (behaviors.shape[0], self.num_heads, self.head_dim)
+    return (behaviors @ self.key[...]).reshape(shape), (behaviors @ self.value[...]).reshape(shape)
+
+  def score_candidates(self, user, mask: jax.Array, target: jax.Array) -> jax.Array:
+    """N candidates [N, d] against one user's (K, V) and mask [L] -> [N, H * d_h]."""
+    keys, values = user
+    q = (target @ self.query[...]).reshape(-1, self.num_heads, self.head_dim)
+    scores = jnp.einsum("nhd,lhd->nhl", q, keys) / jnp.sqrt(self.head_dim)
+    a = masked_softmax(scores, mask[None, None, :])
+    return jnp.einsum("nhl,lhd->nhd", a, values).reshape(q.shape[0], -1)
+
 
 class FusionAttentionWeights(nnx.Module):
   """The weights shared by early fusion and DTA.

@@ -102,18 +102,23 @@ class ModelConfig:
 
 
 class ItemEncoder(nnx.Module):
-  """Item id -> e = [id embedding ; side-field embeddings]: int [...] -> float32 [..., d]."""
+  """Item id -> e = [id embedding ; side-field embeddings]: int [...] -> float32 [..., d].
+
+  Fields are concatenated in schema order (kept in `names`: an nnx.Dict's iteration order is
+  not preserved by split/merge).
+  """
 
   def __init__(self, schema: FeatureSchema, *, rngs: nnx.Rngs, sharding: ShardingRules):
     self.item_id = FeatureEmbedding(schema.item_id_spec, rngs=rngs, sharding=sharding)
+    self.names = tuple(f.name for f in schema.item_features)
     self.fields = nnx.Dict(
         {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.item_features}
     )
 
   def __call__(self, catalog: CatalogTables, item_ids: jax.Array) -> jax.Array:
     parts = [self.item_id(item_ids)]
-    for name, embed in self.fields.items():
-      parts.append(embed(catalog.side_values(name, item_ids)))
+    for name in self.names:
+      parts.append(self.fields[name](catalog.side_values(name, item_ids)))
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -121,12 +126,13 @@ class UserEncoder(nnx.Module):
   """User profile fields `user/<name>` -> [B, user_dim] (user_dim may be 0)."""
 
   def __init__(self, schema: FeatureSchema, *, rngs: nnx.Rngs, sharding: ShardingRules):
+    self.names = tuple(f.name for f in schema.user_features)  # schema order (see ItemEncoder)
     self.fields = nnx.Dict(
         {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.user_features}
     )
 
   def __call__(self, batch: Batch, batch_size: int) -> jax.Array:
-    parts = [embed(batch[f"user/{name}"]) for name, embed in self.fields.items()]
+    parts = [self.fields[name](batch[f"user/{name}"]) for name in self.names]
     if not parts:
       return jnp.zeros((batch_size, 0), jnp.float32)
     return jnp.concatenate(parts, axis=-1)
@@ -190,6 +196,23 @@ class CTRModel(nnx.Module):
 
   def __call__(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None):
     raise NotImplementedError
+
+  # Serving: one user, N candidates. The generic path repeats the user for every candidate and
+  # runs the training-time forward; models with a cheaper decomposition (DMF) override both.
+
+  def encode_user(self, user: Batch) -> dict:
+    """One user's request features -> a target-agnostic state (a pytree of arrays).
+
+    `user` holds user/<field> (scalar, or [M]), hist_item_id [L] and hist_mask [L].
+    """
+    return {k: jnp.asarray(v) for k, v in user.items()}
+
+  def score_candidates(self, user_state: dict, item_ids: jax.Array) -> jax.Array:
+    """Logits [N] of N candidate items (int [N]) for the encoded user."""
+    n = item_ids.shape[0]
+    batch = {k: jnp.broadcast_to(v, (n, *jnp.shape(v))) for k, v in user_state.items()}
+    batch["item_id"] = item_ids
+    return self(batch, train=False)
 
 
 class DIN(CTRModel):
@@ -279,6 +302,54 @@ class DMF(CTRModel):
     if self.use_mc:
       rep = self.cmm(rep, self.simtier(s, x["mask"], train=train))
     return self.head(jnp.concatenate([x["user"], x["target"], rep], -1), train=train, rngs=rngs)
+
+  def encode_user(self, user: Batch) -> dict:
+    """Everything target-agnostic, computed once per request.
+
+    user [u] profile embedding; mask [L]; prepared (unit, projected) behaviour vectors per
+    modality [L, D'_k]; and the attention's user part: DTA's per-head K/V of the ID tokens,
+    the ID-only attention's K/V, or (early fusion) the raw behaviour embeddings [L, d].
+    """
+    mask = jnp.asarray(user["hist_mask"])
+    behaviors = self.items(self.catalog, jnp.asarray(user["hist_item_id"]))
+    one = {k[5:]: jnp.asarray(v)[None] for k, v in user.items() if k.startswith("user/")}
+    state = {
+        "user": self.users({f"user/{k}": v for k, v in one.items()}, 1)[0],
+        "mask": mask,
+        "vectors": [self.similarity.prepare(k, v) for k, v in
+                    enumerate(self.modality_vectors(jnp.asarray(user["hist_item_id"])))],
+    }
+    if isinstance(self.attention, DecoupledTargetAttention):
+      state["attention"] = self.attention.encode_user(behaviors, mask)
+    elif isinstance(self.attention, MultiHeadTargetAttention):
+      state["attention"] = self.attention.encode_user(behaviors)
+    else:
+      state["attention"] = behaviors
+    return state
+
+  def score_candidates(self, user_state: dict, item_ids: jax.Array) -> jax.Array:
+    """Logits [N]: one matrix product per modality for the similarities, then per-candidate
+    bucket lookups (DTA), or early fusion's full per-candidate keys and values."""
+    mask = user_state["mask"]
+    target = self.items(self.catalog, item_ids)  # [N, d]
+    sims = [
+        jnp.clip(self.similarity.prepare(k, t) @ h.T, -1.0, 1.0)
+        for k, (t, h) in enumerate(zip(self.modality_vectors(item_ids), user_state["vectors"]))
+    ]
+    s = jnp.stack(sims, axis=-1) * mask[None, :, None]  # [N, L, K]
+    if not self.use_me:
+      rep = self.attention.score_candidates(user_state["attention"], mask, target)
+    elif isinstance(self.attention, DecoupledTargetAttention):
+      rep = self.attention.score_candidates(
+          user_state["attention"], target, bucketize(s, self.config.num_buckets))
+    else:
+      rep = self.attention.score_candidates(
+          user_state["attention"], mask, target, bucketize(s, self.config.num_buckets))
+    if self.use_mc:
+      masks = jnp.broadcast_to(mask, s.shape[:2])
+      rep = self.cmm(rep, self.simtier(s, masks))
+    user = jnp.broadcast_to(user_state["user"], (target.shape[0], user_state["user"].shape[-1]))
+    return self.head(jnp.concatenate([user, target, rep], -1))
 
 
 ModelFactory = Callable[..., CTRModel]

@@ -1,0 +1,137 @@
+"""Serving: encode once / score N equals the training-time model; export reloads elsewhere."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dmf_jax import models, serving, training
+from dmf_jax.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
+from dmf_jax.similarity import bucketize
+from helpers import tiny_problem
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
+             mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8)
+
+
+def make_model(name, seed=0):
+  schema, catalog, _ = tiny_problem()
+  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(seed), catalog=catalog)
+  # Non-trivial bucket tables, so that a wrong bucket would change the logits.
+  if isinstance(model.attention, (DecoupledTargetAttention, EarlyFusionTargetAttention)):
+    tables = model.attention.weights.buckets.tables
+    tables[...] = tables[...] * 30
+  return model
+
+
+def request(split, row, num_candidates, rng):
+  user = {k: split[k][row] for k in split if k.startswith("user/")}
+  user["hist_item_id"] = split["hist_item_id"][row][split["hist_mask"][row]]
+  return user, rng.integers(0, 90, num_candidates)
+
+
+def model_logits(model, split, row, ids):
+  batch = {k: np.repeat(np.asarray(v[row])[None], len(ids), 0) for k, v in split.items()}
+  batch["item_id"] = ids.astype(np.int32)
+  return np.asarray(model(batch)), batch
+
+
+def test_eager_model_equals_split_and_merged_model():
+  _, _, splits = tiny_problem()
+  model = make_model("dmf")
+  batch = {k: v[:16] for k, v in splits["train"].items()}
+  graphdef, params, rest = training.split_model(model)
+  merged = nnx.merge(graphdef, params, rest)
+  np.testing.assert_allclose(np.asarray(merged(batch)), np.asarray(model(batch)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc", "din"])
+def test_served_logits_equal_the_model(name):
+  _, _, splits = tiny_problem()
+  model = make_model(name)
+  server = serving.Server(model, buckets=(8, 64, 512))
+  rng = np.random.default_rng(0)
+  for row, n in [(3, 1), (40, 7), (77, 1200), (5, 64)]:
+    user, ids = request(splits["validation"], row, n, rng)
+    got = server.score(server.encode_user(user), ids)
+    want, batch = model_logits(model, splits["validation"], row, ids)
+    assert got.shape == (n,)
+    if name.startswith("dmf") and name != "dmf_no_me":  # same buckets in both paths
+      s = model.similarities(batch)
+      state = server.encode_user(user)
+      sims = [np.asarray(model.similarity.prepare(k, t)) @ np.asarray(h).T
+              for k, (t, h) in enumerate(zip(model.modality_vectors(jnp.asarray(ids)),
+                                             state["vectors"]))]
+      served_buckets = bucketize(jnp.clip(jnp.stack(sims, -1), -1, 1) * batch["hist_mask"][..., None], 8)
+      np.testing.assert_array_equal(served_buckets, bucketize(s, 8))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_edge_cases():
+  _, _, splits = tiny_problem()
+  model = make_model("dmf")
+  server = serving.Server(model, buckets=(8,))
+  user, _ = request(splits["validation"], 3, 1, np.random.default_rng(0))
+  state = server.encode_user(user)
+  assert server.score(state, []).shape == (0,)
+  empty = dict(user, hist_item_id=[])
+  logits = server.score(server.encode_user(empty), np.arange(20))  # 20 > bucket: chunks
+  assert logits.shape == (20,) and np.all(np.isfinite(logits))
+  want, _ = model_logits(model, {k: v[3:4] for k, v in splits["validation"].items()}
+                         | {"hist_mask": np.zeros((1, 12), bool)}, 0, np.arange(20))
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  long = dict(user, hist_item_id=np.arange(40) % 90)  # longer than L = 12: last 12 kept
+  assert server.user_features(long)["hist_item_id"].tolist() == list(range(28, 40))
+  with pytest.raises(ValueError, match=r"item_ids: item id 90 is out of range \[0, 90\)"):
+    server.score(state, [1, 90])
+  with pytest.raises(ValueError, match="hist_item_id: item id -3 is out of range"):
+    server.encode_user(dict(user, hist_item_id=[1, -3]))
+  with pytest.raises(KeyError, match="user features miss 'user/group'"):
+    server.encode_user({"user/user_id": 1})
+  with pytest.raises(ValueError, match=r"user/user_id: value out of range \[0, 120\)"):
+    server.encode_user(dict(user, **{"user/user_id": 500}))
+
+
+def test_export_reloads_in_a_fresh_process_without_model_code(tmp_path):
+  _, _, splits = tiny_problem()
+  model = make_model("dmf", seed=3)
+  server = serving.Server(model, buckets=(8, 64))
+  path = tmp_path / "model.dmfx"
+  serving.export(server, str(path))
+  rng = np.random.default_rng(1)
+  requests, expected = [], []
+  for row, n in [(3, 1), (40, 7), (12, 150)]:
+    user, ids = request(splits["validation"], row, n, rng)
+    expected.append(server.score(server.encode_user(user), ids).tolist())
+    requests.append({"user": {k: np.asarray(v).tolist() for k, v in user.items()},
+                     "ids": ids.tolist()})
+  (tmp_path / "requests.json").write_text(json.dumps(requests))
+  script = f"""
+import json, sys
+import numpy as np
+from dmf_jax.exported import ExportedScorer
+scorer = ExportedScorer({str(path)!r})
+out = []
+for r in json.load(open({str(tmp_path / 'requests.json')!r})):
+  out.append(scorer.score(scorer.encode_user(r["user"]), r["ids"]).tolist())
+assert not any(m.startswith("dmf_jax.models") or m.startswith("flax") for m in sys.modules), \\
+    sorted(m for m in sys.modules if m.startswith(("dmf_jax", "flax")))
+try:
+  scorer.score(scorer.encode_user(json.load(open({str(tmp_path / 'requests.json')!r}))[0]["user"]), [99])
+  raise SystemExit("out-of-range id accepted")
+except ValueError as e:
+  assert "item_ids" in str(e)
+print(json.dumps(out))
+"""
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.loads(done.stdout.strip().splitlines()[-1])
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
