@@ -138,8 +138,9 @@ class MultiHeadTargetAttention(nnx.Module):
     q = (target @ self.query[...]).reshape(-1, h, dh)
     k = (behaviors @ self.key[...]).reshape(*behaviors.shape[:2], h, dh)
     v = (behaviors @ self.value[...]).reshape(*behaviors.shape[:2], h, dh)
-    a = masked_softmax(jnp.einsum("bhd,blhd->bhl", q, k) / jnp.sqrt(dh), mask[:, None, :])
-    return jnp.einsum("bhl,blhd->bhd", a, v).reshape(-1, h * dh)
+    scores = jnp.sum(q[:, None] * k, axis=-1) / jnp.sqrt(dh)  # [B, L, H]
+    a = masked_softmax(scores, mask[..., None], axis=1)
+    return jnp.sum(a[..., None] * v, axis=1).reshape(-1, h * dh)
 
   def encode_user(self, behaviors: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One user's keys and values: [L, d] -> ([L, H, d_h], [L, H, d_h])."""
@@ -205,9 +206,10 @@ class FusionAttentionWeights(nnx.Module):
     return tables.reshape(self.num_modalities, self.num_buckets, self.num_heads, self.head_dim)
 
   def id_projection(self, kernel: jax.Array, behaviors: jax.Array) -> jax.Array:
-    """W^id e_j: [..., L, d] -> [..., L, H, d_h]."""
-    out = behaviors @ kernel[: self.id_dim]
-    return out.reshape(*behaviors.shape[:-1], self.num_heads, self.head_dim)
+    """W^id e_j, head-major: [..., L, d] -> [..., H, L, d_h]."""
+    out = (behaviors @ kernel[: self.id_dim]).reshape(
+        *behaviors.shape[:-1], self.num_heads, self.head_dim)  # one GEMM, then the layout
+    return jnp.swapaxes(out, -3, -2)
 
 
 class EarlyFusionTargetAttention(nnx.Module):
@@ -242,15 +244,20 @@ class EarlyFusionTargetAttention(nnx.Module):
   def out_dim(self) -> int:
     return self.weights.num_heads * self.weights.head_dim
 
-  def _attend_one(self, q, behaviors, bucket_ids, mask):
-    """One candidate: q [H, d_h], behaviors [L, d], bucket_ids [L, K], mask [L] -> [H*d_h]."""
+  def _attend(self, q, behaviors, bucket_ids, mask):
+    """q [N, H, d_h], behaviors [N, L, d], bucket_ids [N, L, K], mask [N, L] -> [N, H*d_h].
+
+    Every (candidate, behaviour) token x = [e_j ; E[b]] goes through W_K and W_V.
+    """
     w = self.weights
-    tokens = jnp.concatenate([behaviors, w.buckets(bucket_ids)], axis=-1)  # [L, d + K*d_z]
-    keys = (tokens @ w.key[...]).reshape(-1, w.num_heads, w.head_dim)
-    values = (tokens @ w.value[...]).reshape(-1, w.num_heads, w.head_dim)
-    scores = jnp.einsum("hd,lhd->hl", q, keys) / jnp.sqrt(w.head_dim)
-    a = masked_softmax(scores, mask[None, :])
-    return jnp.einsum("hl,lhd->hd", a, values).reshape(-1)
+    bucket_ids = jnp.clip(bucket_ids, 0, w.num_buckets - 1)
+    tokens = jnp.concatenate([behaviors, w.buckets(bucket_ids)], axis=-1)  # [N, L, d + K*d_z]
+    shape = (*tokens.shape[:2], w.num_heads, w.head_dim)
+    keys = (tokens @ w.key[...]).reshape(shape)
+    values = (tokens @ w.value[...]).reshape(shape)
+    scores = jnp.sum(q[:, None] * keys, axis=-1) / jnp.sqrt(w.head_dim)  # [N, L, H]
+    a = masked_softmax(scores, mask[..., None], axis=1)
+    return jnp.sum(a[..., None] * values, axis=1).reshape(q.shape[0], -1)
 
   def __call__(self, target_id_emb, behavior_id_emb, bucket_ids, mask):
     w = self.weights
@@ -258,15 +265,17 @@ class EarlyFusionTargetAttention(nnx.Module):
         "EarlyFusionTargetAttention", target_id_emb, behavior_id_emb, mask, w.id_dim,
         bucket_ids, w.num_modalities, w.num_buckets,
     )
-    bucket_ids = jnp.clip(bucket_ids, 0, w.num_buckets - 1)
-    return jax.vmap(self._attend_one)(w.queries(target_id_emb), behavior_id_emb, bucket_ids, mask)
+    return self._attend(w.queries(target_id_emb), behavior_id_emb, bucket_ids, mask)
 
   def score_candidates(self, behavior_id_emb, mask, target_id_emb, bucket_ids):
-    """Serving reference: one user [L, d], [L] against N candidates [N, d], [N, L, K] -> [N, H*d_h]."""
-    w = self.weights
-    bucket_ids = jnp.clip(bucket_ids, 0, w.num_buckets - 1)
-    attend = jax.vmap(self._attend_one, in_axes=(0, None, 0, None))
-    return attend(w.queries(target_id_emb), behavior_id_emb, bucket_ids, mask)
+    """Serving reference: one user [L, d], [L] against N candidates [N, d], [N, L, K] -> [N, H*d_h].
+
+    The behaviour embeddings are shared, but the tokens (and so K and V) are per candidate.
+    """
+    n = target_id_emb.shape[0]
+    behaviors = jnp.broadcast_to(behavior_id_emb, (n, *behavior_id_emb.shape))
+    return self._attend(self.weights.queries(target_id_emb), behaviors, bucket_ids,
+                        jnp.broadcast_to(mask, (n, mask.shape[-1])))
 
 
 @jax.tree_util.register_dataclass
@@ -274,7 +283,7 @@ class EarlyFusionTargetAttention(nnx.Module):
 class DTAUserState:
   """The target-agnostic part of DTA for one user (or a batch of users, with a leading dim).
 
-  key_id, value_id: [..., L, H, d_h] = W^id e_j; mask: bool [..., L].
+  key_id, value_id: [..., H, L, d_h] = W^id e_j (head-major); mask: bool [..., L].
   """
 
   key_id: jax.Array
@@ -335,19 +344,33 @@ class DecoupledTargetAttention(nnx.Module):
         mask=mask,
     )
 
-  def _attend_one(self, q, onehot, key_id, value_id, mask, key_tables, value_tables):
-    """One candidate: q [H, d_h], onehot [L, K, nb], user part [L, H, d_h] x2, mask [L]."""
-    scale = 1.0 / jnp.sqrt(self.weights.head_dim)
-    q_side = jnp.einsum("hd,knhd->hkn", q, key_tables)  # (q . T_K^k)[b] for every bucket
-    scores = jnp.einsum("hd,lhd->hl", q, key_id) + jnp.einsum("hkn,lkn->hl", q_side, onehot)
-    a = masked_softmax(scores * scale, mask[None, :])  # [H, L]
-    mass = jnp.einsum("hl,lkn->hkn", a, onehot)  # attention mass per (modality, bucket)
-    out = jnp.einsum("hl,lhd->hd", a, value_id) + jnp.einsum("hkn,knhd->hd", mass, value_tables)
-    return out.reshape(-1)
+  def _side(self, q: jax.Array, bucket_ids: jax.Array):
+    """Per-candidate bucket side of the scores.
 
-  def _onehot(self, bucket_ids: jax.Array) -> jax.Array:
+    q [N, H, d_h], bucket_ids [N, L, K] -> (sum_k (q . T_K^k)[b_k] as [N, H, L], the clipped
+    bucket ids as [N, K, 1, L]). q . T_K^k is computed for all nb buckets (a GEMM), then gathered.
+    """
     w = self.weights
-    return jax.nn.one_hot(jnp.clip(bucket_ids, 0, w.num_buckets - 1), w.num_buckets)
+    buckets = jnp.clip(bucket_ids, 0, w.num_buckets - 1)
+    buckets = jnp.transpose(buckets, (0, 2, 1))[:, :, None, :]  # [N, K, 1, L]
+    q_side = jnp.einsum("nhd,kmhd->nkhm", q, w.bucket_tables(w.key[...]))  # [N, K, H, nb]
+    return jnp.take_along_axis(q_side, buckets, axis=3).sum(axis=1), buckets
+
+  def _finish(self, scores, mask, buckets, id_values):
+    """Softmax over L and the values: scores [N, H, L], mask [N or 1, L] -> [N, H * d_h].
+
+    `id_values(a)` returns sum_j a_j V_j^id [N, H, d_h] for attention weights a [N, H, L]; the
+    bucket part is sum_b A_b T_V[b], with A_b the attention mass falling in bucket b (a
+    scatter-add of the weights by bucket id).
+    """
+    w = self.weights
+    a = masked_softmax(scores / jnp.sqrt(w.head_dim), mask[:, None, :])
+    n, k = buckets.shape[:2]
+    index = (jnp.arange(n)[:, None, None, None], jnp.arange(k)[None, :, None, None],
+             jnp.arange(w.num_heads)[None, None, :, None], buckets)
+    mass = jnp.zeros((n, k, w.num_heads, w.num_buckets), a.dtype).at[index].add(a[:, None])
+    out = id_values(a) + jnp.einsum("nkhm,kmhd->nhd", mass, w.bucket_tables(w.value[...]))
+    return out.reshape(n, -1)
 
   def score_candidates(
       self, user: DTAUserState, target_id_emb: jax.Array, bucket_ids: jax.Array
@@ -361,11 +384,11 @@ class DecoupledTargetAttention(nnx.Module):
         "bucket_ids", bucket_ids, (target_id_emb.shape[0], user.mask.shape[-1], w.num_modalities)
     )
     checks.check_ids_in_range("bucket_ids", bucket_ids, w.num_buckets)
-    attend = jax.vmap(self._attend_one, in_axes=(0, 0, None, None, None, None, None))
-    return attend(
-        w.queries(target_id_emb), self._onehot(bucket_ids), user.key_id, user.value_id,
-        user.mask, w.bucket_tables(w.key[...]), w.bucket_tables(w.value[...]),
-    )
+    q = w.queries(target_id_emb)
+    side, buckets = self._side(q, bucket_ids)
+    scores = jnp.einsum("nhd,hld->nhl", q, user.key_id) + side  # one GEMM per head
+    return self._finish(scores, user.mask[None], buckets,
+                        lambda a: jnp.einsum("nhl,hld->nhd", a, user.value_id))
 
   def __call__(self, target_id_emb, behavior_id_emb, bucket_ids, mask):
     w = self.weights
@@ -374,8 +397,9 @@ class DecoupledTargetAttention(nnx.Module):
         bucket_ids, w.num_modalities, w.num_buckets,
     )
     user = self.encode_user(behavior_id_emb, mask)
-    attend = jax.vmap(self._attend_one, in_axes=(0, 0, 0, 0, 0, None, None))
-    return attend(
-        w.queries(target_id_emb), self._onehot(bucket_ids), user.key_id, user.value_id,
-        user.mask, w.bucket_tables(w.key[...]), w.bucket_tables(w.value[...]),
-    )
+    q = w.queries(target_id_emb)
+    side, buckets = self._side(q, bucket_ids)
+    # Per-example products, head-major (the layout XLA's CPU backend runs fastest).
+    scores = jnp.einsum("bhd,bhld->bhl", q, user.key_id) + side
+    return self._finish(scores, mask, buckets,
+                        lambda a: jnp.einsum("bhl,bhld->bhd", a, user.value_id))

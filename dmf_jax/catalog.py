@@ -71,19 +71,37 @@ class ItemCatalog:
     return cls(side, mods)
 
 
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+  """All-pairs cosine of item vectors: [V, D] -> float32 [V, V] (zero vectors give 0)."""
+  v = np.asarray(vectors, np.float64)
+  v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)
+  return np.clip(v @ v.T, -1.0, 1.0).astype(np.float32)
+
+
 class CatalogTables(nnx.Module):
-  """The catalog as frozen variables: `side(name, ids)` and `vectors(name, ids)` gathers."""
+  """The catalog as frozen variables: `side(name, ids)` and `vectors(name, ids)` gathers.
+
+  With `pairwise=True` it also holds each modality's all-pairs cosine matrix [V, V] (derived
+  from the vectors whenever they load), so the frozen target-behaviour similarity is one scalar
+  gather instead of gathering and normalizing two D-dimensional vectors per pair.
+  """
 
   def __init__(
       self,
       schema: FeatureSchema,
       catalog: ItemCatalog | None = None,
       sharding: ShardingRules = NO_SHARDING,
+      pairwise: bool = False,
   ):
     catalog = catalog or ItemCatalog.zeros(schema)
     catalog.validate(schema)
     self.num_items = schema.num_items
     self.sharding = sharding
+    self.has_pairwise = pairwise and bool(catalog.modalities)
+    if self.has_pairwise:
+      self.pairwise = nnx.Dict(
+          {k: CatalogTable(jnp.asarray(cosine_matrix(v))) for k, v in catalog.modalities.items()}
+      )
     self.side = nnx.Dict(
         {k: CatalogTable(jnp.asarray(v, jnp.int32)) for k, v in catalog.side.items()}
     )
@@ -98,6 +116,8 @@ class CatalogTables(nnx.Module):
       self.side[name].set_value(jnp.asarray(value, jnp.int32))
     for name, value in catalog.modalities.items():
       self.modalities[name].set_value(jnp.asarray(value, jnp.float32))
+      if self.has_pairwise:
+        self.pairwise[name].set_value(jnp.asarray(cosine_matrix(value)))
 
   def _rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
     # Item ids were range-checked by the item-id embedding; clip keeps jit lookups defined.
@@ -110,3 +130,10 @@ class CatalogTables(nnx.Module):
   def vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> float32 [..., D_k]."""
     return self._rows(self.modalities[name][...], item_ids)
+
+  def pairwise_similarity(self, name: str, target_ids: jax.Array, item_ids: jax.Array) -> jax.Array:
+    """cos(m_t, m_j) from the precomputed matrix: target [...], items [..., L] (broadcast) -> [..., L]."""
+    n = self.num_items
+    t = jnp.clip(target_ids, 0, n - 1)[..., None]
+    flat = t * n + jnp.clip(item_ids, 0, n - 1)
+    return gather_rows(self.pairwise[name][...].reshape(-1), flat, self.sharding)

@@ -62,6 +62,9 @@ class ModelConfig:
   # DIN attention.
   din_hidden: tuple[int, ...] = (80, 40)
   din_normalization: str = "none"
+  # Frozen similarity from a precomputed all-pairs cosine matrix when the catalog has at most
+  # this many items (0: never); the same function, one gather instead of two vector gathers.
+  pairwise_similarity_max_items: int = 4096
   # Prediction head.
   mlp_hidden: tuple[int, ...] = (256, 128, 64)
   activation: str = "relu"
@@ -172,10 +175,11 @@ class CTRModel(nnx.Module):
       rngs: nnx.Rngs,
       catalog: ItemCatalog | None = None,
       sharding: ShardingRules = NO_SHARDING,
+      pairwise_similarity: bool = False,
   ):
     self.schema = schema
     self.config = config
-    self.catalog = CatalogTables(schema, catalog, sharding)
+    self.catalog = CatalogTables(schema, catalog, sharding, pairwise=pairwise_similarity)
     self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
     self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
 
@@ -246,7 +250,10 @@ class DMF(CTRModel):
       self, schema, config, *, rngs, catalog=None, sharding=NO_SHARDING,
       attention: str = "dta", use_me: bool = True, use_mc: bool = True,
   ):
-    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding)
+    pairwise = (config.similarity == "frozen"
+                and schema.num_items <= config.pairwise_similarity_max_items)
+    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
+                     pairwise_similarity=pairwise)
     if not schema.modalities:
       raise ValueError(f"model {config.name!r} needs at least one modality in the schema")
     if attention not in ("dta", "early_fusion"):
@@ -285,6 +292,10 @@ class DMF(CTRModel):
 
   def similarities(self, batch: Batch) -> jax.Array:
     """Target-aware similarities s [B, L, K] (0 at masked positions)."""
+    if self.catalog.has_pairwise:
+      sims = [self.catalog.pairwise_similarity(name, batch["item_id"], batch["hist_item_id"])
+              for name in self.schema.modality_names]
+      return jnp.stack(sims, axis=-1) * batch["hist_mask"][..., None]
     return self.similarity(
         self.modality_vectors(batch["item_id"]),
         self.modality_vectors(batch["hist_item_id"]),
@@ -313,12 +324,15 @@ class DMF(CTRModel):
     mask = jnp.asarray(user["hist_mask"])
     behaviors = self.items(self.catalog, jnp.asarray(user["hist_item_id"]))
     one = {k[5:]: jnp.asarray(v)[None] for k, v in user.items() if k.startswith("user/")}
+    hist = jnp.asarray(user["hist_item_id"])
     state = {
         "user": self.users({f"user/{k}": v for k, v in one.items()}, 1)[0],
         "mask": mask,
-        "vectors": [self.similarity.prepare(k, v) for k, v in
-                    enumerate(self.modality_vectors(jnp.asarray(user["hist_item_id"])))],
+        "hist_item_id": hist,
     }
+    if not self.catalog.has_pairwise:
+      state["vectors"] = [self.similarity.prepare(k, v)
+                          for k, v in enumerate(self.modality_vectors(hist))]
     if isinstance(self.attention, DecoupledTargetAttention):
       state["attention"] = self.attention.encode_user(behaviors, mask)
     elif isinstance(self.attention, MultiHeadTargetAttention):
@@ -332,10 +346,14 @@ class DMF(CTRModel):
     bucket lookups (DTA), or early fusion's full per-candidate keys and values."""
     mask = user_state["mask"]
     target = self.items(self.catalog, item_ids)  # [N, d]
-    sims = [
-        jnp.clip(self.similarity.prepare(k, t) @ h.T, -1.0, 1.0)
-        for k, (t, h) in enumerate(zip(self.modality_vectors(item_ids), user_state["vectors"]))
-    ]
+    if self.catalog.has_pairwise:
+      sims = [self.catalog.pairwise_similarity(name, item_ids, user_state["hist_item_id"])
+              for name in self.schema.modality_names]
+    else:
+      sims = [
+          jnp.clip(self.similarity.prepare(k, t) @ h.T, -1.0, 1.0)
+          for k, (t, h) in enumerate(zip(self.modality_vectors(item_ids), user_state["vectors"]))
+      ]
     s = jnp.stack(sims, axis=-1) * mask[None, :, None]  # [N, L, K]
     if not self.use_me:
       rep = self.attention.score_candidates(user_state["attention"], mask, target)

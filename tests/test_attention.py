@@ -114,7 +114,7 @@ def test_dta_serving_split_equals_batched_call():
   batched = dta(jnp.asarray(t), jnp.broadcast_to(user_e, (n, seq_len, ID_DIM)),
                 jnp.asarray(b), jnp.broadcast_to(user_m, (n, seq_len)))
   state = dta.encode_user(jnp.asarray(user_e), jnp.asarray(user_m))
-  assert state.key_id.shape == (seq_len, 2, 4)
+  assert state.key_id.shape == (2, seq_len, 4)  # head-major [H, L, d_h]
   served = dta.score_candidates(state, jnp.asarray(t), jnp.asarray(b))
   np.testing.assert_allclose(np.asarray(served), np.asarray(batched), rtol=1e-5, atol=1e-6)
   ef_served = ef.score_candidates(jnp.asarray(user_e), jnp.asarray(user_m), jnp.asarray(t),

@@ -147,3 +147,15 @@ def test_bce_matches_numpy_with_weights():
   assert float(bce_with_logits(jnp.asarray(logits), jnp.asarray(labels), jnp.zeros(10))) == 0.0
   with pytest.raises(ValueError, match="logits .* and labels .* must have the same shape"):
     bce_with_logits(jnp.zeros(3), jnp.zeros(4))
+
+
+def test_pairwise_similarity_matrix_equals_the_vector_path():
+  _, _, splits = tiny_problem()
+  batch = take(splits["validation"], np.arange(50))
+  fast, slow = build("dmf"), build("dmf", pairwise_similarity_max_items=0)
+  assert fast.catalog.has_pairwise and not slow.catalog.has_pairwise
+  nnx.update(slow, nnx.state(fast, nnx.Param))
+  np.testing.assert_allclose(fast.similarities(batch), slow.similarities(batch), atol=2e-6)
+  np.testing.assert_allclose(fast(batch), slow(batch), rtol=1e-4, atol=1e-5)
+  projected = build("dmf", similarity="projected")
+  assert not projected.catalog.has_pairwise  # a learned projection cannot be precomputed

@@ -20,9 +20,10 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
              mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8)
 
 
-def make_model(name, seed=0):
+def make_model(name, seed=0, **overrides):
   schema, catalog, _ = tiny_problem()
-  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(seed), catalog=catalog)
+  model = models.build_model({"name": name, **SMALL, **overrides}, schema, rngs=nnx.Rngs(seed),
+                             catalog=catalog)
   # Non-trivial bucket tables, so that a wrong bucket would change the logits.
   if isinstance(model.attention, (DecoupledTargetAttention, EarlyFusionTargetAttention)):
     tables = model.attention.weights.buckets.tables
@@ -51,10 +52,12 @@ def test_eager_model_equals_split_and_merged_model():
   np.testing.assert_allclose(np.asarray(merged(batch)), np.asarray(model(batch)), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc", "din"])
-def test_served_logits_equal_the_model(name):
+@pytest.mark.parametrize("name,pairwise", [
+    ("dmf", True), ("dmf", False), ("dmf_early_fusion", True), ("dmf_early_fusion", False),
+    ("dmf_no_me", True), ("dmf_no_mc", True), ("din", True)])
+def test_served_logits_equal_the_model(name, pairwise):
   _, _, splits = tiny_problem()
-  model = make_model(name)
+  model = make_model(name, pairwise_similarity_max_items=4096 if pairwise else 0)
   server = serving.Server(model, buckets=(8, 64, 512))
   rng = np.random.default_rng(0)
   for row, n in [(3, 1), (40, 7), (77, 1200), (5, 64)]:
@@ -63,13 +66,18 @@ def test_served_logits_equal_the_model(name):
     want, batch = model_logits(model, splits["validation"], row, ids)
     assert got.shape == (n,)
     if name.startswith("dmf") and name != "dmf_no_me":  # same buckets in both paths
+      assert model.catalog.has_pairwise == pairwise
       s = model.similarities(batch)
       state = server.encode_user(user)
-      sims = [np.asarray(model.similarity.prepare(k, t)) @ np.asarray(h).T
-              for k, (t, h) in enumerate(zip(model.modality_vectors(jnp.asarray(ids)),
-                                             state["vectors"]))]
-      served_buckets = bucketize(jnp.clip(jnp.stack(sims, -1), -1, 1) * batch["hist_mask"][..., None], 8)
-      np.testing.assert_array_equal(served_buckets, bucketize(s, 8))
+      ids_j = jnp.asarray(ids)
+      if pairwise:
+        sims = [model.catalog.pairwise_similarity(k, ids_j, state["hist_item_id"])
+                for k in model.schema.modality_names]
+      else:
+        sims = [np.asarray(model.similarity.prepare(k, t)) @ np.asarray(h).T
+                for k, (t, h) in enumerate(zip(model.modality_vectors(ids_j), state["vectors"]))]
+      served = jnp.clip(jnp.stack(sims, -1), -1, 1) * batch["hist_mask"][..., None]
+      np.testing.assert_array_equal(bucketize(served, 8), bucketize(s, 8))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
