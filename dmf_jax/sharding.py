@@ -57,3 +57,25 @@ def gather_rows(table: jax.Array, ids: jax.Array, rules: ShardingRules) -> jax.A
 
 
 NO_SHARDING = ShardingRules()
+
+
+def leading_axis(x: jax.Array) -> str | tuple | None:
+  """The mesh axis the leading dimension of `x` is sharded over (None outside a mesh)."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except AttributeError:
+    return None
+  return spec[0] if len(spec) else None
+
+
+def segment_sum_rows(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Sum of the rows of `data` [R, ...] per segment id [R] -> [num_segments, ...].
+
+  The output stays split like the input's rows when the input is batch-sharded on a mesh with
+  Explicit axes (where the scatter's output sharding must be stated).
+  """
+  axis = leading_axis(data)
+  if axis is None:
+    return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)
+  out = jnp.zeros((num_segments, *data.shape[1:]), data.dtype)
+  return out.at[segment_ids].add(data, out_sharding=P(axis, *([None] * (data.ndim - 1))))

@@ -10,6 +10,7 @@ from flax import nnx
 
 from dmf_jax import checks
 from dmf_jax.layers import MLP
+from dmf_jax.sharding import segment_sum_rows
 from dmf_jax.similarity import bucketize
 
 SIMTIER_NORMALIZATIONS = ("count", "normalized", "log1p")
@@ -33,8 +34,12 @@ def simtier_histogram(
   checks.check_bool("mask", mask)
   # Padding positions may hold anything (even NaN from an unfilled buffer): neutralize first.
   similarity = jnp.where(mask[..., None], similarity, 0.0)
-  onehot = jax.nn.one_hot(bucketize(similarity, num_tiers), num_tiers)  # [B, L, K, T]
-  counts = jnp.einsum("blkt,bl->bkt", onehot, mask.astype(onehot.dtype))
+  batch, seq_len, k = similarity.shape
+  tiers = bucketize(similarity, num_tiers)  # [B, L, K]
+  segment = (jnp.arange(batch)[:, None, None] * k + jnp.arange(k)[None, None, :]) * num_tiers
+  weights = jnp.broadcast_to(mask[..., None], tiers.shape).astype(jnp.float32)
+  counts = segment_sum_rows(weights.reshape(-1), (segment + tiers).reshape(-1),
+                            batch * k * num_tiers).reshape(batch, k, num_tiers)
   if normalization == "normalized":
     valid = jnp.sum(mask, axis=-1).astype(counts.dtype)[:, None, None]
     return counts / jnp.maximum(valid, 1.0)

@@ -13,16 +13,12 @@ deliver at least 3x the train step's rate.
 from __future__ import annotations
 
 import json
-import time
 
-import jax
 import numpy as np
-import optax
 from absl import app, flags
-from flax import nnx
 
 import data
-from dmf_jax import data_format, input_pipeline as ip, models, training
+from experiments import bench_utils
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/dmf_data", "TFDS data dir (built if needed).")
 _DATASETS = flags.DEFINE_list("datasets", ["generated_ctr/default"], "name/config entries.")
@@ -35,41 +31,6 @@ _MODEL = flags.DEFINE_string("model", "dmf", "Model whose train step is measured
 _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the records.")
 
 
-def pipeline_rate(built, batch_size, num_batches, workers):
-  records = data_format.raw_records(built.sources["train"])
-  parser = data_format.RecordParser(built.schema)
-  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0),
-                      worker_count=workers)
-  for _ in range(5):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  return num_batches * batch_size / (time.perf_counter() - start)
-
-
-def train_rate(built, batch_size, steps, model_name):
-  records = data_format.raw_records(built.sources["train"])
-  parser = data_format.RecordParser(built.schema)
-  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0))
-  batches = [jax.device_put(next(it)) for _ in range(8)]
-  model = models.build_model({"name": model_name}, built.schema, rngs=nnx.Rngs(0),
-                             catalog=built.catalog)
-  tx = optax.adam(1e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = training.make_train_step(graphdef, tx)
-  for i in range(3):
-    state, out = step(state, batches[i % 8])
-  jax.block_until_ready(out)
-  times = []
-  for i in range(steps):
-    t = time.perf_counter()
-    state, out = step(state, batches[i % 8])
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
-  return batch_size / float(np.median(times))
-
-
 def main(argv):
   del argv
   records = []
@@ -78,10 +39,10 @@ def main(argv):
     built = data.prepare(name, config or None, _DATA_DIR.value, _MANUAL_DIR.value)
     rec = {"dataset": entry, "batch_size": _BATCH.value, "seq_len": built.schema.seq_len}
     for workers in (int(w) for w in _WORKERS.value):
-      rec[f"input_examples_per_s_workers_{workers}"] = pipeline_rate(
+      rec[f"input_examples_per_s_workers_{workers}"] = bench_utils.pipeline_rate(
           built, _BATCH.value, _BATCHES.value, workers)
-    rec[f"{_MODEL.value}_train_examples_per_s"] = train_rate(
-        built, _BATCH.value, _STEPS.value, _MODEL.value)
+    times = bench_utils.train_step_times(built, _BATCH.value, _STEPS.value, {"name": _MODEL.value})
+    rec[f"{_MODEL.value}_train_examples_per_s"] = _BATCH.value / float(np.median(times))
     best = max(v for k, v in rec.items() if k.startswith("input_examples_per_s"))
     rec["input_over_train"] = best / rec[f"{_MODEL.value}_train_examples_per_s"]
     records.append(rec)

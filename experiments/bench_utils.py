@@ -1,0 +1,60 @@
+"""Timing helpers shared by the benchmark binaries."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from dmf_jax import data_format, input_pipeline as ip, models, training
+
+
+def time_calls(fn, *, min_seconds: float = 0.5, min_reps: int = 5, max_reps: int = 200,
+               warmup: int = 2) -> np.ndarray:
+  """Wall times (s) of repeated `fn()` calls (each blocks until done), after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times, start = [], time.perf_counter()
+  while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return np.asarray(times)
+
+
+def pipeline_rate(built, batch_size: int, num_batches: int, workers: int = 0) -> float:
+  """Examples/s of the training input pipeline (after 5 warm-up batches)."""
+  records = data_format.raw_records(built.sources["train"])
+  parser = data_format.RecordParser(built.schema)
+  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0),
+                      worker_count=workers)
+  for _ in range(5):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def train_step_times(built, batch_size: int, steps: int, model_config) -> np.ndarray:
+  """Seconds per jitted train step on in-memory batches (compile and warm-up excluded)."""
+  records = data_format.raw_records(built.sources["train"])
+  parser = data_format.RecordParser(built.schema)
+  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0))
+  keys = built.schema.batch_keys()
+  batches = [jax.device_put({k: v for k, v in next(it).items() if k in keys}) for _ in range(8)]
+  model = models.build_model(model_config, built.schema, rngs=nnx.Rngs(0), catalog=built.catalog)
+  tx = optax.adam(1e-3)
+  graphdef, state = training.create_train_state(model, tx)
+  step = training.make_train_step(graphdef, tx)
+  holder = {"state": state, "i": 0}
+
+  def one():
+    holder["state"], out = step(holder["state"], batches[holder["i"] % 8])
+    holder["i"] += 1
+    return out
+
+  return time_calls(one, min_seconds=0.0, min_reps=steps, max_reps=steps, warmup=3)
