@@ -9,7 +9,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from data.movielens_100k_mm.builder import FIELD_DIM, ID_DIM, USER_FIELDS
 from dmf_jax import data_format, input_pipeline as ip, models, training
+from dmf_jax.catalog import ItemCatalog
+from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
 
 def time_calls(fn, *, min_seconds: float = 0.5, min_reps: int = 5, max_reps: int = 200,
@@ -58,3 +61,25 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
     return out
 
   return time_calls(one, min_seconds=0.0, min_reps=steps, max_reps=steps, warmup=3)
+
+
+NUM_ITEMS = 1682
+
+
+def movielens_like_schema(seq_len: int) -> FeatureSchema:
+  return FeatureSchema(
+      num_items=NUM_ITEMS, item_id_dim=ID_DIM, seq_len=seq_len,
+      item_features=(FeatureSpec("genres", 19, FIELD_DIM, max_values=6),
+                     FeatureSpec("year", 72, FIELD_DIM), FeatureSpec("image_missing", 2, FIELD_DIM)),
+      user_features=USER_FIELDS,
+      modalities=(ModalitySpec("text", 384), ModalitySpec("image", 1280)),
+  )
+
+
+def random_catalog(schema, rng) -> ItemCatalog:
+  genres = np.full((NUM_ITEMS, 6), -1, np.int32)
+  genres[:, :2] = rng.integers(0, 19, (NUM_ITEMS, 2))
+  side = {"genres": genres, "year": rng.integers(0, 72, NUM_ITEMS).astype(np.int32),
+          "image_missing": np.zeros(NUM_ITEMS, np.int32)}
+  mods = {m.name: rng.normal(size=(NUM_ITEMS, m.dim)).astype(np.float32) for m in schema.modalities}
+  return ItemCatalog(side, mods)

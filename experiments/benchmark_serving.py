@@ -23,12 +23,11 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from data.movielens_100k_mm.builder import FIELD_DIM, ID_DIM, USER_FIELDS
+from data.movielens_100k_mm.builder import FIELD_DIM, ID_DIM
 from dmf_jax import models, serving
 from dmf_jax.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
-from dmf_jax.catalog import ItemCatalog
-from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
 from experiments import bench_utils
+from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
 
 _CANDIDATES = flags.DEFINE_list("candidates", ["1", "10", "100", "1200", "5000"], "N values.")
@@ -37,28 +36,6 @@ _SCOPES = flags.DEFINE_list("scopes", ["attention", "model"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output_json", "/tmp/benchmark_serving.json", "Records file.")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.5, "Timing budget per measurement.")
 _EF_CHUNK = flags.DEFINE_integer("ef_chunk_elems", 2_000_000, "Early-fusion chunk (N x L).")
-
-NUM_ITEMS = 1682
-
-
-def movielens_like_schema(seq_len: int) -> FeatureSchema:
-  return FeatureSchema(
-      num_items=NUM_ITEMS, item_id_dim=ID_DIM, seq_len=seq_len,
-      item_features=(FeatureSpec("genres", 19, FIELD_DIM, max_values=6),
-                     FeatureSpec("year", 72, FIELD_DIM), FeatureSpec("image_missing", 2, FIELD_DIM)),
-      user_features=USER_FIELDS,
-      modalities=(ModalitySpec("text", 384), ModalitySpec("image", 1280)),
-  )
-
-
-def random_catalog(schema, rng) -> ItemCatalog:
-  genres = np.full((NUM_ITEMS, 6), -1, np.int32)
-  genres[:, :2] = rng.integers(0, 19, (NUM_ITEMS, 2))
-  side = {"genres": genres, "year": rng.integers(0, 72, NUM_ITEMS).astype(np.int32),
-          "image_missing": np.zeros(NUM_ITEMS, np.int32)}
-  mods = {m.name: rng.normal(size=(NUM_ITEMS, m.dim)).astype(np.float32) for m in schema.modalities}
-  return ItemCatalog(side, mods)
-
 
 def record(variant, scope, n, seq_len, times):
   p50, p99 = np.percentile(times, 50), np.percentile(times, 99)

@@ -133,3 +133,32 @@ def test_tables_sharded_on_model_axis_match_one_device():
     else:
       assert table.sharding.spec == jax.sharding.PartitionSpec()
   np.testing.assert_allclose(trajectories["4x2 mesh"], trajectories["1 device"], rtol=2e-5)
+
+
+def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):
+  import subprocess
+  import sys
+
+  from dmf_jax import serving
+  from dmf_jax.exported import ExportedScorer
+
+  data_dir, workdir, results = finished_run
+  out = tmp_path / "model.dmfx"
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--output={out}",
+       "--buckets=8,64"], cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"exported step {results['best_step']}" in done.stdout
+  exp = train_lib.build_experiment(tiny_train_config(data_dir))
+  manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
+  state = manager.restore(results["best_step"],
+                          exp.partitioner.abstract_state(exp.shardings, exp.state)).state
+  server = serving.Server.from_train_state(exp.graphdef, state, buckets=(8, 64))
+  user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
+  ids = np.arange(0, 120, 3)
+  scorer = ExportedScorer(str(out))
+  np.testing.assert_allclose(scorer.score(scorer.encode_user(user), ids),
+                             server.score(server.encode_user(user), ids), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="not a readable exported scorer"):
+    ExportedScorer(str(workdir / "config.json"))

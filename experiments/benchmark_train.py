@@ -1,0 +1,57 @@
+r"""Training throughput of each model and of the input pipeline, on a config's dataset.
+
+  python -m experiments.benchmark_train --config=experiments/configs/movielens.py \
+      --config.manual_dir=../shared/datasets/movielens-100k-mm --batch_size=512 \
+      --output_json=/tmp/train.json
+
+Steady-state examples/s of the jitted train step (compile and warm-up excluded, batches already
+in memory) for every model in --models, and the Grain pipeline's examples/s, at one batch size.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import data
+from dmf_jax import config as config_lib
+from dmf_jax.models import ModelConfig
+from experiments import bench_utils
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+_BATCH = flags.DEFINE_integer("batch_size", 512, "Batch size.")
+_MODELS = flags.DEFINE_list("models", ["din", "dmf", "dmf_early_fusion", "dmf_no_me",
+                                       "dmf_no_mc"], "Models to time.")
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps per model.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Input worker processes.")
+_OUTPUT = flags.DEFINE_string("output_json", "/tmp/benchmark_train.json", "Output file.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  built = data.prepare(config.dataset, config.dataset_config, config.data_dir, config.manual_dir)
+  result = {
+      "dataset": f"{config.dataset}/{config.dataset_config}",
+      "batch_size": _BATCH.value,
+      "seq_len": built.schema.seq_len,
+      "input_examples_per_s": bench_utils.pipeline_rate(built, _BATCH.value, 100, _WORKERS.value),
+      "models": {},
+  }
+  for name in _MODELS.value:
+    model_config = ModelConfig.from_mapping({"name": name, **config.model_config.to_dict()})
+    times = bench_utils.train_step_times(built, _BATCH.value, _STEPS.value, model_config)
+    result["models"][name] = {"train_examples_per_s": _BATCH.value / float(np.median(times)),
+                              "step_ms_p50": 1e3 * float(np.median(times))}
+    print(name, json.dumps(result["models"][name]), flush=True)
+  with open(_OUTPUT.value, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
