@@ -86,3 +86,15 @@ def check_same_dims(names_and_sizes: Sequence[tuple[str, int]], what: str) -> No
   if len(sizes) > 1:
     listed = ", ".join(f"{n}={s}" for n, s in names_and_sizes)
     raise ValueError(f"mismatched {what}: {listed}")
+
+
+def dataclass_from_mapping(cls, values, what: str):
+  """`cls(**values)` for a dict or ConfigDict; unknown keys raise an error listing the valid ones."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  values = dict(values)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"{what}: unknown field(s) {unknown}; valid: {sorted(known)}")
+  return cls(**values)

@@ -92,16 +92,13 @@ class ModelConfig:
       raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
     if not 0.0 <= self.cmm_alpha <= 1.0:
       raise ValueError(f"model config: cmm_alpha must be in [0, 1], got {self.cmm_alpha}")
+    if self.pairwise_similarity_max_items < 0:
+      raise ValueError("model config: pairwise_similarity_max_items must be >= 0")
 
   @classmethod
   def from_mapping(cls, values: Mapping) -> "ModelConfig":
     """From a dict or ConfigDict; unknown keys are an error that lists the valid ones."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"model config: unknown field(s) {unknown}; valid: {sorted(known)}")
-    return cls(**values)
+    return checks.dataclass_from_mapping(cls, values, "model config")
 
 
 class ItemEncoder(nnx.Module):

@@ -15,6 +15,8 @@ import jax
 import optax
 from flax import nnx
 
+from dmf_jax import checks
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -46,12 +48,7 @@ class OptimizerConfig:
 
   @classmethod
   def from_mapping(cls, values: Mapping) -> "OptimizerConfig":
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"optimizer config: unknown field(s) {unknown}; valid: {sorted(known)}")
-    return cls(**values)
+    return checks.dataclass_from_mapping(cls, values, "optimizer config")
 
 
 def schedule(config: OptimizerConfig, learning_rate: float, total_steps: int) -> optax.Schedule:
@@ -80,12 +77,14 @@ def is_embedding_table(path: tuple) -> bool:
 
 
 def param_labels(params: nnx.State) -> nnx.State:
-  """'embedding' or 'dense' for every Param leaf (the groups of `multi_transform`)."""
+  """'embedding' or 'dense' for every Param (the groups of `multi_transform`)."""
+
+  def label(path, _):
+    keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+    return "embedding" if is_embedding_table(keys) else "dense"
+
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "embedding" if is_embedding_table(
-          tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)) else "dense",
-      params,
-  )
+      label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
