@@ -42,7 +42,7 @@ class OptimizerConfig:
     if not self.learning_rate > 0:
       raise ValueError(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
     if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
-      raise ValueError(f"optimizer.embedding_learning_rate must be > 0")
+      raise ValueError("optimizer.embedding_learning_rate must be > 0")
     if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
       raise ValueError("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
 

@@ -51,7 +51,7 @@ class SyntheticConfig:
       if int(getattr(self, field)) < 1:
         raise ValueError(f"synthetic config: {field} must be >= 1, got {getattr(self, field)}")
     if not 0.0 <= self.cold_item_fraction < 1.0:
-      raise ValueError(f"synthetic config: cold_item_fraction must be in [0, 1)")
+      raise ValueError("synthetic config: cold_item_fraction must be in [0, 1)")
 
 
 def schema_for(config: SyntheticConfig, item_id_dim: int = 16, field_dim: int = 8) -> FeatureSchema:

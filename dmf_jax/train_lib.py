@@ -186,8 +186,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   restored, iterator = ckpt.restore_latest(abstract, new_iterator)
   state, book, step = exp.state, Bookkeeping(), 0
-  progress = writers.Progress(exp.total_steps, 0, config.batch_size,
-                              enabled=is_main and config.progress)
   if restored is not None:
     state, book, step = restored.state, Bookkeeping.from_json(restored.bookkeeping), restored.step
     if is_main:

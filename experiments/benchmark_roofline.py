@@ -70,7 +70,6 @@ def main(argv):
     score = lambda p, s, i: nnx.merge(graphdef, p).score_candidates(s, i)
     flops, nbytes = cost(score, server.params, state, ids)
     seconds = median_s(score, server.params, state, ids)
-    att = model.attention
     out[f"{variant}_model_score"] = {
         "flops_per_candidate": flops / n, "bytes_per_candidate": nbytes / n,
         "seconds_per_request": seconds, "achieved_gflop_per_s": flops / seconds / 1e9,

@@ -17,7 +17,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import data
-from dmf_jax import config as config_lib
 from dmf_jax.models import ModelConfig
 from experiments import bench_utils
 

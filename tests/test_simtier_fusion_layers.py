@@ -1,6 +1,5 @@
 """SimTier histogram, CMM modes, MLP, Dice and the prediction head against numpy."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

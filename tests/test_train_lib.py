@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from dmf_jax import checkpointing, config as config_lib, models, partitioner as pt, synthetic
 from dmf_jax import train_lib
