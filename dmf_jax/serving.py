@@ -62,6 +62,7 @@ class Server:
 
   @classmethod
   def from_train_state(cls, graphdef, state, buckets: Sequence[int] = DEFAULT_BUCKETS):
+    """For a model trained without a mesh; for mesh-trained runs use train_lib.serving_model."""
     return cls(nnx.merge(graphdef, state.params, state.rest), buckets)
 
   def user_features(self, user: Mapping) -> dict[str, np.ndarray]:

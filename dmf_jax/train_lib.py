@@ -54,6 +54,7 @@ class Experiment:
   tx: object
   total_steps: int
   shard: ip.ShardInfo
+  model_config: object = None
 
   def records(self, split: str) -> data_format.RawRecords:
     if split not in self.dataset.sources:
@@ -106,7 +107,23 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   graphdef, state, shardings = partitioner.init(
       factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
   return Experiment(config, dataset, partitioner, graphdef, state, shardings, tx, total,
-                    ip.ShardInfo.from_jax())
+                    ip.ShardInfo.from_jax(), validated.model)
+
+
+def serving_model(exp: Experiment, state):
+  """The trained model for single-device serving: no mesh axes, arrays fetched to the host.
+
+  (The training graph's modules carry the mesh's batch axis, and the state its shardings.)
+  Tables keep the row padding of the training mesh, so the trained rows fit as they are.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax.sharding import ShardingRules  # pylint: disable=g-import-not-at-top
+
+  rules = ShardingRules(table_shards=exp.partitioner.rules.table_shards)
+  model = build_model(exp.model_config, exp.dataset.schema, rngs=nnx.Rngs(0), sharding=rules)
+  nnx.update(model, jax.device_get(state.params), jax.device_get(state.rest))
+  return model
 
 
 def count_params(state) -> int:

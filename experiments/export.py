@@ -44,8 +44,8 @@ def main(argv):
     print(f"error: no checkpoint for step {step} in {ckpt.directory}", file=sys.stderr)
     sys.exit(1)
   state = ckpt.restore(step, exp.partitioner.abstract_state(exp.shardings, exp.state)).state
-  server = serving.Server.from_train_state(exp.graphdef, state,
-                                           buckets=[int(b) for b in _BUCKETS.value])
+  server = serving.Server(train_lib.serving_model(exp, state),
+                          buckets=[int(b) for b in _BUCKETS.value])
   serving.export(server, _OUTPUT.value)
   ckpt.close()
   print(f"exported step {step} of {workdir} to {_OUTPUT.value}")

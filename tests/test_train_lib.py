@@ -2,6 +2,7 @@
 the non-finite guard, and tables sharded over a ('data', 'model') mesh of 8 fake devices."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -57,8 +58,10 @@ def test_rerun_of_a_finished_run_resumes_instead_of_retraining(finished_run):
   assert again["steps"] == 40 and again["test"] == results["test"]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, capsys):
-  data_dir, workdir, _ = finished_run
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, capsys, tmp_path):
+  data_dir, original, _ = finished_run
+  workdir = tmp_path / "copy"  # corrupt a copy: other tests restore the original
+  shutil.copytree(original, workdir)
   exp = train_lib.build_experiment(tiny_train_config(data_dir))
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
@@ -153,7 +156,7 @@ def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
   state = manager.restore(results["best_step"],
                           exp.partitioner.abstract_state(exp.shardings, exp.state)).state
-  server = serving.Server.from_train_state(exp.graphdef, state, buckets=(8, 64))
+  server = serving.Server(train_lib.serving_model(exp, state), buckets=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
   scorer = ExportedScorer(str(out))
