@@ -59,6 +59,13 @@ class ItemCatalog:
       checks.check_floating(f"catalog.modalities[{spec.name!r}]", arr)
       checks.check_finite(f"catalog.modalities[{spec.name!r}]", arr)
 
+  def with_modalities(self, names) -> "ItemCatalog":
+    """The catalog restricted to the modalities `names`."""
+    missing = sorted(set(names) - set(self.modalities))
+    if missing:
+      raise ValueError(f"catalog has no modalities {missing}; it has {sorted(self.modalities)}")
+    return dataclasses.replace(self, modalities={k: self.modalities[k] for k in names})
+
   @classmethod
   def zeros(cls, schema: FeatureSchema) -> "ItemCatalog":
     """A placeholder of the right shapes (for abstract init before the real values load)."""
@@ -76,6 +83,25 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
   v = np.asarray(vectors, np.float64)
   v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)
   return np.clip(v @ v.T, -1.0, 1.0).astype(np.float32)
+
+
+def cosine_range(vectors: np.ndarray, *, quantiles=(0.5, 99.5), max_items: int = 1000,
+                 seed: int = 0) -> np.ndarray:
+  """[low, high] percentiles of the cosine between distinct items with non-zero vectors (all
+  pairs of up to `max_items` items drawn with a fixed seed): float32 [2]; [-1, 1] when
+  undefined (fewer than two such items, or no spread)."""
+  v = np.asarray(vectors, np.float32)
+  norms = np.linalg.norm(v, axis=1)
+  v = v[norms > 0] / norms[norms > 0, None]
+  if len(v) > max_items:
+    v = v[np.random.default_rng(seed).choice(len(v), max_items, replace=False)]
+  if len(v) < 2:
+    return np.array([-1.0, 1.0], np.float32)
+  cos = (v @ v.T)[~np.eye(len(v), dtype=bool)]
+  low, high = np.percentile(cos, quantiles)
+  if high - low < 1e-6:
+    return np.array([-1.0, 1.0], np.float32)
+  return np.array([low, high], np.float32)
 
 
 class CatalogTables(nnx.Module):
@@ -108,6 +134,9 @@ class CatalogTables(nnx.Module):
     self.modalities = nnx.Dict(
         {k: CatalogTable(jnp.asarray(v, jnp.float32)) for k, v in catalog.modalities.items()}
     )
+    self.cosine_ranges = nnx.Dict(
+        {k: CatalogTable(jnp.asarray(cosine_range(v))) for k, v in catalog.modalities.items()}
+    )
 
   def load(self, schema: FeatureSchema, catalog: ItemCatalog) -> None:
     """Replaces the values in place after validating them (keeps each variable's sharding)."""
@@ -116,6 +145,7 @@ class CatalogTables(nnx.Module):
       self.side[name].set_value(jnp.asarray(value, jnp.int32))
     for name, value in catalog.modalities.items():
       self.modalities[name].set_value(jnp.asarray(value, jnp.float32))
+      self.cosine_ranges[name].set_value(jnp.asarray(cosine_range(value)))
       if self.has_pairwise:
         self.pairwise[name].set_value(jnp.asarray(cosine_matrix(value)))
 
@@ -130,6 +160,12 @@ class CatalogTables(nnx.Module):
   def vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> float32 [..., D_k]."""
     return self._rows(self.modalities[name][...], item_ids)
+
+  def calibrate(self, name: str, similarity: jax.Array) -> jax.Array:
+    """Maps the catalog's typical cosine range [low, high] (random pairs, 0.5-99.5 percentiles)
+    linearly onto [-1, 1], clipped: uniform buckets then resolve the populated range."""
+    low, high = self.cosine_ranges[name][...][0], self.cosine_ranges[name][...][1]
+    return jnp.clip(2.0 * (similarity - low) / (high - low) - 1.0, -1.0, 1.0)
 
   def pairwise_similarity(self, name: str, target_ids: jax.Array, item_ids: jax.Array) -> jax.Array:
     """cos(m_t, m_j) from the precomputed matrix: target [...], items [..., L] (broadcast) -> [..., L]."""

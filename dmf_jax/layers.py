@@ -57,6 +57,12 @@ class MLP(nnx.Module):
     self.out_dim = dims[-1]
 
   def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    return self.layer_outputs(x, train=train, rngs=rngs)[-1]
+
+  def layer_outputs(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+                    ) -> list[jax.Array]:
+    """Every layer's activated output: [..., hidden[i]] for each i."""
+    outputs = []
     for i, layer in enumerate(self.layers):
       x = layer(x)
       if self.activation == "dice":
@@ -69,7 +75,8 @@ class MLP(nnx.Module):
         if rngs is None:
           raise ValueError("MLP: dropout in training needs `rngs` with a 'dropout' stream")
         x = self.dropout(x, deterministic=False, rngs=rngs)
-    return x
+      outputs.append(x)
+    return outputs
 
 
 class PredictionHead(nnx.Module):

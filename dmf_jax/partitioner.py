@@ -116,9 +116,9 @@ class Partitioner:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
     )
 
-  def train_step(self, graphdef, tx, shardings) -> Callable:
-    """step(state, batch) -> (state, {'loss'}), state donated."""
-    step = training.make_train_step(graphdef, tx, jit=False)
+  def train_step(self, graphdef, tx, shardings, phase: str = "main") -> Callable:
+    """step(state, batch) -> (state, {'loss', ...}) for a training phase, state donated."""
+    step = training.make_train_step(graphdef, tx, phase=phase, jit=False)
     jitted = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, self._replicated),
                      donate_argnums=0)
 

@@ -127,3 +127,11 @@ class FeatureSchema:
 
   def replace(self, **changes) -> "FeatureSchema":
     return dataclasses.replace(self, **changes)
+
+  def with_modalities(self, names) -> "FeatureSchema":
+    """The schema restricted to the modalities `names` (kept in schema order)."""
+    names = tuple(names)
+    unknown = sorted(set(names) - set(self.modality_names))
+    if unknown:
+      raise ValueError(f"unknown modalities {unknown}; the schema has {list(self.modality_names)}")
+    return self.replace(modalities=tuple(m for m in self.modalities if m.name in names))

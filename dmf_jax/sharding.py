@@ -68,6 +68,22 @@ def leading_axis(x: jax.Array) -> str | tuple | None:
   return spec[0] if len(spec) else None
 
 
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """table[ids] ([V, ...], int [...ids] -> [...ids, ...]) split like the ids' leading dimension
+  on a mesh with Explicit axes (a plain gather outside one)."""
+  axis = leading_axis(ids)
+  if axis is None:
+    return jnp.take(table, ids, axis=0)
+  return table.at[ids].get(out_sharding=P(axis, *([None] * (ids.ndim + table.ndim - 2))))
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """`x` with every device holding all of it (a no-op outside a mesh)."""
+  if leading_axis(x) is None:
+    return x
+  return jax.sharding.reshard(x, P(*([None] * x.ndim)))
+
+
 def segment_sum_rows(data: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
   """Sum of the rows of `data` [R, ...] per segment id [R] -> [num_segments, ...].
 

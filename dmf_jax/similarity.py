@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dmf_jax import checks
+from dmf_jax.sharding import take_rows
 
 SIMILARITY_MODES = ("frozen", "projected")
 NORM_EPS = 1e-8
@@ -122,6 +123,7 @@ class SimilarityBucketEmbedding(nnx.Module):
     self.tables = nnx.Param(init(rngs.params(), (num_modalities, num_buckets, bucket_dim)))
 
   def __call__(self, bucket_ids: jax.Array) -> jax.Array:
-    k_index = jnp.arange(self.num_modalities)
-    z = self.tables[...][k_index, bucket_ids]  # [..., K, bucket_dim]
+    # One gather from the flattened tables: row k * num_buckets + bucket (keeps the ids' sharding).
+    rows = bucket_ids + jnp.arange(self.num_modalities) * self.num_buckets
+    z = take_rows(self.tables[...].reshape(-1, self.bucket_dim), rows)  # [..., K, bucket_dim]
     return z.reshape(*bucket_ids.shape[:-1], self.num_modalities * self.bucket_dim)

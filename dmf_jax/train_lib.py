@@ -32,6 +32,9 @@ from dmf_jax.models import build_model
 from dmf_jax.partitioner import Partitioner
 
 
+COLD_ITEM_MAX_TRAIN_EXAMPLES = 5  # cold items: fewer training examples than this
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss; the run stops without saving that state."""
 
@@ -55,6 +58,11 @@ class Experiment:
   total_steps: int
   shard: ip.ShardInfo
   model_config: object = None
+  pretrain_steps: int = 0  # the first steps run the model's 'pretrain' phase (MAKE)
+
+  def phase(self, step: int) -> str:
+    """The training phase of the step after `step` steps."""
+    return "pretrain" if step < self.pretrain_steps else "main"
 
   def records(self, split: str) -> data_format.RawRecords:
     if split not in self.dataset.sources:
@@ -84,18 +92,32 @@ def open_dataset(config) -> data_format.BuiltDataset:
 
 
 def total_train_steps(config, num_train_examples: int) -> int:
+  """Steps of the main phase."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   return int(config.num_epochs * (num_train_examples // config.batch_size))
 
 
+def select_modalities(dataset: data_format.BuiltDataset, names) -> data_format.BuiltDataset:
+  """The dataset as a model restricted to the modalities `names` sees it (all when empty)."""
+  if not names:
+    return dataset
+  try:
+    schema = dataset.schema.with_modalities(names)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"invalid config:\n  - model_config.modalities: {e}") from None
+  return dataclasses.replace(dataset, schema=schema, catalog=dataset.catalog.with_modalities(
+      schema.modality_names))
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   validated = config_lib.validate(
       config, num_devices=jax.device_count(), num_processes=jax.process_count())
-  dataset = open_dataset(config)
+  dataset = select_modalities(open_dataset(config), validated.model.modalities)
   partitioner = Partitioner(validated.mesh)
-  total = total_train_steps(config, len(dataset.sources["train"]))
-  if total < 1:
+  pretrain = validated.model.pretrain_epochs * (len(dataset.sources["train"]) // config.batch_size)
+  total = pretrain + total_train_steps(config, len(dataset.sources["train"]))
+  if total <= pretrain:
     raise config_lib.ConfigError(
         f"invalid config:\n  - training would run 0 steps ({len(dataset.sources['train'])} "
         f"examples, batch_size {config.batch_size}, num_epochs {config.num_epochs})")
@@ -107,7 +129,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   graphdef, state, shardings = partitioner.init(
       factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
   return Experiment(config, dataset, partitioner, graphdef, state, shardings, tx, total,
-                    ip.ShardInfo.from_jax(), validated.model)
+                    ip.ShardInfo.from_jax(), validated.model, pretrain)
 
 
 def serving_model(exp: Experiment, state):
@@ -135,18 +157,38 @@ def count_params(state) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_split(exp: Experiment, predict, state, split: str) -> dict[str, float]:
-  """Exact AUC / GAUC / logloss over every example of `split` (padding rows weigh 0)."""
+def evaluate_split(exp: Experiment, predict, state, split: str,
+                   cold_items: np.ndarray | None = None) -> dict:
+  """Exact AUC / GAUC / logloss over every example of `split` (padding rows weigh 0).
+
+  cold_items: optional bool [num_items]; adds 'cold': the metrics over the examples whose
+  target item is cold.
+  """
   ds = ip.eval_dataset(exp.records(split), exp.parser,
                        global_batch_size=exp.config.eval_batch_size, shard=exp.shard)
-  acc = metrics.EvalAccumulator()
+  acc, cold = metrics.EvalAccumulator(), metrics.EvalAccumulator()
   gather = exp.partitioner.gather
   for local in ip.to_iterator(ds, prefetch=exp.config.prefetch):
     batch = exp.to_model_batch(local)
     logits = gather(predict(state, batch))
-    acc.update(gather(batch["user/user_id"]), gather(batch["label"]), logits,
-               gather(batch["weight"]))
-  return acc.compute()
+    users, labels, weights = (gather(batch[k]) for k in ("user/user_id", "label", "weight"))
+    acc.update(users, labels, logits, weights)
+    if cold_items is not None:
+      cold.update(users, labels, logits, weights * cold_items[gather(batch["item_id"])])
+  result = acc.compute()
+  if cold_items is not None:
+    result["cold"] = cold.compute() if cold.count else None
+  return result
+
+
+def train_item_counts(exp: Experiment, chunk: int = 8192) -> np.ndarray:
+  """How many training examples each item is the target of: int64 [num_items]."""
+  records = exp.records("train")
+  counts = np.zeros(exp.dataset.schema.num_items, np.int64)
+  for start in range(0, len(records), chunk):
+    ids = exp.parser(records.read(range(start, min(start + chunk, len(records)))))["item_id"]
+    counts += np.bincount(ids, minlength=len(counts))
+  return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = writers.MetricWriter(workdir, enabled=is_main)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                            keep=config.keep_checkpoints)
-  train_step = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings)
+  train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
+                 for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
   train_ds = ip.train_dataset(exp.records("train"), exp.parser,
                               global_batch_size=config.batch_size, seed=config.seed,
@@ -212,14 +255,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []
   while step < exp.total_steps and not book.stopped_early:
-    state, out = train_step(state, exp.to_model_batch(next(iterator)))
+    phase = exp.phase(step)
+    state, out = train_steps[phase](state, exp.to_model_batch(next(iterator)))
     step += 1
-    pending.append(out["loss"])
-    evaluate_now = step % config.eval_every_steps == 0 or step == exp.total_steps
-    save_now = evaluate_now or step % config.checkpoint_every_steps == 0
+    pending.append(out)
+    # No evaluation (so no early stopping) while pre-training: the joined model is not trained.
+    evaluate_now = phase == "main" and (
+        step % config.eval_every_steps == 0 or step == exp.total_steps)
+    save_now = (evaluate_now or step % config.checkpoint_every_steps == 0
+                or step == exp.pretrain_steps)
     if save_now or step % config.log_every_steps == 0:
-      losses = np.asarray(jax.device_get(pending))
+      outs = jax.device_get(pending)
       pending = []
+      losses = np.asarray([o["loss"] for o in outs])
       if not np.all(np.isfinite(losses)):
         last = ckpt.steps[-1] if ckpt.steps else None
         raise NonFiniteLossError(
@@ -227,8 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f" stopped without saving. Last good checkpoint: "
             + (f"step {last} in {ckpt.directory}" if last is not None else "none"))
       steps_per_s, ex_per_s = progress.rate(step)
-      writer.write(step, "train", {"loss": float(losses.mean()), "steps_per_s": steps_per_s,
-                                   "examples_per_s": ex_per_s})
+      extras = {k: float(np.mean([o[k] for o in outs])) for k in outs[-1] if k != "loss"}
+      writer.write(step, "train" if phase == "main" else phase,
+                   {"loss": float(losses.mean()), **extras, "steps_per_s": steps_per_s,
+                    "examples_per_s": ex_per_s})
       progress.update(step, float(losses.mean()))
     eval_metrics = None
     if evaluate_now:
@@ -258,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if best is None:
     raise RuntimeError(f"no checkpoint in {ckpt.directory} to evaluate")
   best_state = ckpt.restore(best, abstract).state
+  cold_items = train_item_counts(exp) < COLD_ITEM_MAX_TRAIN_EXAMPLES
   results = {
       "model": config.model,
       "dataset": f"{config.dataset}/{config.dataset_config}",
@@ -267,7 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_seconds": round(book.train_seconds, 2),
       "params": count_params(best_state),
       "validation": evaluate_split(exp, predict, best_state, "validation"),
-      "test": evaluate_split(exp, predict, best_state, "test"),
+      "test": evaluate_split(exp, predict, best_state, "test", cold_items),
+      "cold_item_definition": f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} training "
+                              "examples",
   }
   if is_main:
     _write_json(workdir / "results.json", results)

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dmf_jax.losses import bce_with_logits
 
 
 @jax.tree_util.register_dataclass
@@ -49,26 +48,52 @@ def create_train_state(
   return graphdef, state
 
 
+def param_path_names(keypath) -> tuple[str, ...]:
+  """A pytree key path into an nnx.State -> the attribute names from the model root."""
+  names = []
+  for key in keypath:
+    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+    if name is not None and name != "value":
+      names.append(str(name))
+  return tuple(names)
+
+
+def freeze_updates(model: nnx.Module, phase: str, updates: nnx.State) -> nnx.State:
+  """Zeroes the updates of parameters that `model.is_trainable(phase, path)` excludes."""
+  def keep(keypath, update):
+    trainable = model.is_trainable(phase, param_path_names(keypath))
+    return update if trainable else jnp.zeros_like(update)
+
+  return jax.tree_util.tree_map_with_path(keep, updates)
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, jit: bool = True
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, phase: str = "main",
+    jit: bool = True,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
-  """step(state, batch) -> (new state, {'loss'}); dropout keys are fold_in(state.rng, step)."""
+  """step(state, batch) -> (new state, {'loss', model extras}) for a training `phase`.
+
+  The loss is the model's `training_loss(batch, phase=...)`; parameters the model marks as
+  not trainable in that phase keep their values (their updates are zeroed, weight decay
+  included). Dropout keys are fold_in(state.rng, step).
+  """
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    dropout_rngs = nnx.Rngs(dropout=key)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest)
-      logits = model(batch, train=True, rngs=dropout_rngs)
-      loss = bce_with_logits(logits, batch["label"], batch.get("weight"))
-      return loss, nnx.state(model, nnx.Not(nnx.Param))
+      # Created inside the differentiated function: nnx.Rngs counters are trace-local.
+      rngs = nnx.Rngs(dropout=key, sample=jax.random.fold_in(key, 1))
+      loss, extras = model.training_loss(batch, phase=phase, rngs=rngs)
+      return loss, (extras, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (extras, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = freeze_updates(nnx.merge(graphdef, state.params, state.rest), phase, updates)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(state.step + 1, state.rng, params, opt_state, rest)
-    return new_state, {"loss": loss}
+    return new_state, {"loss": loss, **extras}
 
   return jax.jit(step, donate_argnums=0) if jit else step
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -83,3 +84,15 @@ def random_catalog(schema, rng) -> ItemCatalog:
           "image_missing": np.zeros(NUM_ITEMS, np.int32)}
   mods = {m.name: rng.normal(size=(NUM_ITEMS, m.dim)).astype(np.float32) for m in schema.modalities}
   return ItemCatalog(side, mods)
+
+
+def random_batch(schema, batch_size: int, rng) -> dict:
+  """A random training batch for `schema` (80% of history slots valid)."""
+  b, seq_len = batch_size, schema.seq_len
+  batch = {f"user/{f.name}": jnp.asarray(rng.integers(0, f.vocab_size, b), jnp.int32)
+           for f in schema.user_features}
+  return batch | {
+      "item_id": jnp.asarray(rng.integers(0, schema.num_items, b), jnp.int32),
+      "hist_item_id": jnp.asarray(rng.integers(0, schema.num_items, (b, seq_len)), jnp.int32),
+      "hist_mask": jnp.asarray(rng.random((b, seq_len)) < 0.8),
+      "label": jnp.asarray(rng.random(b) < 0.5, jnp.float32), "weight": jnp.ones(b)}

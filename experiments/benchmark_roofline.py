@@ -79,12 +79,7 @@ def main(argv):
   schema50 = movielens_like_schema(50)
   catalog50 = random_catalog(schema50, rng)
   b = _TRAIN_BATCH.value
-  batch = {f"user/{f.name}": jnp.asarray(rng.integers(0, f.vocab_size, b), jnp.int32)
-           for f in schema50.user_features}
-  batch |= {"item_id": jnp.asarray(rng.integers(0, NUM_ITEMS, b), jnp.int32),
-            "hist_item_id": jnp.asarray(rng.integers(0, NUM_ITEMS, (b, 50)), jnp.int32),
-            "hist_mask": jnp.asarray(rng.random((b, 50)) < 0.8),
-            "label": jnp.asarray(rng.random(b) < 0.5, jnp.float32), "weight": jnp.ones(b)}
+  batch = bench_utils.random_batch(schema50, b, rng)
   model = models.build_model(cfg, schema50, rngs=nnx.Rngs(0), catalog=catalog50)
   tx = optax.adam(1e-3)
   graphdef, state = training.create_train_state(model, tx)

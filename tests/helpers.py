@@ -18,6 +18,19 @@ def tiny_problem():
   return synthetic.make_examples(TINY)
 
 
+def jitted(model, method="__call__"):
+  """`getattr(model, method)(*args)` under jit: whole models run eagerly op by op are slow.
+
+  (test_serving checks that a split and merged model is the same function as the eager one.)
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  graphdef, state = nnx.split(model)
+  call = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
+  return lambda *args: call(state, *args)
+
+
 def take(examples, index):
   return {k: v[index] for k, v in examples.items()}
 

@@ -23,8 +23,9 @@ def build(name, **overrides):
 
 
 def test_registry_lists_models_and_rejects_unknown_names():
-  assert set(models.model_names()) >= {"din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc"}
-  with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: din, dmf,"):
+  assert set(models.model_names()) >= {"din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
+                                       "din_mm_concat", "simscore", "simtier", "make", "em3"}
+  with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: din, din_mm_concat, dmf,"):
     build("dnn")
   with pytest.raises(ValueError, match="model 'din' is already registered"):
     models.register_model("din", models.DIN)
@@ -75,7 +76,8 @@ def test_dmf_and_early_fusion_compute_the_same_function():
                                err_msg=str(path))
 
 
-@pytest.mark.parametrize("name", ["din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc"])
+@pytest.mark.parametrize("name", ["din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
+                                  "din_mm_concat", "simscore", "simtier", "make"])
 def test_models_train_and_loss_falls(name):
   _, _, splits = tiny_problem()
   model = build(name)
@@ -159,3 +161,36 @@ def test_pairwise_similarity_matrix_equals_the_vector_path():
   np.testing.assert_allclose(fast(batch), slow(batch), rtol=1e-4, atol=1e-5)
   projected = build("dmf", similarity="projected")
   assert not projected.catalog.has_pairwise  # a learned projection cannot be precomputed
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_calibrated_similarities_match_numpy_and_serving(pairwise):
+  """catalog_range calibration: clip(2 (cos - low) / (high - low) - 1) with the catalog's cosine
+  percentiles; the same in the pairwise and vector paths and in the serving path."""
+  from dmf_jax import serving
+  from dmf_jax.catalog import cosine_range
+  from helpers import jitted
+
+  schema, catalog, splits = tiny_problem()
+  batch = take(splits["validation"], np.arange(30))
+  model = build("dmf", similarity_calibration="catalog_range",
+                pairwise_similarity_max_items=4096 if pairwise else 0)
+  assert model.catalog.has_pairwise == pairwise
+  got = np.asarray(jitted(model, "similarities")(batch))
+  for k, name in enumerate(schema.modality_names):
+    v = catalog.modalities[name].astype(np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)
+    cos = np.einsum("bd,bld->bl", v[batch["item_id"]], v[batch["hist_item_id"]])
+    low, high = cosine_range(catalog.modalities[name])
+    want = np.clip(2 * (cos - low) / (high - low) - 1, -1, 1) * batch["hist_mask"]
+    np.testing.assert_allclose(got[..., k], want, atol=2e-5)
+  server = serving.Server(model, buckets=(8,))
+  row = {k: v[0] for k, v in batch.items()}
+  user = {k: v for k, v in row.items() if k.startswith("user/")}
+  user["hist_item_id"] = row["hist_item_id"][row["hist_mask"]]
+  ids = np.arange(8)
+  many = {k: np.repeat(v[:1], 8, 0) for k, v in batch.items()} | {"item_id": ids.astype(np.int32)}
+  np.testing.assert_allclose(server.score(server.encode_user(user), ids), jitted(model)(many),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="similarity_calibration needs similarity='frozen'"):
+    models.ModelConfig(similarity="projected", similarity_calibration="catalog_range")

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from flax import nnx
 from dmf_jax import models, serving, training
 from dmf_jax.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
 from dmf_jax.similarity import bucketize
-from helpers import tiny_problem
+from helpers import jitted, tiny_problem
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
@@ -37,10 +38,10 @@ def request(split, row, num_candidates, rng):
   return user, rng.integers(0, 90, num_candidates)
 
 
-def model_logits(model, split, row, ids):
+def model_logits(model, split, row, ids, call=None):
   batch = {k: np.repeat(np.asarray(v[row])[None], len(ids), 0) for k, v in split.items()}
   batch["item_id"] = ids.astype(np.int32)
-  return np.asarray(model(batch)), batch
+  return np.asarray((call or jitted(model))(batch)), batch
 
 
 def test_eager_model_equals_split_and_merged_model():
@@ -60,14 +61,15 @@ def test_served_logits_equal_the_model(name, pairwise):
   model = make_model(name, pairwise_similarity_max_items=4096 if pairwise else 0)
   server = serving.Server(model, buckets=(8, 64, 512))
   rng = np.random.default_rng(0)
+  call, similarities = jitted(model), jitted(model, "similarities")
   for row, n in [(3, 1), (40, 7), (77, 1200), (5, 64)]:
     user, ids = request(splits["validation"], row, n, rng)
     got = server.score(server.encode_user(user), ids)
-    want, batch = model_logits(model, splits["validation"], row, ids)
+    want, batch = model_logits(model, splits["validation"], row, ids, call)
     assert got.shape == (n,)
     if name.startswith("dmf") and name != "dmf_no_me":  # same buckets in both paths
       assert model.catalog.has_pairwise == pairwise
-      s = model.similarities(batch)
+      s = similarities(batch)
       state = server.encode_user(user)
       ids_j = jnp.asarray(ids)
       if pairwise:

@@ -82,7 +82,7 @@ def test_config_errors_list_every_problem(tmp_path):
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(config, num_devices=8)
   message = str(err.value)
-  assert "unknown model 'dnn'; valid models: din, dmf" in message
+  assert "unknown model 'dnn'; valid models: din, din_mm_concat, dmf" in message
   assert "batch_size=30 is not divisible by the mesh's data axis (8)" in message
   assert "num_heads must be a positive int" in message
 
@@ -164,3 +164,53 @@ def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):
                              server.score(server.encode_user(user), ids), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="not a readable exported scorer"):
     ExportedScorer(str(workdir / "config.json"))
+
+
+def test_make_pretrains_in_the_loop_then_evaluates_the_joined_model(tmp_path):
+  """MAKE's 'pretrain' steps come first (logged as such, never evaluated), then the main ones;
+  test results include the cold-item metrics."""
+  from dmf_jax import writers
+
+  config = tiny_train_config(tmp_path / "data", model="make", num_train_steps=10,
+                             eval_every_steps=5, checkpoint_every_steps=5)
+  config.model_config.make_pretrain_epochs = 1
+  results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  records = writers.read_metrics(tmp_path / "run")
+  pretrain = [r["step"] for r in records if r["kind"] == "pretrain"]
+  evals = [r["step"] for r in records if r["kind"] == "eval"]
+  total = results["steps"]
+  pretrain_steps = total - 10  # one epoch of the tiny training split
+  assert pretrain and max(pretrain) <= pretrain_steps
+  assert evals and min(evals) > pretrain_steps and evals[-1] == total  # main phase only
+  assert results["best_step"] in evals
+  cold = results["test"]["cold"]
+  assert cold is None or 0 < cold["count"] < results["test"]["count"]
+
+
+SMALL_MODELS = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
+                    mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8, modality_token_dim=8,
+                    make_hidden=(16,), qformer_width=16, content_dim=8, contrastive_dim=8,
+                    contrastive_negatives="sampled", contrastive_num_negatives=16)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_trains_on_a_sharded_mesh(name):
+  """Every registered model compiles and trains on a 4x2 ('data', 'model') mesh with explicit
+  axes (arrays created inside a model must carry the batch's sharding); MAKE both phases."""
+  schema, catalog, splits = synthetic.make_examples(TINY)
+  factory = lambda rules, rngs: models.build_model({"name": name, **SMALL_MODELS}, schema,
+                                                   rngs=rngs, sharding=rules)
+  partitioner = pt.Partitioner(pt.MeshConfig(model=2))
+  tx = optax.adam(3e-3)
+  graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
+                                                catalog=catalog)
+  phases = ("pretrain", "main") if name == "make" else ("main",)
+  for phase in phases:
+    step = partitioner.train_step(graphdef, tx, shardings, phase)
+    for i in range(2):
+      batch = partitioner.shard_batch({k: v[i * 32:(i + 1) * 32]
+                                       for k, v in splits["train"].items()})
+      state, out = step(state, batch)
+      assert np.isfinite(float(out["loss"])), (name, phase)
+  logits = partitioner.predict_step(graphdef, shardings)(state, batch)
+  assert logits.shape == (32,)
