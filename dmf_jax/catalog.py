@@ -149,6 +149,14 @@ class CatalogTables(nnx.Module):
       if self.has_pairwise:
         self.pairwise[name].set_value(jnp.asarray(cosine_matrix(value)))
 
+  def rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
+    """table[item_ids] for a per-item table [num_items, ...] (e.g. one derived from the catalog)."""
+    return self._rows(table, item_ids)
+
+  def all_vectors(self, name: str) -> jax.Array:
+    """Every item's vector of a modality: float32 [num_items, D_k]."""
+    return self.modalities[name][...]
+
   def _rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
     # Item ids were range-checked by the item-id embedding; clip keeps jit lookups defined.
     return gather_rows(table, jnp.clip(item_ids, 0, self.num_items - 1), self.sharding)

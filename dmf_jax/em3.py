@@ -46,8 +46,18 @@ class _EM3(CTRModel):
     return self.schema.item_dim + self.config.content_dim
 
   def content(self, item_ids, *, sequence: bool = False, train=False, rngs=None):
-    """Content embeddings [..., content_dim]; sequence=True: the behaviour side (LoRA)."""
+    """Content embeddings [..., content_dim]; sequence=True: the behaviour side (LoRA).
+
+    Small catalogs without active dropout: the Q-Former runs once over all items (a table
+    [num_items, content_dim]) and the ids gather from it — the same values and gradients as
+    running it per position, B * L / num_items times fewer Q-Former evaluations.
+    """
     adapted = sequence and self.config.lora_rank > 0
+    cfg = self.config
+    dropout = train and (cfg.modality_dropout > 0 or cfg.qformer_dropout > 0)
+    if not dropout and self.schema.num_items <= cfg.content_table_max_items:
+      vectors = [self.catalog.all_vectors(name) for name in self.schema.modality_names]
+      return self.catalog.rows(self.fusion(vectors, adapted=adapted), item_ids)
     return self.fusion(self.modality_vectors(item_ids), adapted=adapted, train=train, rngs=rngs)
 
   def embed(self, batch, *, train=False, rngs=None):

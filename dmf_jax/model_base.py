@@ -91,6 +91,9 @@ class ModelConfig:
   contrastive_dim: int = 32
   contrastive_negatives: str = "in_batch"
   contrastive_num_negatives: int = 256
+  # Catalogs with at most this many items run the Q-Former once per item and step (then gather)
+  # instead of once per behaviour position; the same values without dropout (0: never).
+  content_table_max_items: int = 4096
 
   def __post_init__(self):
     for field in ("num_heads", "head_dim", "num_buckets", "bucket_dim", "projection_dim",

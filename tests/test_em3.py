@@ -236,3 +236,26 @@ def test_em3_config_errors():
     models.ModelConfig(contrastive_negatives="all")
   with pytest.raises(ValueError, match="pattern 'nothing' matches no layer"):
     build_em3(lora_layers="nothing")
+
+
+def test_content_table_equals_per_position_content_and_gradients():
+  """The per-catalog content table gives the per-position values and gradients."""
+  _, _, splits = tiny_problem()
+  batch = take(splits["train"], np.arange(24))
+  table, direct = build_em3(), build_em3(content_table_max_items=0)
+  for layer in lora.adaptable_layers(table.fusion).values():
+    if layer.adapter is not None:
+      layer.adapter.b[...] = jnp.full(layer.adapter.b.shape, 0.05)
+  nnx.update(direct, nnx.state(table))
+
+  def loss_and_grads(model):
+    graphdef, params, rest = training.split_model(model)
+    loss = lambda p: nnx.merge(graphdef, p, rest).training_loss(batch)[0]
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return float(value), {"/".join(map(str, p)): np.asarray(v[...])
+                          for p, v in nnx.to_flat_state(grads)}
+
+  (a, ga), (b, gb) = loss_and_grads(table), loss_and_grads(direct)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for key in ga:
+    np.testing.assert_allclose(ga[key], gb[key], rtol=2e-3, atol=1e-6, err_msg=key)
