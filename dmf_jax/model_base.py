@@ -97,7 +97,9 @@ class ModelConfig:
 
   def __post_init__(self):
     for field in ("num_heads", "head_dim", "num_buckets", "bucket_dim", "projection_dim",
-                  "num_tiers", "cmm_dim", "modality_token_dim"):
+                  "num_tiers", "cmm_dim", "modality_token_dim", "content_dim", "qformer_width",
+                  "qformer_queries", "qformer_layers", "qformer_heads", "contrastive_dim",
+                  "contrastive_num_negatives"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"model config: {field} must be a positive int, got {value!r}")
@@ -130,11 +132,6 @@ class ModelConfig:
     object.__setattr__(self, "modalities", tuple(self.modalities))
     if not isinstance(self.make_pretrain_epochs, int) or self.make_pretrain_epochs < 0:
       raise ValueError("model config: make_pretrain_epochs must be an int >= 0")
-    for field in ("content_dim", "qformer_width", "qformer_queries", "qformer_layers",
-                  "qformer_heads", "contrastive_dim", "contrastive_num_negatives"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model config: {field} must be a positive int, got {value!r}")
     if self.em3_head not in EM3_HEADS:
       raise ValueError(f"model config: em3_head={self.em3_head!r} is not one of {EM3_HEADS}")
     if self.contrastive_negatives not in CONTRASTIVE_NEGATIVES:
