@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dmf_jax import checks
-from dmf_jax.sharding import segment_sum_rows
+from dmf_jax.sharding import segment_sum_rows, take_rows
 from dmf_jax.similarity import SimilarityBucketEmbedding
 
 _KERNEL_INIT = jax.nn.initializers.lecun_normal()
@@ -135,10 +135,29 @@ class MultiHeadTargetAttention(nnx.Module):
 
   def __call__(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
     _validate_inputs("MultiHeadTargetAttention", target, behaviors, mask, self.id_dim)
+    return self._attend(target, behaviors @ self.key[...], behaviors @ self.value[...], mask)
+
+  def call_from_table(self, target: jax.Array, item_table: jax.Array, rows: jax.Array,
+                      mask: jax.Array) -> jax.Array:
+    """`self(target, item_table[rows], mask)` with the key and value projections applied to
+    the V table rows once: item_table [V, d], rows int [B, L] in [0, V)."""
+    checks.check_shape("item_table", item_table, (None, self.id_dim))
+    checks.check_integer("rows", rows)
+    checks.check_rank("rows", rows, 2)
+    checks.check_ids_in_range("rows", rows, item_table.shape[0])
+    checks.check_shape("target_id_emb", target, (rows.shape[0], self.id_dim))
+    checks.check_bool("mask", mask)
+    checks.check_shape("mask", mask, rows.shape)
+    keys = take_rows(item_table @ self.key[...], rows)
+    values = take_rows(item_table @ self.value[...], rows)
+    return self._attend(target, keys, values, mask)
+
+  def _attend(self, target, keys, values, mask):
+    """target [B, d], keys and values [B, L, H * d_h], mask [B, L] -> [B, H * d_h]."""
     h, dh = self.num_heads, self.head_dim
     q = (target @ self.query[...]).reshape(-1, h, dh)
-    k = (behaviors @ self.key[...]).reshape(*behaviors.shape[:2], h, dh)
-    v = (behaviors @ self.value[...]).reshape(*behaviors.shape[:2], h, dh)
+    k = keys.reshape(*keys.shape[:2], h, dh)
+    v = values.reshape(*values.shape[:2], h, dh)
     scores = jnp.sum(q[:, None] * k, axis=-1) / jnp.sqrt(dh)  # [B, L, H]
     a = masked_softmax(scores, mask[..., None], axis=1)
     return jnp.sum(a[..., None] * v, axis=1).reshape(-1, h * dh)
@@ -211,6 +230,15 @@ class FusionAttentionWeights(nnx.Module):
     out = (behaviors @ kernel[: self.id_dim]).reshape(
         *behaviors.shape[:-1], self.num_heads, self.head_dim)  # one GEMM, then the layout
     return jnp.swapaxes(out, -3, -2)
+
+  def id_projection_rows(self, kernel: jax.Array, item_table: jax.Array, rows: jax.Array
+                         ) -> jax.Array:
+    """`id_projection(kernel, item_table[rows])`, projecting the V table rows rather than the
+    positions: item_table [V, d], rows int [..., L] in [0, V) -> [..., H, L, d_h]."""
+    v, h = item_table.shape[0], self.num_heads
+    proj = (item_table @ kernel[: self.id_dim]).reshape(v, h, self.head_dim)
+    head_major = jnp.swapaxes(proj, 0, 1).reshape(h * v, self.head_dim)  # row h * V + i
+    return take_rows(head_major, jnp.arange(h)[:, None] * v + rows[..., None, :])
 
 
 class EarlyFusionTargetAttention(nnx.Module):
@@ -345,6 +373,25 @@ class DecoupledTargetAttention(nnx.Module):
         mask=mask,
     )
 
+  def encode_user_from_table(self, item_table: jax.Array, rows: jax.Array, mask: jax.Array
+                             ) -> DTAUserState:
+    """`encode_user(item_table[rows], mask)` with W^id applied to the V table rows once:
+    item_table [V, d], rows int [..., L] in [0, V), mask [..., L]. For catalogs smaller than
+    the batch's B * L behaviour positions (training on a small catalog)."""
+    w = self.weights
+    checks.check_rank("item_table", item_table, 2)
+    checks.check_floating("item_table", item_table)
+    checks.check_shape("item_table", item_table, (None, w.id_dim))
+    checks.check_integer("rows", rows)
+    checks.check_bool("mask", mask)
+    checks.check_shape("rows", rows, mask.shape)
+    checks.check_ids_in_range("rows", rows, item_table.shape[0])
+    return DTAUserState(
+        key_id=w.id_projection_rows(w.key[...], item_table, rows),
+        value_id=w.id_projection_rows(w.value[...], item_table, rows),
+        mask=mask,
+    )
+
   def _side(self, q: jax.Array, bucket_ids: jax.Array):
     """Per-candidate bucket side of the scores.
 
@@ -396,16 +443,27 @@ class DecoupledTargetAttention(nnx.Module):
     return self._finish(scores, user.mask[None], buckets,
                         lambda a: jnp.stack([a[:, h] @ user.value_id[h] for h in heads], axis=1))
 
+  def attend(self, user: DTAUserState, target_id_emb: jax.Array, bucket_ids: jax.Array
+             ) -> jax.Array:
+    """Each example's own user state ([B, H, L, d_h]) against its candidate: target [B, d],
+    bucket_ids [B, L, K] -> [B, H * d_h]."""
+    w = self.weights
+    batch, _, seq_len, _ = user.key_id.shape
+    checks.check_shape("target_id_emb", target_id_emb, (batch, w.id_dim))
+    checks.check_integer("bucket_ids", bucket_ids)
+    checks.check_shape("bucket_ids", bucket_ids, (batch, seq_len, w.num_modalities))
+    checks.check_ids_in_range("bucket_ids", bucket_ids, w.num_buckets)
+    q = w.queries(target_id_emb)
+    side, buckets = self._side(q, bucket_ids)
+    # Per-example products, head-major (the layout XLA's CPU backend runs fastest).
+    scores = jnp.einsum("bhd,bhld->bhl", q, user.key_id) + side
+    return self._finish(scores, user.mask, buckets,
+                        lambda a: jnp.einsum("bhl,bhld->bhd", a, user.value_id))
+
   def __call__(self, target_id_emb, behavior_id_emb, bucket_ids, mask):
     w = self.weights
     _validate_inputs(
         "DecoupledTargetAttention", target_id_emb, behavior_id_emb, mask, w.id_dim,
         bucket_ids, w.num_modalities, w.num_buckets,
     )
-    user = self.encode_user(behavior_id_emb, mask)
-    q = w.queries(target_id_emb)
-    side, buckets = self._side(q, bucket_ids)
-    # Per-example products, head-major (the layout XLA's CPU backend runs fastest).
-    scores = jnp.einsum("bhd,bhld->bhl", q, user.key_id) + side
-    return self._finish(scores, mask, buckets,
-                        lambda a: jnp.einsum("bhl,bhld->bhd", a, user.value_id))
+    return self.attend(self.encode_user(behavior_id_emb, mask), target_id_emb, bucket_ids)

@@ -157,9 +157,17 @@ class CatalogTables(nnx.Module):
     """Every item's vector of a modality: float32 [num_items, D_k]."""
     return self.modalities[name][...]
 
+  def safe_ids(self, item_ids: jax.Array) -> jax.Array:
+    """Item ids with any id outside [0, num_items) replaced by the last item's.
+
+    Item ids are range-checked where they are embedded (eagerly); under jit this keeps every
+    catalog lookup of an out-of-range id defined, and the same in every lookup path.
+    """
+    n = self.num_items
+    return jnp.where((item_ids >= 0) & (item_ids < n), item_ids, n - 1)
+
   def _rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
-    # Item ids were range-checked by the item-id embedding; clip keeps jit lookups defined.
-    return gather_rows(table, jnp.clip(item_ids, 0, self.num_items - 1), self.sharding)
+    return gather_rows(table, self.safe_ids(item_ids), self.sharding)
 
   def side_values(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> int32 [...] or [..., M]."""
@@ -177,7 +185,5 @@ class CatalogTables(nnx.Module):
 
   def pairwise_similarity(self, name: str, target_ids: jax.Array, item_ids: jax.Array) -> jax.Array:
     """cos(m_t, m_j) from the precomputed matrix: target [...], items [..., L] (broadcast) -> [..., L]."""
-    n = self.num_items
-    t = jnp.clip(target_ids, 0, n - 1)[..., None]
-    flat = t * n + jnp.clip(item_ids, 0, n - 1)
+    flat = self.safe_ids(target_ids)[..., None] * self.num_items + self.safe_ids(item_ids)
     return gather_rows(self.pairwise[name][...].reshape(-1), flat, self.sharding)

@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
   c.worker_count = 0
+  # Training splits with at most this many records are parsed once into memory (a few hundred
+  # bytes each) instead of read and parsed every batch; 0: always stream from the files.
+  c.in_memory_max_records = 1_000_000
   c.prefetch = 4
   c.progress = True
   return c
@@ -88,8 +91,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
       problems.append(f"{field}: must be a positive integer, got {config[field]!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     problems.append("num_epochs or num_train_steps must be positive")
-  if config.patience < 0 or config.worker_count < 0:
-    problems.append("patience and worker_count must be >= 0")
+  if config.patience < 0 or config.worker_count < 0 or config.in_memory_max_records < 0:
+    problems.append("patience, worker_count and in_memory_max_records must be >= 0")
   for field in ("batch_size", "eval_batch_size"):
     value = config[field]
     if isinstance(value, int) and value > 0:

@@ -181,25 +181,18 @@ class RecordParser:
 
   def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
     n, seq_len = len(records), self.seq_len
-    users = np.zeros((n, self._user_width), np.int32)
-    item = np.zeros(n, np.int32)
-    ts = np.zeros(n, np.int64)
-    label = np.zeros(n, np.float32)
-    hist = np.zeros((n, seq_len), np.int32)
-    lengths = np.zeros(n, np.int32)
-    for i, record in enumerate(records):
-      feature = tf_example_pb2.Example.FromString(record).features.feature
-      packed = np.frombuffer(feature["user_features"].bytes_list.value[0], np.int32)
-      if len(packed) != self._user_width:
-        raise ValueError(f"record {i}: {len(packed)} user feature values, schema expects "
-                         f"{self._user_width}: the records do not match dmf_schema.json")
-      users[i] = packed
-      item[i] = feature["item_id"].int64_list.value[0]
-      ts[i] = feature["timestamp"].int64_list.value[0]
-      label[i] = feature["label"].float_list.value[0]
-      h = np.frombuffer(feature["hist_item_id"].bytes_list.value[0], np.int32)[-seq_len:]
-      hist[i, :len(h)] = h
-      lengths[i] = len(h)
+    # Column by column over the parsed protos; the int vectors are joined and decoded at once.
+    features = [tf_example_pb2.Example.FromString(r).features.feature for r in records]
+    packed = [f["user_features"].bytes_list.value[0] for f in features]
+    bad = [i for i, b in enumerate(packed) if len(b) != 4 * self._user_width]
+    if bad:
+      raise ValueError(f"record {bad[0]}: {len(packed[bad[0]]) // 4} user feature values, schema "
+                       f"expects {self._user_width}: the records do not match dmf_schema.json")
+    users = np.frombuffer(b"".join(packed), np.int32).reshape(n, self._user_width)
+    item = np.array([f["item_id"].int64_list.value[0] for f in features], np.int32)
+    ts = np.array([f["timestamp"].int64_list.value[0] for f in features], np.int64)
+    label = np.array([f["label"].float_list.value[0] for f in features], np.float32)
+    hist, lengths = self._histories([f["hist_item_id"].bytes_list.value[0] for f in features])
     out = {
         key: users[:, start:start + width] if multi else users[:, start]
         for key, start, width, multi in self._user_slices
@@ -210,3 +203,16 @@ class RecordParser:
         weight=np.ones(n, np.float32),
     )
     return out
+
+  def _histories(self, raw: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw int32 histories -> (the last L ids of each, left-aligned and 0-padded, int32 [B, L];
+    the kept lengths [B])."""
+    seq_len = self.seq_len
+    sizes = np.array([len(b) for b in raw], np.int64) // 4
+    flat = np.frombuffer(b"".join(raw) + bytes(4), np.int32)  # one spare 0 for empty batches
+    kept = np.minimum(sizes, seq_len)
+    first = np.cumsum(sizes) - kept  # where each history's kept tail starts in `flat`
+    slots = np.arange(seq_len)[None, :]
+    valid = slots < kept[:, None]
+    hist = np.where(valid, flat[np.where(valid, first[:, None] + slots, len(flat) - 1)], 0)
+    return hist.astype(np.int32), kept.astype(np.int32)

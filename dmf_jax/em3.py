@@ -55,13 +55,14 @@ class _EM3(CTRModel):
     adapted = sequence and self.config.lora_rank > 0
     cfg = self.config
     dropout = train and (cfg.modality_dropout > 0 or cfg.qformer_dropout > 0)
-    if not dropout and self.schema.num_items <= cfg.content_table_max_items:
+    if not dropout and self.schema.num_items <= cfg.item_table_max_items:
       vectors = [self.catalog.all_vectors(name) for name in self.schema.modality_names]
       return self.catalog.rows(self.fusion(vectors, adapted=adapted), item_ids)
     return self.fusion(self.modality_vectors(item_ids), adapted=adapted, train=train, rngs=rngs)
 
   def embed(self, batch, *, train=False, rngs=None):
     x = super().embed(batch)
+    x["item_table"] = x["behavior_rows"] = None  # the tokens below differ by side (LoRA)
     x["target"] = jnp.concatenate(
         [x["target"], self.content(batch["item_id"], train=train, rngs=rngs)], -1)
     x["behaviors"] = jnp.concatenate(

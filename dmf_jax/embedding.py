@@ -58,6 +58,10 @@ class EmbeddingTable(nnx.Module):
     ids = jnp.asarray(ids, jnp.int32)
     return jnp.where((ids >= 0) & (ids < self.vocab_size), ids, self.oov_index)
 
+  def all_rows(self) -> jax.Array:
+    """Rows 0..vocab_size, the OOV row last: [vocab_size + 1, dim] (without sharding padding)."""
+    return gather_rows(self.embedding[...], jnp.arange(self.vocab_size + 1), self.sharding)
+
   def __call__(self, ids: jax.Array, *, allow_padding: bool = False) -> jax.Array:
     """int [...] -> float32 [..., dim]. With allow_padding, -1 is accepted (OOV row)."""
     checks.check_integer(self.name, ids)

@@ -12,7 +12,8 @@ training trajectory, are those of a single-process run with the same global batc
 Two choices make it fast on 2 cores (BUILD_NOTES.md): the shuffled index batches come from a
 random-access source that slices a numpy permutation (Grain's per-element shuffle/repeat/batch
 layers cost ~10 ms per 512 examples here), and records are read and parsed per batch (one bulk
-ArrayRecord read, one vectorized pad/mask) rather than per record.
+ArrayRecord read, one vectorized pad/mask) rather than per record. Training splits that fit in
+memory can be parsed once up front (`in_memory`), so later batches are numpy gathers.
 
 Evaluation: the split in order, padded to whole global batches with copies of a real row whose
 weight is 0 (no example lost or counted twice); each process reads its rows of every global
@@ -54,19 +55,52 @@ class ShardInfo:
     return cls(jax.process_index(), jax.process_count())
 
 
-class ReadBatch(grain.transforms.Map):
-  """int64 [B] record indices (PAD_INDEX for padding) -> a parsed, padded batch."""
+class StreamedSplit:
+  """Reads and parses the records of each batch when it is needed: indices -> batch."""
 
   def __init__(self, records: RawRecords, parser: RecordParser):
     self._records = records
     self._parser = parser
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return self._parser(self._records.read(indices.tolist()))
+
+
+class ParsedSplit:
+  """A split read and parsed once into memory (chunk by chunk): indices -> a slice of it.
+
+  For splits that fit in memory (a few hundred bytes per record): epochs after the first
+  cost a numpy gather per batch instead of a read and a parse.
+  """
+
+  def __init__(self, records: RawRecords, parser: RecordParser, chunk: int = 8192):
+    n = len(records)
+    parts = [parser(records.read(range(i, min(i + chunk, n)))) for i in range(0, n, chunk)]
+    self._arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    self._length = n
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[indices] for k, v in self._arrays.items()}
+
+
+class ReadBatch(grain.transforms.Map):
+  """int64 [B] record indices (PAD_INDEX for padding) -> a parsed, padded batch."""
+
+  def __init__(self, split: StreamedSplit | ParsedSplit):
+    self._split = split
 
   def map(self, indices):
     indices = np.asarray(indices)
     real = indices != PAD_INDEX
     # Padding rows repeat a real record (record 0 when the whole part is padding), weight 0.
     safe = np.where(real, indices, indices[real][0] if real.any() else 0)
-    batch = self._parser(self._records.read(safe.tolist()))
+    batch = self._split(safe)
     batch["weight"] = batch["weight"] * real
     return batch
 
@@ -121,13 +155,18 @@ def train_dataset(
     seed: int,
     shard: ShardInfo = ShardInfo(),
     num_epochs: int | None = None,
+    in_memory: bool = False,
 ) -> grain.MapDataset:
-  """This process's part of shuffled full global batches; `num_epochs=None` repeats forever."""
+  """This process's part of shuffled full global batches; `num_epochs=None` repeats forever.
+
+  in_memory: parse the whole split once now (`ParsedSplit`) instead of every batch as read.
+  """
   if len(records) < global_batch_size:
     raise ValueError(f"the split has {len(records)} examples, fewer than one batch of "
                      f"{global_batch_size}")
   source = ShuffledBatches(len(records), global_batch_size, seed, num_epochs, shard)
-  return grain.MapDataset.source(source).map(ReadBatch(records, parser))
+  split = ParsedSplit(records, parser) if in_memory else StreamedSplit(records, parser)
+  return grain.MapDataset.source(source).map(ReadBatch(split))
 
 
 def eval_num_batches(num_records: int, global_batch_size: int) -> int:
@@ -150,7 +189,7 @@ def eval_dataset(
   indices = np.full(steps * global_batch_size, PAD_INDEX, np.int64)
   indices[:len(records)] = np.arange(len(records))
   mine = indices.reshape(steps, shard.count, local)[:, shard.index]
-  return grain.MapDataset.source(mine).map(ReadBatch(records, parser))
+  return grain.MapDataset.source(mine).map(ReadBatch(StreamedSplit(records, parser)))
 
 
 def to_iterator(

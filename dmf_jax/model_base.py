@@ -21,7 +21,7 @@ from dmf_jax.fusion import CMM_MODES
 from dmf_jax.layers import ACTIVATIONS
 from dmf_jax.losses import bce_with_logits
 from dmf_jax.schema import FeatureSchema
-from dmf_jax.sharding import NO_SHARDING, ShardingRules
+from dmf_jax.sharding import NO_SHARDING, ShardingRules, take_rows
 from dmf_jax.similarity import SIMILARITY_MODES, TargetAwareSimilarity
 from dmf_jax.simtier import SIMTIER_NORMALIZATIONS
 
@@ -91,9 +91,10 @@ class ModelConfig:
   contrastive_dim: int = 32
   contrastive_negatives: str = "in_batch"
   contrastive_num_negatives: int = 256
-  # Catalogs with at most this many items run the Q-Former once per item and step (then gather)
-  # instead of once per behaviour position; the same values without dropout (0: never).
-  content_table_max_items: int = 4096
+  # Catalogs with at most this many items encode every item once per step and gather (item
+  # tokens, DTA's ID keys and values, EM3's Q-Former without dropout) instead of encoding each
+  # behaviour position: the same function, B * L / V times less per-item work (0: never).
+  item_table_max_items: int = 4096
 
   def __post_init__(self):
     for field in ("num_heads", "head_dim", "num_buckets", "bucket_dim", "projection_dim",
@@ -125,8 +126,9 @@ class ModelConfig:
     if self.similarity_calibration != "none" and self.similarity != "frozen":
       raise ValueError("model config: similarity_calibration needs similarity='frozen' (a "
                        "projected similarity is learned, the catalog's range does not apply)")
-    if self.pairwise_similarity_max_items < 0:
-      raise ValueError("model config: pairwise_similarity_max_items must be >= 0")
+    for field in ("pairwise_similarity_max_items", "item_table_max_items"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+        raise ValueError(f"model config: {field} must be an int >= 0")
     if isinstance(self.modalities, str) or any(not isinstance(m, str) for m in self.modalities):
       raise ValueError(f"model config: modalities must be a list of names, got {self.modalities!r}")
     object.__setattr__(self, "modalities", tuple(self.modalities))
@@ -176,6 +178,23 @@ class ItemEncoder(nnx.Module):
     for name in self.names:
       parts.append(self.fields[name](catalog.side_values(name, item_ids)))
     return jnp.concatenate(parts, axis=-1)
+
+  def table(self, catalog: CatalogTables) -> jax.Array:
+    """Every item's token and, last, the out-of-range token: [num_items + 1, d].
+
+    Row `table_rows(ids)` equals `self(catalog, ids)`, for any int ids under jit.
+    """
+    ids = jnp.arange(self.item_id.table.vocab_size + 1)  # the catalog reads id V as item V - 1
+    parts = [self.item_id.table.all_rows()]
+    for name in self.names:
+      parts.append(self.fields[name](catalog.side_values(name, ids)))
+    return jnp.concatenate(parts, axis=-1)
+
+  def table_rows(self, item_ids: jax.Array) -> jax.Array:
+    """Rows of `table` for item ids: int [...] -> int32 [...]; eagerly, out-of-range ids raise."""
+    checks.check_integer(self.item_id.table.name, item_ids)
+    checks.check_ids_in_range(self.item_id.table.name, item_ids, self.item_id.table.vocab_size)
+    return self.item_id.table.safe_ids(item_ids)
 
 
 class UserEncoder(nnx.Module):
@@ -247,22 +266,35 @@ class CTRModel(nnx.Module):
     ) if similarity else None
 
   @property
+  def uses_item_table(self) -> bool:
+    """Whether `embed` encodes every catalog item once and gathers (small catalogs)."""
+    return self.schema.num_items <= self.config.item_table_max_items
+
+  @property
   def item_token_dim(self) -> int:
     """Width d of the item tokens `embed` returns (subclasses may append to the ID side)."""
     return self.schema.item_dim
 
   def embed(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
             ) -> dict[str, jax.Array]:
-    """user [B, u], target [B, d], behaviors [B, L, d], mask [B, L]."""
+    """user [B, u], target [B, d], behaviors [B, L, d], mask [B, L].
+
+    With `uses_item_table` also item_table [V + 1, d] and behavior_rows int32 [B, L] such that
+    behaviors == item_table[behavior_rows] (else both None): per-item work (a projection of
+    the tokens) can then run on V + 1 rows instead of B * L positions, and jit drops
+    `behaviors` when nothing reads it.
+    """
     del train, rngs  # used by subclasses whose item tokens have dropout
     validate_batch(self.schema, batch)
-    item_id = batch["item_id"]
-    return dict(
-        user=self.users(batch, item_id.shape[0]),
-        target=self.items(self.catalog, item_id),
-        behaviors=self.items(self.catalog, batch["hist_item_id"]),
-        mask=batch["hist_mask"],
-    )
+    item_id, hist = batch["item_id"], batch["hist_item_id"]
+    x = dict(user=self.users(batch, item_id.shape[0]), mask=batch["hist_mask"],
+             item_table=None, behavior_rows=None)
+    if not self.uses_item_table:
+      return x | dict(target=self.items(self.catalog, item_id),
+                      behaviors=self.items(self.catalog, hist))
+    table, rows = self.items.table(self.catalog), self.items.table_rows(hist)
+    return x | dict(target=take_rows(table, self.items.table_rows(item_id)),
+                    behaviors=take_rows(table, rows), item_table=table, behavior_rows=rows)
 
   def modality_vectors(self, item_ids: jax.Array) -> list[jax.Array]:
     """K arrays [..., D_k] of frozen vectors, in schema order."""

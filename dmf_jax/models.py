@@ -115,7 +115,15 @@ class DMF(CTRModel):
     s = self.similarities(batch)
     if self.use_me:
       buckets = bucketize(s, self.config.num_buckets)
-      rep = self.attention(x["target"], x["behaviors"], buckets, x["mask"])
+      if isinstance(self.attention, DecoupledTargetAttention) and x["item_table"] is not None:
+        user = self.attention.encode_user_from_table(x["item_table"], x["behavior_rows"],
+                                                     x["mask"])
+        rep = self.attention.attend(user, x["target"], buckets)
+      else:
+        rep = self.attention(x["target"], x["behaviors"], buckets, x["mask"])
+    elif x["item_table"] is not None:
+      rep = self.attention.call_from_table(x["target"], x["item_table"], x["behavior_rows"],
+                                           x["mask"])
     else:
       rep = self.attention(x["target"], x["behaviors"], x["mask"])
     if self.use_mc:

@@ -37,23 +37,22 @@ class ShardingRules:
     """Partition names for a [vocab, dim] table (stored as Param `out_sharding` metadata)."""
     return (self.table_axis, None)
 
-  def lookup_spec(self, out_ndim: int) -> P | None:
-    """Output sharding of a row gather with `out_ndim` dims, or None for a plain gather."""
-    if self.batch_axis is None and self.table_axis is None:
-      return None
-    return P(self.batch_axis, *([None] * (out_ndim - 1)))
+  @property
+  def on_mesh(self) -> bool:
+    """Whether any mesh axis is named (lookups then state their output sharding)."""
+    return self.batch_axis is not None or self.table_axis is not None
 
 
 def gather_rows(table: jax.Array, ids: jax.Array, rules: ShardingRules) -> jax.Array:
   """table[ids] for in-range int ids: [V, ...], [...ids] -> [...ids, ...].
 
-  On a mesh (Explicit axes) the output sharding is given explicitly: batch-split on
-  `rules.batch_axis`, whatever the table's row sharding.
+  On a mesh (Explicit axes) the output sharding is given explicitly: split like the ids'
+  leading dimension (batch-split ids give batch-split rows, replicated ids replicated rows),
+  whatever the table's row sharding.
   """
-  spec = rules.lookup_spec(ids.ndim + table.ndim - 1)
-  if spec is None:
-    return jnp.take(table, ids, axis=0)
-  return table.at[ids].get(out_sharding=spec)
+  if not rules.on_mesh:
+    return table.at[ids].get(mode="promise_in_bounds")
+  return take_rows(table, ids, force=True)
 
 
 NO_SHARDING = ShardingRules()
@@ -68,13 +67,16 @@ def leading_axis(x: jax.Array) -> str | tuple | None:
   return spec[0] if len(spec) else None
 
 
-def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+def take_rows(table: jax.Array, ids: jax.Array, *, force: bool = False) -> jax.Array:
   """table[ids] ([V, ...], int [...ids] -> [...ids, ...]) split like the ids' leading dimension
-  on a mesh with Explicit axes (a plain gather outside one)."""
+  on a mesh with Explicit axes (a plain gather outside one; `force`: state the sharding even
+  when the ids are not split)."""
   axis = leading_axis(ids)
-  if axis is None:
-    return jnp.take(table, ids, axis=0)
-  return table.at[ids].get(out_sharding=P(axis, *([None] * (ids.ndim + table.ndim - 2))))
+  if axis is None and not force:
+    return table.at[ids].get(mode="promise_in_bounds")
+  lead = (axis,) if ids.ndim else ()
+  rest = [None] * (ids.ndim + table.ndim - 1 - len(lead))
+  return table.at[ids].get(mode="promise_in_bounds", out_sharding=P(*lead, *rest))
 
 
 def replicated(x: jax.Array) -> jax.Array:

@@ -73,6 +73,15 @@ class Experiment:
   def parser(self) -> data_format.RecordParser:
     return data_format.RecordParser(self.dataset.schema)
 
+  def train_dataset(self, *, seed: int | None = None):
+    """This process's shuffled training batches (parsed into memory up front when the split
+    has at most `in_memory_max_records` records)."""
+    records = self.records("train")
+    return ip.train_dataset(
+        records, self.parser, global_batch_size=self.config.batch_size,
+        seed=self.config.seed if seed is None else seed, shard=self.shard,
+        in_memory=len(records) <= self.config.in_memory_max_records)
+
   def to_model_batch(self, local: dict) -> dict:
     keys = self.dataset.schema.batch_keys()
     return self.partitioner.shard_batch({k: local[k] for k in keys})
@@ -238,9 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
                  for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
-  train_ds = ip.train_dataset(exp.records("train"), exp.parser,
-                              global_batch_size=config.batch_size, seed=config.seed,
-                              shard=exp.shard)
+  train_ds = exp.train_dataset()
   new_iterator = lambda: ip.to_iterator(train_ds, worker_count=config.worker_count,
                                         prefetch=config.prefetch)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from data.movielens_100k_mm.builder import FIELD_DIM, ID_DIM, USER_FIELDS
-from dmf_jax import data_format, input_pipeline as ip, models, training
+from dmf_jax import data_format, input_pipeline as ip, models, train_lib, training
 from dmf_jax.catalog import ItemCatalog
 from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
@@ -29,12 +29,15 @@ def time_calls(fn, *, min_seconds: float = 0.5, min_reps: int = 5, max_reps: int
   return np.asarray(times)
 
 
-def pipeline_rate(built, batch_size: int, num_batches: int, workers: int = 0) -> float:
-  """Examples/s of the training input pipeline (after 5 warm-up batches)."""
+def pipeline_rate(built, batch_size: int, num_batches: int, workers: int = 0,
+                  in_memory: bool = False) -> float:
+  """Examples/s of the training input pipeline (after 5 warm-up batches; with `in_memory`,
+  the one-off parse of the split is excluded)."""
   records = data_format.raw_records(built.sources["train"])
   parser = data_format.RecordParser(built.schema)
-  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0),
-                      worker_count=workers)
+  ds = ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0,
+                        in_memory=in_memory)
+  it = ip.to_iterator(ds, worker_count=workers)
   for _ in range(5):
     next(it)
   start = time.perf_counter()
@@ -62,6 +65,27 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
     return out
 
   return time_calls(one, min_seconds=0.0, min_reps=steps, max_reps=steps, warmup=3)
+
+
+def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> float:
+  """Examples/s of the training loop's steady state: the Grain iterator (prefetching in a
+  thread, or `workers` processes) feeding the partitioner's sharded, donated train step, with
+  no per-step synchronization (as in `train_lib`); compile and 5 warm-up steps excluded."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.batch_size = batch_size
+  exp = train_lib.build_experiment(config)
+  step_fn = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, "main")
+  it = ip.to_iterator(exp.train_dataset(seed=0), worker_count=workers, prefetch=config.prefetch)
+  state = exp.state
+  for _ in range(5):
+    state, out = step_fn(state, exp.to_model_batch(next(it)))
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, out = step_fn(state, exp.to_model_batch(next(it)))
+  jax.block_until_ready(out)
+  return steps * batch_size / (time.perf_counter() - start)
 
 
 NUM_ITEMS = 1682

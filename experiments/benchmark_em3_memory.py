@@ -56,7 +56,7 @@ def main(argv):
   # Per-position Q-Former (the path of catalogs too large for a per-step content table).
   base = models.ModelConfig.from_mapping(
       {"name": "em3", **movielens.get_config().model_config.to_dict(), "em3_head": _HEAD.value,
-       "content_table_max_items": 0})
+       "item_table_max_items": 0})
   rng = np.random.default_rng(0)
   schema = bench_utils.movielens_like_schema(_SEQ_LEN.value)
   catalog = bench_utils.random_catalog(schema, rng)

@@ -5,7 +5,8 @@ r"""Training throughput of each model and of the input pipeline, on a config's d
       --output_json=/tmp/train.json
 
 Steady-state examples/s of the jitted train step (compile and warm-up excluded, batches already
-in memory) for every model in --models, and the Grain pipeline's examples/s, at one batch size.
+in memory) for every model in --models, the Grain pipeline's examples/s, and for
+--end_to_end_models the training loop's (pipeline feeding the sharded step), at one batch size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ _MODELS = flags.DEFINE_list("models", ["din", "dmf", "dmf_early_fusion", "dmf_no
                                        "dmf_no_mc"], "Models to time.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps per model.")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Input worker processes.")
+_END_TO_END = flags.DEFINE_list("end_to_end_models", ["dmf"],
+                                "Models also timed in the training loop's steady state "
+                                "(input pipeline + sharded step).")
 _OUTPUT = flags.DEFINE_string("output_json", "/tmp/benchmark_train.json", "Output file.")
 flags.mark_flags_as_required(["config"])
 
@@ -38,7 +42,13 @@ def main(argv):
       "dataset": f"{config.dataset}/{config.dataset_config}",
       "batch_size": _BATCH.value,
       "seq_len": built.schema.seq_len,
-      "input_examples_per_s": bench_utils.pipeline_rate(built, _BATCH.value, 100, _WORKERS.value),
+      # As the training loop reads this split (parsed in memory when small enough), and
+      # streamed from the files whatever its size.
+      "input_examples_per_s": bench_utils.pipeline_rate(
+          built, _BATCH.value, 100, _WORKERS.value,
+          in_memory=len(built.sources["train"]) <= config.in_memory_max_records),
+      "input_streamed_examples_per_s": bench_utils.pipeline_rate(
+          built, _BATCH.value, 100, _WORKERS.value),
       "models": {},
   }
   for name in _MODELS.value:
@@ -46,6 +56,11 @@ def main(argv):
     times = bench_utils.train_step_times(built, _BATCH.value, _STEPS.value, model_config)
     result["models"][name] = {"train_examples_per_s": _BATCH.value / float(np.median(times)),
                               "step_ms_p50": 1e3 * float(np.median(times))}
+    if name in _END_TO_END.value:
+      with config.unlocked():
+        config.model = name
+      result["models"][name]["end_to_end_examples_per_s"] = bench_utils.end_to_end_rate(
+          config, _BATCH.value, 3 * _STEPS.value, _WORKERS.value)
     print(name, json.dumps(result["models"][name]), flush=True)
   with open(_OUTPUT.value, "w") as f:
     json.dump(result, f, indent=2)

@@ -122,6 +122,36 @@ def test_dta_serving_split_equals_batched_call():
   np.testing.assert_allclose(np.asarray(ef_served), np.asarray(batched), rtol=1e-5, atol=1e-5)
 
 
+def test_dta_from_an_item_table_equals_gathered_behaviours():
+  """encode_user_from_table(T, rows) == encode_user(T[rows]); values and gradients through
+  attend, with padding and an all-masked row."""
+  rng = np.random.default_rng(11)
+  dta = DecoupledTargetAttention.from_early_fusion(make_ef(2, 3))
+  t, _, b, m = make_inputs(rng, 6, 9, 2)
+  table = jnp.asarray(rng.normal(size=(17, ID_DIM)).astype(np.float32))
+  rows = jnp.asarray(rng.integers(0, 17, size=(6, 9)).astype(np.int32))
+  t, b, m = jnp.asarray(t), jnp.asarray(b), jnp.asarray(m)
+
+  def from_table(table, target):
+    return dta.attend(dta.encode_user_from_table(table, rows, m), target, b)
+
+  def gathered(table, target):
+    return dta(target, table[rows], b, m)
+
+  state, want = dta.encode_user_from_table(table, rows, m), dta.encode_user(table[rows], m)
+  np.testing.assert_allclose(state.key_id, want.key_id, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.value_id, want.value_id, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(from_table(table, t), gathered(table, t), rtol=1e-5, atol=1e-6)
+  w = jnp.asarray(rng.normal(size=(6, 3 * 4)).astype(np.float32))
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1))(table, t)
+  for got, want in zip(grad(from_table), grad(gathered)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="rows: id 17 .* out of range"):
+    dta.encode_user_from_table(table, rows.at[2, 3].set(17), m)
+  with pytest.raises(ValueError, match=r"item_table: expected shape \('\?', 12\)"):
+    dta.encode_user_from_table(table[:, :5], rows, m)
+
+
 def test_dta_under_jit_matches_eager():
   rng = np.random.default_rng(6)
   dta = DecoupledTargetAttention.from_early_fusion(make_ef(2, 2))
@@ -142,6 +172,12 @@ def test_multi_head_target_attention_matches_reference():
       np.zeros((0, NUM_BUCKETS, 0)), t, e, np.zeros((5, 8, 0), np.int64), m, 3,
   )
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  # From an item table: the projections run on the table rows, then gather.
+  table = jnp.asarray(rng.normal(size=(9, ID_DIM)).astype(np.float32))
+  rows = jnp.asarray(rng.integers(0, 9, size=(5, 8)).astype(np.int32))
+  np.testing.assert_allclose(mha.call_from_table(jnp.asarray(t), table, rows, jnp.asarray(m)),
+                             mha(jnp.asarray(t), table[rows], jnp.asarray(m)), rtol=1e-5,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("normalization", ["none", "softmax"])

@@ -242,7 +242,7 @@ def test_content_table_equals_per_position_content_and_gradients():
   """The per-catalog content table gives the per-position values and gradients."""
   _, _, splits = tiny_problem()
   batch = take(splits["train"], np.arange(24))
-  table, direct = build_em3(), build_em3(content_table_max_items=0)
+  table, direct = build_em3(), build_em3(item_table_max_items=0)
   for layer in lora.adaptable_layers(table.fusion).values():
     if layer.adapter is not None:
       layer.adapter.b[...] = jnp.full(layer.adapter.b.shape, 0.05)

@@ -101,6 +101,40 @@ def test_iterator_resume_reproduces_the_next_batches(built):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_in_memory_split_gives_the_streamed_batches_and_resumes(built):
+  parser = data_format.RecordParser(built.schema)
+  records = records_of(built, "train")
+  streamed = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=64, seed=5))
+  ds = ip.train_dataset(records, parser, global_batch_size=64, seed=5, in_memory=True)
+  cached = ip.to_iterator(ds)
+  per_epoch = len(records) // 64
+  for _ in range(per_epoch + 3):  # into the second epoch (a new permutation)
+    want, got = next(streamed), next(cached)
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+      assert got[key].dtype == want[key].dtype
+  state = cached.get_state()
+  expected = [next(cached) for _ in range(2)]
+  resumed = ip.to_iterator(ds)
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["item_id"], want["item_id"])
+
+
+def test_parser_histories_empty_short_exact_and_long():
+  from dmf_jax.schema import FeatureSchema
+
+  schema = FeatureSchema(num_items=100, item_id_dim=4, seq_len=3)
+  parser = data_format.RecordParser(schema)
+  raw = [np.array(h, np.int32).tobytes() for h in ([], [5], [1, 2, 3], [9, 8, 7, 6, 4])]
+  hist, kept = parser._histories(raw)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(hist, [[0, 0, 0], [5, 0, 0], [1, 2, 3], [7, 6, 4]])
+  np.testing.assert_array_equal(kept, [0, 1, 3, 3])
+  hist, kept = parser._histories([b"", b""])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(hist, np.zeros((2, 3))) and np.testing.assert_array_equal(kept, 0)
+
+
 def test_eval_batches_pad_with_zero_weight_and_lose_nothing(built):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "validation")

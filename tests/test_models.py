@@ -94,6 +94,32 @@ def test_models_train_and_loss_falls(name):
   assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03, (losses[:10], losses[-10:])
 
 
+@pytest.mark.parametrize("name", ["din", "dmf", "dmf_no_me", "dmf_no_mc"])
+def test_item_table_path_equals_the_per_position_path(name):
+  """Encoding every item once and gathering is the same function as encoding each position:
+  logits and gradients, and (under jit) out-of-range ids read the same OOV token."""
+  _, _, splits = tiny_problem()
+  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(40)).items()}
+  table, direct = build(name), build(name, item_table_max_items=0)
+  assert table.uses_item_table and not direct.uses_item_table
+  nnx.update(direct, nnx.state(table))
+
+  def value_and_grads(model, batch):
+    graphdef, params, rest = training.split_model(model)
+    loss = lambda p, b: bce_with_logits(nnx.merge(graphdef, p, rest)(b), b["label"])
+    return jax.jit(jax.value_and_grad(loss))(params, batch)
+
+  for b in (batch, batch | {"item_id": batch["item_id"].at[0].set(10**6),
+                            "hist_item_id": batch["hist_item_id"].at[1, :3].set(-3)}):
+    (loss_t, g_t), (loss_d, g_d) = value_and_grads(table, b), value_and_grads(direct, b)
+    np.testing.assert_allclose(loss_t, loss_d, rtol=1e-6)
+    for (path, a), (_, c) in zip(nnx.to_flat_state(g_d), nnx.to_flat_state(g_t)):
+      np.testing.assert_allclose(np.asarray(c[...]), np.asarray(a[...]), rtol=2e-4, atol=1e-6,
+                                 err_msg=str(path))
+  with pytest.raises(ValueError, match="item_id: id -3 .* out of range"):
+    table(batch | {"hist_item_id": batch["hist_item_id"].at[1, 0].set(-3)})
+
+
 def test_catalog_is_frozen_and_not_in_params():
   model = build("dmf")
   _, params, rest = training.split_model(model)
