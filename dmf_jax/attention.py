@@ -101,10 +101,17 @@ class DinAttention(nnx.Module):
     self.score = nnx.Linear(dims[-1], 1, rngs=rngs)
 
   def weights(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention weights [B, L] (zero where masked)."""
-    q = jnp.broadcast_to(target[:, None, :], behaviors.shape)
-    h = jnp.concatenate([q, behaviors, q - behaviors, q * behaviors], axis=-1)
-    for layer in self.hidden:
+    """Attention weights [B, L] (zero where masked).
+
+    The first layer W [q ; k ; q - k ; q * k] is computed as q (W_q + W_d) once per example
+    plus [k ; q * k] [W_k - W_d ; W_p] per position: the same function, half the products.
+    """
+    first, d = self.hidden[0], self.dim
+    w_q, w_k, w_d, w_p = (first.kernel[...][i * d:(i + 1) * d] for i in range(4))
+    per_example = target @ (w_q + w_d) + first.bias[...]  # [B, h1]
+    per_position = jnp.concatenate([behaviors, target[:, None, :] * behaviors], axis=-1)
+    h = jax.nn.sigmoid(per_position @ jnp.concatenate([w_k - w_d, w_p]) + per_example[:, None])
+    for layer in self.hidden[1:]:
       h = jax.nn.sigmoid(layer(h))
     scores = self.score(h)[..., 0]
     if self.normalization == "softmax":

@@ -261,6 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               enabled=is_main and config.progress)
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []
+  # Logged throughput: training steps only (the window restarts after evaluations, saves and
+  # the first, compiling, step).
+  window = (time.time(), step)
   while step < exp.total_steps and not book.stopped_early:
     phase = exp.phase(step)
     state, out = train_steps[phase](state, exp.to_model_batch(next(iterator)))
@@ -281,11 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"non-finite training loss at step {step} (losses {losses[~np.isfinite(losses)][:3]});"
             f" stopped without saving. Last good checkpoint: "
             + (f"step {last} in {ckpt.directory}" if last is not None else "none"))
-      steps_per_s, ex_per_s = progress.rate(step)
+      steps_per_s = (step - window[1]) / max(time.time() - window[0], 1e-9)
       extras = {k: float(np.mean([o[k] for o in outs])) for k in outs[-1] if k != "loss"}
       writer.write(step, "train" if phase == "main" else phase,
                    {"loss": float(losses.mean()), **extras, "steps_per_s": steps_per_s,
-                    "examples_per_s": ex_per_s})
+                    "examples_per_s": steps_per_s * config.batch_size})
       progress.update(step, float(losses.mean()))
     eval_metrics = None
     if evaluate_now:
@@ -307,6 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if save_now or book.stopped_early:
       book.train_seconds = seconds_before + time.time() - t0
       ckpt.save(step, state, iterator, book.to_json(), metrics=eval_metrics, force=True)
+    if save_now or step == 1:
+      jax.block_until_ready(state.step)
+      window = (time.time(), step)
 
   # -------------------------------------------------------------------------------------------
   # 4. Final report

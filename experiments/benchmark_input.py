@@ -5,7 +5,8 @@ r"""Input-pipeline throughput per dataset, against what the DMF train step consu
       --manual_dir=../shared/datasets/movielens-100k-mm --output_json=/tmp/input.json
 
 For each dataset: examples/s of the Grain training pipeline (read + parse + pad/mask + batch,
-shuffled, after warm-up) with 0 and N worker processes, and examples/s of the jitted DMF train
+shuffled, after warm-up) with 0 and N worker processes and from the split parsed into memory,
+and examples/s of the jitted DMF train
 step at the same batch size on batches already in memory (compile excluded). The pipeline must
 deliver at least 3x the train step's rate.
 """
@@ -41,6 +42,10 @@ def main(argv):
     for workers in (int(w) for w in _WORKERS.value):
       rec[f"input_examples_per_s_workers_{workers}"] = bench_utils.pipeline_rate(
           built, _BATCH.value, _BATCHES.value, workers)
+    # The split parsed once into memory (what training does for splits up to
+    # `in_memory_max_records`): batches are numpy gathers.
+    rec["input_examples_per_s_in_memory"] = bench_utils.pipeline_rate(
+        built, _BATCH.value, _BATCHES.value, 0, in_memory=True)
     times = bench_utils.train_step_times(built, _BATCH.value, _STEPS.value, {"name": _MODEL.value})
     rec[f"{_MODEL.value}_train_examples_per_s"] = _BATCH.value / float(np.median(times))
     best = max(v for k, v in rec.items() if k.startswith("input_examples_per_s"))
