@@ -279,7 +279,8 @@ class CTRModel(nnx.Module):
             ) -> dict[str, jax.Array]:
     """user [B, u], target [B, d], behaviors [B, L, d], mask [B, L].
 
-    With `uses_item_table` also item_table [V + 1, d] and behavior_rows int32 [B, L] such that
+    With `uses_item_table` (and more behaviour positions B * L than items V) also
+    item_table [V + 1, d] and behavior_rows int32 [B, L] such that
     behaviors == item_table[behavior_rows] (else both None): per-item work (a projection of
     the tokens) can then run on V + 1 rows instead of B * L positions, and jit drops
     `behaviors` when nothing reads it.
@@ -289,7 +290,7 @@ class CTRModel(nnx.Module):
     item_id, hist = batch["item_id"], batch["hist_item_id"]
     x = dict(user=self.users(batch, item_id.shape[0]), mask=batch["hist_mask"],
              item_table=None, behavior_rows=None)
-    if not self.uses_item_table:
+    if not self.uses_item_table or self.schema.num_items >= hist.size:  # the table is more work
       return x | dict(target=self.items(self.catalog, item_id),
                       behaviors=self.items(self.catalog, hist))
     table, rows = self.items.table(self.catalog), self.items.table_rows(hist)

@@ -102,6 +102,9 @@ def test_item_table_path_equals_the_per_position_path(name):
   batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(40)).items()}
   table, direct = build(name), build(name, item_table_max_items=0)
   assert table.uses_item_table and not direct.uses_item_table
+  assert table.embed(batch)["item_table"] is not None and direct.embed(batch)["item_table"] is None
+  # One example has fewer behaviour positions than the catalog has items: per position.
+  assert table.embed({k: v[:1] for k, v in batch.items()})["item_table"] is None
   nnx.update(direct, nnx.state(table))
 
   def value_and_grads(model, batch):
