@@ -47,9 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.seed = 0
   c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
-  c.worker_count = 0
+  c.worker_count = 0  # input worker processes for a streamed training split
   # Training splits with at most this many records are parsed once into memory (a few hundred
-  # bytes each) instead of read and parsed every batch; 0: always stream from the files.
+  # bytes each) and served without worker processes, instead of read and parsed every batch;
+  # 0: always stream from the files.
   c.in_memory_max_records = 1_000_000
   c.prefetch = 4
   c.progress = True

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -73,14 +74,21 @@ class Experiment:
   def parser(self) -> data_format.RecordParser:
     return data_format.RecordParser(self.dataset.schema)
 
-  def train_dataset(self, *, seed: int | None = None):
-    """This process's shuffled training batches (parsed into memory up front when the split
-    has at most `in_memory_max_records` records)."""
-    records = self.records("train")
-    return ip.train_dataset(
-        records, self.parser, global_batch_size=self.config.batch_size,
+  @property
+  def train_in_memory(self) -> bool:
+    """Whether the training split is small enough to be parsed into memory up front."""
+    return len(self.records("train")) <= self.config.in_memory_max_records
+
+  def train_iterator(self, *, seed: int | None = None) -> grain.DatasetIterator:
+    """This process's shuffled training batches, as a checkpointable iterator. An in-memory
+    split is served from this process (worker processes would each hold a copy of it);
+    otherwise `worker_count` processes read and parse."""
+    ds = ip.train_dataset(
+        self.records("train"), self.parser, global_batch_size=self.config.batch_size,
         seed=self.config.seed if seed is None else seed, shard=self.shard,
-        in_memory=len(records) <= self.config.in_memory_max_records)
+        in_memory=self.train_in_memory)
+    workers = 0 if self.train_in_memory else self.config.worker_count
+    return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch)
 
   def to_model_batch(self, local: dict) -> dict:
     keys = self.dataset.schema.batch_keys()
@@ -247,9 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
                  for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
-  train_ds = exp.train_dataset()
-  new_iterator = lambda: ip.to_iterator(train_ds, worker_count=config.worker_count,
-                                        prefetch=config.prefetch)
+  new_iterator = exp.train_iterator
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   restored, iterator = ckpt.restore_latest(abstract, new_iterator)
   state, book, step = exp.state, Bookkeeping(), 0

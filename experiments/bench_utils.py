@@ -68,15 +68,15 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
 
 
 def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> float:
-  """Examples/s of the training loop's steady state: the Grain iterator (prefetching in a
-  thread, or `workers` processes) feeding the partitioner's sharded, donated train step, with
-  no per-step synchronization (as in `train_lib`); compile and 5 warm-up steps excluded."""
+  """Examples/s of the training loop's steady state: the training iterator (as `train_lib`
+  builds it, with `workers` as worker_count) feeding the partitioner's sharded, donated train
+  step, with no per-step synchronization; compile and 5 warm-up steps excluded."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.batch_size = batch_size
+    config.batch_size, config.worker_count = batch_size, workers
   exp = train_lib.build_experiment(config)
   step_fn = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, "main")
-  it = ip.to_iterator(exp.train_dataset(seed=0), worker_count=workers, prefetch=config.prefetch)
+  it = exp.train_iterator(seed=0)
   state = exp.state
   for _ in range(5):
     state, out = step_fn(state, exp.to_model_batch(next(it)))

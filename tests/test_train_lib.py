@@ -99,6 +99,23 @@ def test_config_errors_list_every_problem(tmp_path):
     config_lib.validate(config, num_devices=1)
 
 
+def test_training_iterator_in_memory_or_streamed_gives_the_same_batches(tmp_path):
+  config = tiny_train_config(tmp_path)
+  cached = train_lib.build_experiment(config)
+  config = config.copy_and_resolve_references()  # the experiment keeps the one it was given
+  config.in_memory_max_records = 0
+  streamed = train_lib.build_experiment(config)
+  assert cached.train_in_memory and not streamed.train_in_memory
+  a, b = cached.train_iterator(), streamed.train_iterator()
+  for _ in range(3):
+    x, y = next(a), next(b)
+    for key in y:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+  config.in_memory_max_records = -1
+  with pytest.raises(config_lib.ConfigError, match="in_memory_max_records must be >= 0"):
+    config_lib.validate(config, num_devices=1)
+
+
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
   config = tiny_train_config(tmp_path / "data", num_train_steps=30)
   config.optimizer.name = "sgd"
