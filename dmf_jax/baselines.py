@@ -64,9 +64,9 @@ class DinMultimodalConcat(_DinFamily):
 
   def __call__(self, batch, *, train=False, rngs=None):
     x = self.embed(batch)
-    target = jnp.concatenate([x["target"], self.tokens(self.modality_vectors(batch["item_id"]))], -1)
-    behaviors = jnp.concatenate(
-        [x["behaviors"], self.tokens(self.modality_vectors(batch["hist_item_id"]))], -1)
+    target, behaviors = self.encode_modalities(self.tokens, batch["item_id"], batch["hist_item_id"])
+    target = jnp.concatenate([x["target"], target], -1)
+    behaviors = jnp.concatenate([x["behaviors"], behaviors], -1)
     return self._predict(x, target, behaviors, [], train, rngs)
 
 
@@ -107,7 +107,8 @@ class DinSimTier(_DinFamily):
 class MultimodalTower(nnx.Module):
   """MAKE's multimodal module: DIN attention over modality tokens, an MLP, a logit.
 
-  target vectors K x [B, D_k], behaviour vectors K x [B, L, D_k], mask [B, L] ->
+  `tokens` maps K modality vectors [..., D_k] to a token [..., width]. The tower: target tokens
+  [B, width], behaviour tokens [B, L, width], mask [B, L] ->
   (features [B, out_dim] = [pooled ; every hidden layer ; logit], logit [B]).
   """
 
@@ -119,9 +120,8 @@ class MultimodalTower(nnx.Module):
     self.logit = nnx.Linear(self.tower.out_dim, 1, rngs=rngs)
     self.out_dim = width + sum(config.make_hidden) + 1
 
-  def __call__(self, target_vectors, behavior_vectors, mask):
-    target = self.tokens(target_vectors)
-    pooled = self.attention(target, self.tokens(behavior_vectors), mask)
+  def __call__(self, target, behaviors, mask):
+    pooled = self.attention(target, behaviors, mask)
     hidden = self.tower.layer_outputs(jnp.concatenate([target, pooled], -1))
     logit = self.logit(hidden[-1])
     return jnp.concatenate([pooled, *hidden, logit], -1), logit[..., 0]
@@ -141,8 +141,9 @@ class MAKE(_DinFamily):
 
   def multimodal(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """The tower's (features [B, out_dim], logit [B])."""
-    return self.mm(self.modality_vectors(batch["item_id"]),
-                   self.modality_vectors(batch["hist_item_id"]), batch["hist_mask"])
+    target, behaviors = self.encode_modalities(self.mm.tokens, batch["item_id"],
+                                               batch["hist_item_id"])
+    return self.mm(target, behaviors, batch["hist_mask"])
 
   def __call__(self, batch, *, train=False, rngs=None):
     x = self.embed(batch)

@@ -301,6 +301,19 @@ class CTRModel(nnx.Module):
     """K arrays [..., D_k] of frozen vectors, in schema order."""
     return [self.catalog.vectors(name, item_ids) for name in self.schema.modality_names]
 
+  def encode_modalities(self, encode, *item_ids: jax.Array) -> list[jax.Array]:
+    """`encode(self.modality_vectors(ids))` for each id array: [..., D] each.
+
+    `encode` maps K arrays [..., D_k] to [..., D] item by item. Small catalogs (see
+    `uses_item_table`) with more positions than items encode the V catalog items once and
+    gather rows: the same values and gradients, V instead of sum(ids.size) encodings.
+    """
+    positions = sum(ids.size for ids in item_ids)
+    if not self.uses_item_table or self.schema.num_items >= positions:
+      return [encode(self.modality_vectors(ids)) for ids in item_ids]
+    table = encode([self.catalog.all_vectors(name) for name in self.schema.modality_names])
+    return [self.catalog.rows(table, ids) for ids in item_ids]
+
   def similarities(self, batch: Batch) -> jax.Array:
     """Target-aware similarities s [B, L, K] (0 at masked positions)."""
     if self.similarity is None:

@@ -94,7 +94,7 @@ def test_models_train_and_loss_falls(name):
   assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03, (losses[:10], losses[-10:])
 
 
-@pytest.mark.parametrize("name", ["din", "dmf", "dmf_no_me", "dmf_no_mc"])
+@pytest.mark.parametrize("name", ["din", "dmf", "dmf_no_me", "dmf_no_mc", "din_mm_concat", "make"])
 def test_item_table_path_equals_the_per_position_path(name):
   """Encoding every item once and gathering is the same function as encoding each position:
   logits and gradients, and (under jit) out-of-range ids read the same OOV token."""
