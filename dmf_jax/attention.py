@@ -77,6 +77,19 @@ def _validate_inputs(
     checks.check_ids_in_range(f"{module}: bucket_ids", bucket_ids, num_buckets)
 
 
+def _validate_table(module: str, item_table: jax.Array, rows: jax.Array, mask: jax.Array,
+                    id_dim: int) -> None:
+  """Checks of a call from an item table: item_table [V, d], rows int [..., L] in [0, V),
+  mask bool [..., L]."""
+  checks.check_rank(f"{module}: item_table", item_table, 2)
+  checks.check_floating(f"{module}: item_table", item_table)
+  checks.check_shape(f"{module}: item_table", item_table, (None, id_dim))
+  checks.check_integer(f"{module}: rows", rows)
+  checks.check_bool(f"{module}: mask", mask)
+  checks.check_shape(f"{module}: rows", rows, mask.shape)
+  checks.check_ids_in_range(f"{module}: rows", rows, item_table.shape[0])
+
+
 class DinAttention(nnx.Module):
   """DIN local activation unit: weights from an MLP over [q, k, q - k, q * k].
 
@@ -148,13 +161,10 @@ class MultiHeadTargetAttention(nnx.Module):
                       mask: jax.Array) -> jax.Array:
     """`self(target, item_table[rows], mask)` with the key and value projections applied to
     the V table rows once: item_table [V, d], rows int [B, L] in [0, V)."""
-    checks.check_shape("item_table", item_table, (None, self.id_dim))
-    checks.check_integer("rows", rows)
-    checks.check_rank("rows", rows, 2)
-    checks.check_ids_in_range("rows", rows, item_table.shape[0])
-    checks.check_shape("target_id_emb", target, (rows.shape[0], self.id_dim))
-    checks.check_bool("mask", mask)
-    checks.check_shape("mask", mask, rows.shape)
+    _validate_table("MultiHeadTargetAttention", item_table, rows, mask, self.id_dim)
+    checks.check_rank("MultiHeadTargetAttention: rows", rows, 2)
+    checks.check_shape("MultiHeadTargetAttention: target_id_emb", target,
+                       (rows.shape[0], self.id_dim))
     keys = take_rows(item_table @ self.key[...], rows)
     values = take_rows(item_table @ self.value[...], rows)
     return self._attend(target, keys, values, mask)
@@ -303,6 +313,12 @@ class EarlyFusionTargetAttention(nnx.Module):
     )
     return self._attend(w.queries(target_id_emb), behavior_id_emb, bucket_ids, mask)
 
+  def call_from_table(self, target_id_emb, item_table, rows, bucket_ids, mask):
+    """`self(target_id_emb, item_table[rows], bucket_ids, mask)`. Early fusion's keys and values
+    depend on the candidate, so nothing moves to the table rows: it gathers the tokens."""
+    _validate_table("EarlyFusionTargetAttention", item_table, rows, mask, self.weights.id_dim)
+    return self(target_id_emb, take_rows(item_table, rows), bucket_ids, mask)
+
   def score_candidates(self, behavior_id_emb, mask, target_id_emb, bucket_ids):
     """Serving reference: one user [L, d], [L] against N candidates [N, d], [N, L, K] -> [N, H*d_h].
 
@@ -386,13 +402,7 @@ class DecoupledTargetAttention(nnx.Module):
     item_table [V, d], rows int [..., L] in [0, V), mask [..., L]. For catalogs smaller than
     the batch's B * L behaviour positions (training on a small catalog)."""
     w = self.weights
-    checks.check_rank("item_table", item_table, 2)
-    checks.check_floating("item_table", item_table)
-    checks.check_shape("item_table", item_table, (None, w.id_dim))
-    checks.check_integer("rows", rows)
-    checks.check_bool("mask", mask)
-    checks.check_shape("rows", rows, mask.shape)
-    checks.check_ids_in_range("rows", rows, item_table.shape[0])
+    _validate_table("DecoupledTargetAttention", item_table, rows, mask, w.id_dim)
     return DTAUserState(
         key_id=w.id_projection_rows(w.key[...], item_table, rows),
         value_id=w.id_projection_rows(w.value[...], item_table, rows),
@@ -474,3 +484,9 @@ class DecoupledTargetAttention(nnx.Module):
         bucket_ids, w.num_modalities, w.num_buckets,
     )
     return self.attend(self.encode_user(behavior_id_emb, mask), target_id_emb, bucket_ids)
+
+  def call_from_table(self, target_id_emb, item_table, rows, bucket_ids, mask):
+    """`self(target_id_emb, item_table[rows], bucket_ids, mask)`, with W^id applied to the V
+    table rows once (`encode_user_from_table`)."""
+    return self.attend(self.encode_user_from_table(item_table, rows, mask), target_id_emb,
+                       bucket_ids)

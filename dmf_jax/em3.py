@@ -55,7 +55,7 @@ class _EM3(CTRModel):
     adapted = sequence and self.config.lora_rank > 0
     cfg = self.config
     dropout = train and (cfg.modality_dropout > 0 or cfg.qformer_dropout > 0)
-    if not dropout and self.schema.num_items <= cfg.item_table_max_items:
+    if not dropout and self.uses_item_table:
       vectors = [self.catalog.all_vectors(name) for name in self.schema.modality_names]
       return self.catalog.rows(self.fusion(vectors, adapted=adapted), item_ids)
     return self.fusion(self.modality_vectors(item_ids), adapted=adapted, train=train, rngs=rngs)

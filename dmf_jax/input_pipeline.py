@@ -62,9 +62,6 @@ class StreamedSplit:
     self._records = records
     self._parser = parser
 
-  def __len__(self) -> int:
-    return len(self._records)
-
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     return self._parser(self._records.read(indices.tolist()))
 
@@ -72,18 +69,14 @@ class StreamedSplit:
 class ParsedSplit:
   """A split read and parsed once into memory (chunk by chunk): indices -> a slice of it.
 
-  For splits that fit in memory (a few hundred bytes per record): epochs after the first
-  cost a numpy gather per batch instead of a read and a parse.
+  For splits that fit in memory (a few hundred bytes per record): every batch then costs a
+  numpy gather instead of a read and a parse.
   """
 
   def __init__(self, records: RawRecords, parser: RecordParser, chunk: int = 8192):
     n = len(records)
     parts = [parser(records.read(range(i, min(i + chunk, n)))) for i in range(0, n, chunk)]
     self._arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    self._length = n
-
-  def __len__(self) -> int:
-    return self._length
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[indices] for k, v in self._arrays.items()}

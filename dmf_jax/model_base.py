@@ -270,6 +270,10 @@ class CTRModel(nnx.Module):
     """Whether `embed` encodes every catalog item once and gathers (small catalogs)."""
     return self.schema.num_items <= self.config.item_table_max_items
 
+  def item_table_pays(self, positions: int) -> bool:
+    """Whether encoding the whole (small) catalog is less work than `positions` encodings."""
+    return self.uses_item_table and positions > self.schema.num_items
+
   @property
   def item_token_dim(self) -> int:
     """Width d of the item tokens `embed` returns (subclasses may append to the ID side)."""
@@ -290,7 +294,7 @@ class CTRModel(nnx.Module):
     item_id, hist = batch["item_id"], batch["hist_item_id"]
     x = dict(user=self.users(batch, item_id.shape[0]), mask=batch["hist_mask"],
              item_table=None, behavior_rows=None)
-    if not self.uses_item_table or self.schema.num_items >= hist.size:  # the table is more work
+    if not self.item_table_pays(hist.size):
       return x | dict(target=self.items(self.catalog, item_id),
                       behaviors=self.items(self.catalog, hist))
     table, rows = self.items.table(self.catalog), self.items.table_rows(hist)
@@ -308,8 +312,7 @@ class CTRModel(nnx.Module):
     `uses_item_table`) with more positions than items encode the V catalog items once and
     gather rows: the same values and gradients, V instead of sum(ids.size) encodings.
     """
-    positions = sum(ids.size for ids in item_ids)
-    if not self.uses_item_table or self.schema.num_items >= positions:
+    if not self.item_table_pays(sum(ids.size for ids in item_ids)):
       return [encode(self.modality_vectors(ids)) for ids in item_ids]
     table = encode([self.catalog.all_vectors(name) for name in self.schema.modality_names])
     return [self.catalog.rows(table, ids) for ids in item_ids]

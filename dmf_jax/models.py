@@ -113,19 +113,12 @@ class DMF(CTRModel):
   def __call__(self, batch, *, train=False, rngs=None):
     x = self.embed(batch, train=train, rngs=rngs)
     s = self.similarities(batch)
-    if self.use_me:
-      buckets = bucketize(s, self.config.num_buckets)
-      if isinstance(self.attention, DecoupledTargetAttention) and x["item_table"] is not None:
-        user = self.attention.encode_user_from_table(x["item_table"], x["behavior_rows"],
-                                                     x["mask"])
-        rep = self.attention.attend(user, x["target"], buckets)
-      else:
-        rep = self.attention(x["target"], x["behaviors"], buckets, x["mask"])
-    elif x["item_table"] is not None:
+    side = [bucketize(s, self.config.num_buckets)] if self.use_me else []
+    if x["item_table"] is None:
+      rep = self.attention(x["target"], x["behaviors"], *side, x["mask"])
+    else:  # the same function, per-item work on the table rows
       rep = self.attention.call_from_table(x["target"], x["item_table"], x["behavior_rows"],
-                                           x["mask"])
-    else:
-      rep = self.attention(x["target"], x["behaviors"], x["mask"])
+                                           *side, x["mask"])
     if self.use_mc:
       rep = self.cmm(rep, self.simtier(s, x["mask"], train=train))
     return self.head(jnp.concatenate([x["user"], x["target"], rep], -1), train=train, rngs=rngs)

@@ -50,9 +50,7 @@ def gather_rows(table: jax.Array, ids: jax.Array, rules: ShardingRules) -> jax.A
   leading dimension (batch-split ids give batch-split rows, replicated ids replicated rows),
   whatever the table's row sharding.
   """
-  if not rules.on_mesh:
-    return table.at[ids].get(mode="promise_in_bounds")
-  return take_rows(table, ids, force=True)
+  return take_rows(table, ids, force=rules.on_mesh)
 
 
 NO_SHARDING = ShardingRules()

@@ -79,14 +79,18 @@ class Experiment:
     """Whether the training split is small enough to be parsed into memory up front."""
     return len(self.records("train")) <= self.config.in_memory_max_records
 
-  def train_iterator(self, *, seed: int | None = None) -> grain.DatasetIterator:
-    """This process's shuffled training batches, as a checkpointable iterator. An in-memory
-    split is served from this process (worker processes would each hold a copy of it);
-    otherwise `worker_count` processes read and parse."""
-    ds = ip.train_dataset(
+  def train_dataset(self, *, seed: int | None = None) -> grain.MapDataset:
+    """This process's shuffled training batches (a small split is parsed into memory now)."""
+    return ip.train_dataset(
         self.records("train"), self.parser, global_batch_size=self.config.batch_size,
         seed=self.config.seed if seed is None else seed, shard=self.shard,
         in_memory=self.train_in_memory)
+
+  def train_iterator(self, ds: grain.MapDataset | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator over `ds` (default: a new `train_dataset()`). An in-memory
+    split is served from this process (worker processes would each hold a copy); else
+    `worker_count` processes parse."""
+    ds = self.train_dataset() if ds is None else ds
     workers = 0 if self.train_in_memory else self.config.worker_count
     return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch)
 
@@ -255,7 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
                  for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
-  new_iterator = exp.train_iterator
+  train_ds = exp.train_dataset()  # parsed once, however many iterators the restore makes
+  new_iterator = lambda: exp.train_iterator(train_ds)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   restored, iterator = ckpt.restore_latest(abstract, new_iterator)
   state, book, step = exp.state, Bookkeeping(), 0

@@ -76,7 +76,7 @@ def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> fl
     config.batch_size, config.worker_count = batch_size, workers
   exp = train_lib.build_experiment(config)
   step_fn = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, "main")
-  it = exp.train_iterator(seed=0)
+  it = exp.train_iterator(exp.train_dataset(seed=0))
   state = exp.state
   for _ in range(5):
     state, out = step_fn(state, exp.to_model_batch(next(it)))
