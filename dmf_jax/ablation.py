@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from dmf_jax.errors import ConfigError
+
 RECORD_KEYS = ("model", "seed", "val_auc", "test_auc", "test_gauc", "test_logloss",
                "cold_test_auc", "train_seconds", "params")
 _SPEC = re.compile(r"^([A-Za-z0-9_]+)(?:\[([A-Za-z0-9_+]+)\])?$")
@@ -100,7 +102,7 @@ def run_ablation(
   output_dir = epath.Path(output_dir).expanduser()
   labels = [s.label for s in specs]
   if len(set(labels)) != len(labels):
-    raise ValueError(f"duplicate model specs in {labels}")
+    raise ConfigError(f"duplicate model specs in {labels}")
   for spec in specs:  # every config is checked before anything trains
     config_lib.validate(run_config(base, spec, seeds[0]), num_devices=jax.device_count(),
                         num_processes=jax.process_count())
@@ -119,12 +121,9 @@ def run_ablation(
       records.append(record_from_results(spec, seed, results))
       log(f"{spec.label} seed {seed}: val AUC {records[-1]['val_auc']:.4f}, "
           f"test AUC {records[-1]['test_auc']:.4f}")
-      write_summary(records, output_dir, baseline=baseline, title=_title(base))
+      # The title names the dataset build the runs trained on (results.json), not the config.
+      write_summary(records, output_dir, baseline=baseline, title=results["dataset"])
   return records
-
-
-def _title(config) -> str:
-  return f"{config.dataset}/{config.dataset_config}"
 
 
 # ---------------------------------------------------------------------------------------------

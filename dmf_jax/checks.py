@@ -88,6 +88,14 @@ def check_same_dims(names_and_sizes: Sequence[tuple[str, int]], what: str) -> No
     raise ValueError(f"mismatched {what}: {listed}")
 
 
+class Problems(ValueError):
+  """Several problems found at once (e.g. by a config's validation): `.problems` lists them."""
+
+  def __init__(self, problems: Sequence[str]):
+    self.problems = list(problems)
+    super().__init__("; ".join(self.problems))
+
+
 def dataclass_from_mapping(cls, values, what: str):
   """`cls(**values)` for a dict or ConfigDict; unknown keys raise an error listing the valid ones."""
   import dataclasses  # pylint: disable=g-import-not-at-top

@@ -13,15 +13,14 @@ import os
 import ml_collections
 from etils import epath
 
+from dmf_jax import data
+from dmf_jax.errors import ConfigError
 from dmf_jax.models import MODELS, ModelConfig
 from dmf_jax.optimizers import OptimizerConfig
 from dmf_jax.partitioner import MeshConfig
 
 DATASETS = ("generated_ctr", "movielens_100k_mm", "byod_ctr")
 
-
-class ConfigError(ValueError):
-  """An invalid experiment config; the message lists every problem found."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,7 +53,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.in_memory_max_records = 1_000_000
   c.prefetch = 4
   c.progress = True
+  # Start afresh in a workdir that holds a run: its files are moved to <workdir>.replaced-<time>
+  # (never deleted). Without it, a workdir resumes, and refuses a run of another config.
+  c.overwrite = False
   return c
+
+
+def _listed(error: Exception) -> list[str]:
+  return list(getattr(error, "problems", None) or [str(error)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +81,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   try:
     model = ModelConfig.from_mapping({"name": config.model, **config.model_config.to_dict()})
   except (ValueError, TypeError) as e:
-    problems.append(f"model_config: {e}")
+    problems += [f"model_config: {p.removeprefix('model config: ')}" for p in _listed(e)]
   try:
     optimizer = OptimizerConfig.from_mapping(config.optimizer.to_dict())
   except (ValueError, TypeError) as e:
-    problems.append(f"optimizer: {e}")
+    problems += [f"optimizer: {p}" for p in _listed(e)]
   try:
     mesh = MeshConfig(**config.mesh.to_dict())
     data_size, _ = mesh.shape(num_devices)
@@ -101,8 +107,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
         problems.append(f"{field}={value} is not divisible by the mesh's data axis ({data_size})")
       if value % num_processes:
         problems.append(f"{field}={value} is not divisible by the {num_processes} processes")
+  if not isinstance(config.get("overwrite", False), bool):
+    problems.append(f"overwrite: must be True or False, got {config.overwrite!r}")
   if config.dataset not in DATASETS:
     problems.append(f"dataset: unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}")
+  elif config.dataset != "byod_ctr" and config.dataset_config not in data.config_names(
+      config.dataset):
+    problems.append(f"dataset_config: {config.dataset} has no config {config.dataset_config!r}; "
+                    f"valid: {', '.join(data.config_names(config.dataset))}")
+  elif config.dataset == "byod_ctr" and config.dataset_config not in (None, "", "default") and (
+      not data.byod.BUILD_NAME.match(str(config.dataset_config))):
+    problems.append(f"dataset_config: byod_ctr has no config {config.dataset_config!r}: its "
+                    f"builds are named by their sources (src-<fingerprint>); leave it empty")
   if not config.data_dir:
     problems.append("data_dir: required (where datasets are built and read)")
   elif config.dataset in ("movielens_100k_mm", "byod_ctr"):

@@ -105,13 +105,24 @@ def read_side_files(directory: epath.PathLike) -> tuple[FeatureSchema, ItemCatal
 
 @dataclasses.dataclass(frozen=True)
 class BuiltDataset:
-  """A built dataset: its schema, catalog and a `tfds.data_source` per split."""
+  """A built dataset: its schema, catalog and a `tfds.data_source` per split.
+
+  config: the builder config (build) name; fingerprint: identifies the build's content (its
+  sources, schema and catalog; `dmf_jax.data.prepare` fills it in).
+  """
 
   name: str
   directory: epath.Path
   schema: FeatureSchema
   catalog: ItemCatalog
   sources: dict
+  config: str | None = None
+  fingerprint: str = ""
+
+  @property
+  def full_name(self) -> str:
+    """name/config, e.g. 'movielens_100k_mm/text_image' or 'byod_ctr/src-1a2b3c4d5e6f'."""
+    return f"{self.name}/{self.config}" if self.config else self.name
 
   @property
   def splits(self) -> tuple[str, ...]:
@@ -131,7 +142,8 @@ def load_built_dataset(builder: tfds.core.DatasetBuilder) -> BuiltDataset:
   if builder.builder_config is not None:
     kwargs["config"] = builder.builder_config
   sources = tfds.data_source(builder.name, data_dir=builder.data_dir_root, builder_kwargs=kwargs)
-  return BuiltDataset(builder.name, directory, schema, catalog, dict(sources))
+  config = builder.builder_config.name if builder.builder_config is not None else None
+  return BuiltDataset(builder.name, directory, schema, catalog, dict(sources), config)
 
 
 def raw_records(source) -> "RawRecords":

@@ -1,8 +1,14 @@
-"""Run an exported DMF scorer without the model code (only jax and numpy are imported).
+"""Run an exported DMF scorer without the model code (only jax, numpy and serve_request).
 
   scorer = ExportedScorer("model.dmfx")
   state = scorer.encode_user({"user/user_id": 3, ..., "hist_item_id": [5, 9, 2]})
   logits = scorer.score(state, item_ids)   # float32 [N]
+
+Requests are checked exactly as `serving.Server` checks them (`serve_request.RequestLayout`,
+stored in the export's manifest): every user field against its vocabulary, every history and
+candidate id against the catalog, integral ids of the right rank only. A damaged file (not a
+zip, a missing member, a bad manifest, undecodable weights or programs) raises one ValueError
+naming the file and the part.
 """
 
 from __future__ import annotations
@@ -15,54 +21,68 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-FORMAT_VERSION = 1
+from dmf_jax.serve_request import RequestLayout, check_buckets, chunks
+
+FORMAT_VERSION = 2
 
 
 class ExportedScorer:
   def __init__(self, path: str):
+    self.path = str(path)
     try:
       with zipfile.ZipFile(path) as zf:
         files = {name: zf.read(name) for name in zf.namelist()}
-    except (OSError, zipfile.BadZipFile) as e:
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
       raise ValueError(f"{path}: not a readable exported scorer ({e})") from None
-    if "manifest.json" not in files:
-      raise ValueError(f"{path}: no manifest.json (not an exported dmf_jax scorer)")
-    self.manifest = json.loads(files["manifest.json"])
-    if self.manifest.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path}: format version {self.manifest.get('format_version')} "
-                       f"is not {FORMAT_VERSION}")
-    npz = np.load(io.BytesIO(files["weights.npz"]))
-    self.weights = [jax.device_put(npz[f"arr_{i}"]) for i in range(self.manifest["num_weights"])]
-    self._encode = jax.export.deserialize(files["encode_user.bin"])
-    self.buckets = sorted(self.manifest["buckets"])
-    self._score = {b: jax.export.deserialize(files[f"score_candidates_{b}.bin"])
-                   for b in self.buckets}
+    manifest = self._manifest(files)
+    try:
+      self.layout = RequestLayout.from_json(manifest["layout"])
+      self.buckets = check_buckets(manifest["buckets"])
+      num_weights = int(manifest["num_weights"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{path}: manifest.json is damaged ({type(e).__name__}: {e})") from None
+    self.manifest = manifest
+    try:
+      npz = np.load(io.BytesIO(self._member(files, "weights.npz")), allow_pickle=False)
+      self.weights = [jax.device_put(npz[f"arr_{i}"]) for i in range(num_weights)]
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise ValueError(f"{path}: weights.npz is damaged ({type(e).__name__}: {e})") from None
+    self._encode = self._program(files, "encode_user.bin")
+    self._score = {b: self._program(files, f"score_candidates_{b}.bin") for b in self.buckets}
+
+  def _member(self, files: dict, name: str) -> bytes:
+    if name not in files:
+      raise ValueError(f"{self.path}: no {name} (not a complete exported dmf_jax scorer)")
+    return files[name]
+
+  def _manifest(self, files: dict) -> dict:
+    try:
+      manifest = json.loads(self._member(files, "manifest.json"))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f"{self.path}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+      raise ValueError(f"{self.path}: manifest.json is damaged (not an object)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{self.path}: format version {manifest.get('format_version')} is not "
+                       f"{FORMAT_VERSION}; export it again with this version "
+                       f"(python -m experiments.export)")
+    return manifest
+
+  def _program(self, files: dict, name: str):
+    try:
+      return jax.export.deserialize(bytearray(self._member(files, name)))
+    except ValueError as e:
+      if str(e).startswith(self.path):
+        raise
+      raise ValueError(f"{self.path}: {name} is damaged ({type(e).__name__}: {e})") from None
+    except Exception as e:  # pylint: disable=broad-except  (flatbuffers raises anything)
+      raise ValueError(f"{self.path}: {name} is damaged ({type(e).__name__}: {e})") from None
 
   def encode_user(self, user: Mapping) -> list:
-    seq_len, num_items = self.manifest["seq_len"], self.manifest["num_items"]
-    features = {}
-    for key, shape in self.manifest["user_features"].items():
-      if key not in user:
-        raise KeyError(f"missing user feature {key!r}")
-      features[key] = np.asarray(user[key], np.int32).reshape(shape)
-    history = np.asarray(user.get("hist_item_id", []), np.int64).reshape(-1)
-    if np.any((history < 0) | (history >= num_items)):
-      raise ValueError(f"hist_item_id: ids must be in [0, {num_items})")
-    history = history[-seq_len:]
-    features["hist_item_id"] = np.zeros(seq_len, np.int32)
-    features["hist_item_id"][:len(history)] = history
-    features["hist_mask"] = np.arange(seq_len) < len(history)
-    return self._encode.call(self.weights, features)
+    return self._encode.call(self.weights, self.layout.user_features(user))
 
   def score(self, user_state: list, item_ids) -> np.ndarray:
-    ids = np.asarray(item_ids, np.int64).reshape(-1)
-    if np.any((ids < 0) | (ids >= self.manifest["num_items"])):
-      raise ValueError(f"item_ids: ids must be in [0, {self.manifest['num_items']})")
-    largest, out = self.buckets[-1], []
-    for start in range(0, len(ids), largest):
-      chunk = ids[start:start + largest]
-      size = next(b for b in self.buckets if b >= len(chunk))
-      padded = np.zeros(size, np.int32)
-      padded[:len(chunk)] = chunk
-      out.append(np.asarray(self._score[size].call(self.weights, user_state, padded))[:len(chunk)])
+    ids = self.layout.item_ids("item_ids", item_ids)
+    out = [np.asarray(self._score[len(padded)].call(self.weights, user_state, padded))[:n]
+           for padded, n in chunks(ids, self.buckets)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -97,17 +97,18 @@ class ModelConfig:
   item_table_max_items: int = 4096
 
   def __post_init__(self):
+    problems = []  # every problem is reported at once
     for field in ("num_heads", "head_dim", "num_buckets", "bucket_dim", "projection_dim",
                   "num_tiers", "cmm_dim", "modality_token_dim", "content_dim", "qformer_width",
                   "qformer_queries", "qformer_layers", "qformer_heads", "contrastive_dim",
                   "contrastive_num_negatives"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model config: {field} must be a positive int, got {value!r}")
+        problems.append(f"model config: {field} must be a positive int, got {value!r}")
     for field in ("simtier_hidden", "din_hidden", "mlp_hidden", "make_hidden"):
       value = tuple(getattr(self, field))
       if not value or any(not isinstance(v, int) or v < 1 for v in value):
-        raise ValueError(f"model config: {field} must be a non-empty list of positive ints, got {value!r}")
+        problems.append(f"model config: {field} must be a non-empty list of positive ints, got {value!r}")
       object.__setattr__(self, field, value)
     choices = dict(
         similarity=SIMILARITY_MODES, simtier_normalization=SIMTIER_NORMALIZATIONS,
@@ -115,38 +116,40 @@ class ModelConfig:
     )
     for field, allowed in choices.items():
       if getattr(self, field) not in allowed:
-        raise ValueError(f"model config: {field}={getattr(self, field)!r} is not one of {allowed}")
+        problems.append(f"model config: {field}={getattr(self, field)!r} is not one of {allowed}")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+      problems.append(f"model config: dropout must be in [0, 1), got {self.dropout}")
     if not 0.0 <= self.cmm_alpha <= 1.0:
-      raise ValueError(f"model config: cmm_alpha must be in [0, 1], got {self.cmm_alpha}")
+      problems.append(f"model config: cmm_alpha must be in [0, 1], got {self.cmm_alpha}")
     if self.similarity_calibration not in SIMILARITY_CALIBRATIONS:
-      raise ValueError(f"model config: similarity_calibration={self.similarity_calibration!r} "
+      problems.append(f"model config: similarity_calibration={self.similarity_calibration!r} "
                        f"is not one of {SIMILARITY_CALIBRATIONS}")
     if self.similarity_calibration != "none" and self.similarity != "frozen":
-      raise ValueError("model config: similarity_calibration needs similarity='frozen' (a "
+      problems.append("model config: similarity_calibration needs similarity='frozen' (a "
                        "projected similarity is learned, the catalog's range does not apply)")
     for field in ("pairwise_similarity_max_items", "item_table_max_items"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
-        raise ValueError(f"model config: {field} must be an int >= 0")
+        problems.append(f"model config: {field} must be an int >= 0")
     if isinstance(self.modalities, str) or any(not isinstance(m, str) for m in self.modalities):
-      raise ValueError(f"model config: modalities must be a list of names, got {self.modalities!r}")
+      problems.append(f"model config: modalities must be a list of names, got {self.modalities!r}")
     object.__setattr__(self, "modalities", tuple(self.modalities))
     if not isinstance(self.make_pretrain_epochs, int) or self.make_pretrain_epochs < 0:
-      raise ValueError("model config: make_pretrain_epochs must be an int >= 0")
+      problems.append("model config: make_pretrain_epochs must be an int >= 0")
     if self.em3_head not in EM3_HEADS:
-      raise ValueError(f"model config: em3_head={self.em3_head!r} is not one of {EM3_HEADS}")
+      problems.append(f"model config: em3_head={self.em3_head!r} is not one of {EM3_HEADS}")
     if self.contrastive_negatives not in CONTRASTIVE_NEGATIVES:
-      raise ValueError(f"model config: contrastive_negatives={self.contrastive_negatives!r} is "
+      problems.append(f"model config: contrastive_negatives={self.contrastive_negatives!r} is "
                        f"not one of {CONTRASTIVE_NEGATIVES}")
     if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-      raise ValueError("model config: lora_rank must be an int >= 0 (0: no LoRA)")
+      problems.append("model config: lora_rank must be an int >= 0 (0: no LoRA)")
     if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
-      raise ValueError("model config: contrastive_weight must be >= 0 and "
+      problems.append("model config: contrastive_weight must be >= 0 and "
                        "contrastive_temperature > 0")
     for field in ("qformer_dropout", "modality_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
-        raise ValueError(f"model config: {field} must be in [0, 1)")
+        problems.append(f"model config: {field} must be in [0, 1)")
+    if problems:
+      raise checks.Problems(problems)
 
   @property
   def pretrain_epochs(self) -> int:

@@ -33,18 +33,21 @@ class OptimizerConfig:
   embedding_learning_rate: float | None = None
 
   def __post_init__(self):
+    problems = []  # every problem is reported at once
     if self.name not in OPTIMIZERS:
-      raise ValueError(f"optimizer.name {self.name!r} is not one of {OPTIMIZERS}")
+      problems.append(f"optimizer.name {self.name!r} is not one of {OPTIMIZERS}")
     if self.embedding_name is not None and self.embedding_name not in OPTIMIZERS:
-      raise ValueError(f"optimizer.embedding_name {self.embedding_name!r} is not one of {OPTIMIZERS}")
+      problems.append(f"optimizer.embedding_name {self.embedding_name!r} is not one of {OPTIMIZERS}")
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"optimizer.schedule {self.schedule!r} is not one of {SCHEDULES}")
+      problems.append(f"optimizer.schedule {self.schedule!r} is not one of {SCHEDULES}")
     if not self.learning_rate > 0:
-      raise ValueError(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
+      problems.append(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
     if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
-      raise ValueError("optimizer.embedding_learning_rate must be > 0")
+      problems.append("optimizer.embedding_learning_rate must be > 0")
     if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
-      raise ValueError("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
+      problems.append("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
+    if problems:
+      raise checks.Problems(problems)
 
   @classmethod
   def from_mapping(cls, values: Mapping) -> "OptimizerConfig":

@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 from dmf_jax.models import CTRModel
+from dmf_jax.serve_request import DEFAULT_BUCKETS, RequestLayout, check_buckets, chunks
 
-DEFAULT_BUCKETS = (16, 128, 1024, 4096)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest holds the request layout (vocabularies)
 
 
 def make_serving_fns(graphdef: nnx.GraphDef):
@@ -49,68 +49,57 @@ class Server:
   `seq_len` are kept, most recent last) and returns the user state; `score(user_state, ids)`
   returns float32 logits [N], with N padded to the smallest bucket >= N (requests larger than
   the largest bucket run in chunks of it). N = 0 gives an empty array; an empty history is
-  valid (the attention and SimTier parts are zero). Out-of-range ids raise a ValueError.
+  valid (the attention and SimTier parts are zero). Requests are checked by
+  `serve_request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
+  fractional or wrongly shaped ids raise a ValueError naming the field.
   """
 
   def __init__(self, model: CTRModel, buckets: Sequence[int] = DEFAULT_BUCKETS):
-    if not buckets or any(b < 1 for b in buckets):
-      raise ValueError(f"bucket sizes must be positive, got {buckets}")
     self.schema = model.schema
-    self.buckets = tuple(sorted(buckets))
+    self.layout = RequestLayout.from_schema(model.schema)
+    self.buckets = check_buckets(buckets)
     self.graphdef, self.params = nnx.split(model)
     self._encode, self._score = make_serving_fns(self.graphdef)
+    self.step = None  # the checkpoint step, when served from a workdir
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None,
+                   buckets: Sequence[int] = DEFAULT_BUCKETS) -> "Server":
+    """Serves the best (or a given) checkpoint of a training workdir, trained on a mesh or
+    not (see `train_lib.load_model`)."""
+    from dmf_jax import train_lib  # pylint: disable=g-import-not-at-top  (the training layer)
+
+    model, _, step = train_lib.load_model(workdir, step)
+    server = cls(model, buckets)
+    server.step = step
+    return server
 
   @classmethod
   def from_train_state(cls, graphdef, state, buckets: Sequence[int] = DEFAULT_BUCKETS):
-    """For a model trained without a mesh; for mesh-trained runs use train_lib.serving_model."""
+    """For a graphdef built without mesh axes; for a workdir's run use `from_workdir`."""
     return cls(nnx.merge(graphdef, state.params, state.rest), buckets)
 
   def user_features(self, user: Mapping) -> dict[str, np.ndarray]:
     """Validated, padded request features: user/<field>, hist_item_id [L], hist_mask [L]."""
-    out = {}
-    for spec in self.schema.user_features:
-      key = f"user/{spec.name}"
-      if key not in user:
-        raise KeyError(f"user features miss {key!r}; expected {self.schema.batch_keys()[:-5]}")
-      value = np.asarray(user[key], np.int32)
-      if value.shape != ((spec.max_values,) if spec.multi_valued else ()):
-        raise ValueError(f"{key}: expected shape {(spec.max_values,) if spec.multi_valued else ()},"
-                         f" got {value.shape}")
-      low = -1 if spec.multi_valued else 0
-      if np.any(value < low) or np.any(value >= spec.vocab_size):
-        raise ValueError(f"{key}: value out of range [0, {spec.vocab_size})")
-      out[key] = value
-    history = np.asarray(user.get("hist_item_id", []), np.int64).reshape(-1)
-    self._check_items("hist_item_id", history)
-    seq_len = self.schema.seq_len
-    history = history[-seq_len:]
-    padded = np.zeros(seq_len, np.int32)
-    padded[:len(history)] = history
-    out["hist_item_id"] = padded
-    out["hist_mask"] = np.arange(seq_len) < len(history)
-    return out
-
-  def _check_items(self, name: str, ids: np.ndarray) -> None:
-    bad = (ids < 0) | (ids >= self.schema.num_items)
-    if bad.any():
-      raise ValueError(f"{name}: item id {int(ids[bad][0])} is out of range "
-                       f"[0, {self.schema.num_items})")
+    return self.layout.user_features(user)
 
   def encode_user(self, user: Mapping):
-    return self._encode(self.params, self.user_features(user))
+    return self.encode_features(self.user_features(user))
+
+  def encode_features(self, features: Mapping):
+    """The user state of already prepared features (`user_features`), unchecked."""
+    return self._encode(self.params, features)
 
   def bucket(self, n: int) -> int:
     return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
   def score(self, user_state, item_ids) -> np.ndarray:
-    ids = np.asarray(item_ids, np.int64).reshape(-1)
-    self._check_items("item_ids", ids)
-    out = []
-    for start in range(0, len(ids), self.buckets[-1]):
-      chunk = ids[start:start + self.buckets[-1]]
-      padded = np.zeros(self.bucket(len(chunk)), np.int32)
-      padded[:len(chunk)] = chunk
-      out.append(np.asarray(self._score(self.params, user_state, padded))[:len(chunk)])
+    return self.score_ids(user_state, self.layout.item_ids("item_ids", item_ids))
+
+  def score_ids(self, user_state, ids: np.ndarray) -> np.ndarray:
+    """Logits of already checked ids (`layout.item_ids`), in bucket-sized chunks."""
+    out = [np.asarray(self._score(self.params, user_state, padded))[:n]
+           for padded, n in chunks(ids, self.buckets)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -123,8 +112,7 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None) -> N
   """Writes one zip file: the serialized encode function, one score function per bucket size,
   the weights (.npz, flat leaves) and a JSON manifest of the request layout."""
   leaves, treedef = jax.tree.flatten(server.params)
-  user = server.user_features({f"user/{f.name}": np.zeros(f.max_values, np.int32)
-                               if f.multi_valued else 0 for f in server.schema.user_features})
+  user = server.user_features(server.layout.example_user())
   state_tree = jax.tree.structure(jax.eval_shape(server._encode, server.params, user))
 
   def encode_flat(flat_params, user_features):
@@ -141,7 +129,7 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None) -> N
   encode_exp = jax.export.export(jax.jit(encode_flat))(params_spec, user_spec)
   state_spec = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in encode_exp.out_avals]
   files = {"encode_user.bin": encode_exp.serialize()}
-  sizes = tuple(buckets or server.buckets)
+  sizes = check_buckets(buckets or server.buckets)
   for size in sizes:
     exp = jax.export.export(jax.jit(score_flat))(
         params_spec, state_spec, jax.ShapeDtypeStruct((size,), np.int32))
@@ -152,9 +140,7 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None) -> N
   manifest = {
       "format_version": FORMAT_VERSION,
       "buckets": list(sizes),
-      "num_items": server.schema.num_items,
-      "seq_len": server.schema.seq_len,
-      "user_features": {k: list(np.shape(v)) for k, v in user.items() if k.startswith("user/")},
+      "layout": server.layout.to_json(),
       "num_weights": len(leaves),
   }
   files["manifest.json"] = json.dumps(manifest, indent=2).encode()

@@ -11,6 +11,7 @@ Sections:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,8 +28,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from dmf_jax import config as config_lib
-from dmf_jax import data_format, input_pipeline as ip, metrics, optimizers, writers
+from dmf_jax import data
+from dmf_jax import data_format, input_pipeline as ip, metrics, optimizers, runs, writers
 from dmf_jax.checkpointing import CheckpointManager
+from dmf_jax.errors import WorkdirError
 from dmf_jax.models import build_model
 from dmf_jax.partitioner import Partitioner
 
@@ -101,8 +104,6 @@ class Experiment:
 
 def open_dataset(config) -> data_format.BuiltDataset:
   """Builds the dataset on process 0 if needed, then opens it on every process."""
-  import data  # pylint: disable=g-import-not-at-top  (the builders live in the repo's data/)
-
   data_dir = str(epath.Path(config.data_dir).expanduser())
   manual = str(epath.Path(config.manual_dir).expanduser()) if config.manual_dir else None
   if jax.process_index() == 0:
@@ -234,9 +235,13 @@ class Bookkeeping:
 
   @classmethod
   def from_json(cls, d: dict) -> "Bookkeeping":
+    """Raises ValueError for a record that is empty or lacks a field (an unreadable one)."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in (d or {})]
+    if missing:
+      raise ValueError(f"loop bookkeeping record lacks {missing}")
     d = dict(d)
     d["best_val_auc"] = -math.inf if d.get("best_val_auc") is None else d["best_val_auc"]
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
 def _write_json(path: epath.Path, value) -> None:
@@ -245,29 +250,51 @@ def _write_json(path: epath.Path, value) -> None:
   os.replace(tmp, path)  # atomic, overwrites
 
 
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` if it holds checkpoints) and writes results.json."""
+  """Trains (resuming from `workdir` if it holds this run's checkpoints), writes results.json.
+
+  Raises `runs.RunMismatchError` (nothing written) when `workdir` holds a run of another
+  config or dataset, and `locking.LockedError` when another live run holds the workdir.
+  """
   workdir = epath.Path(workdir).expanduser()
   is_main = jax.process_index() == 0
   exp = build_experiment(config)
+  lock = runs.open_workdir(workdir, config, exp.dataset, is_main=is_main, log=_log)
+  try:
+    return _train(exp, config, workdir, is_main)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Path,
+           is_main: bool) -> dict:
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("workdir opened")
   writer = writers.MetricWriter(workdir, enabled=is_main)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                           keep=config.keep_checkpoints)
+                           keep=config.keep_checkpoints, repair=is_main,
+                           log=_log if is_main else (lambda m: None))
   train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
                  for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
   train_ds = exp.train_dataset()  # parsed once, however many iterators the restore makes
   new_iterator = lambda: exp.train_iterator(train_ds)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
-  restored, iterator = ckpt.restore_latest(abstract, new_iterator)
+  restored, iterator = ckpt.restore_latest(
+      abstract, new_iterator, check_bookkeeping=Bookkeeping.from_json,
+      log=_log if is_main else (lambda m: None))
   state, book, step = exp.state, Bookkeeping(), 0
   if restored is not None:
     state, book, step = restored.state, Bookkeeping.from_json(restored.bookkeeping), restored.step
     if is_main:
-      print(f"resumed from step {step} ({ckpt.directory})", file=sys.stderr, flush=True)
+      _log(f"resumed from step {step} ({ckpt.directory})")
   progress = writers.Progress(exp.total_steps, step, config.batch_size,
                               enabled=is_main and config.progress)
 
@@ -297,10 +324,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             + (f"step {last} in {ckpt.directory}" if last is not None else "none"))
       steps_per_s = (step - window[1]) / max(time.time() - window[0], 1e-9)
       extras = {k: float(np.mean([o[k] for o in outs])) for k in outs[-1] if k != "loss"}
+      _, wall_examples_per_s = progress.rate(step)
       writer.write(step, "train" if phase == "main" else phase,
                    {"loss": float(losses.mean()), **extras, "steps_per_s": steps_per_s,
-                    "examples_per_s": steps_per_s * config.batch_size})
-      progress.update(step, float(losses.mean()))
+                    "examples_per_s": steps_per_s * config.batch_size,
+                    "wall_examples_per_s": wall_examples_per_s})
+      progress.update(step, float(losses.mean()), steps_per_s * config.batch_size)
     eval_metrics = None
     if evaluate_now:
       val = evaluate_split(exp, predict, state, "validation")
@@ -335,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cold_items = train_item_counts(exp) < COLD_ITEM_MAX_TRAIN_EXAMPLES
   results = {
       "model": config.model,
-      "dataset": f"{config.dataset}/{config.dataset_config}",
+      "dataset": exp.dataset.full_name,
       "best_step": best,
       "steps": step,
       "stopped_early": book.stopped_early,
@@ -348,26 +377,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if is_main:
     _write_json(workdir / "results.json", results)
-    writers.plot_curves(workdir)
+    writers.plot_curves(workdir, title=f"{config.model} on {exp.dataset.full_name}")
   writer.close()
   ckpt.close()
   return results
 
 
+def read_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+  """The config a workdir's run was trained with (its config.json)."""
+  path = epath.Path(workdir).expanduser() / "config.json"
+  if not path.exists():
+    raise WorkdirError(f"{path} is missing: {workdir} is not a training workdir")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except ValueError as e:
+    raise WorkdirError(f"{path} is unreadable ({e})") from None
+
+
 def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> dict:
   """Restores the best (or a given) checkpoint of a finished or running `workdir`; its metrics."""
   workdir = epath.Path(workdir).expanduser()
-  path = workdir / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: {workdir} is not a training workdir")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = read_run_config(workdir)
   exp = build_experiment(config)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                            keep=config.keep_checkpoints)
-  if step is None:
-    step = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
-  if step is None or step not in ckpt.steps:
-    raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; kept: {ckpt.steps}")
+  step = ckpt.best_or_latest(step)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   state = ckpt.restore(step, abstract).state
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
@@ -375,3 +409,34 @@ def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> di
   ckpt.close()
   logging.info("evaluated step %d on %s: %s", step, split, result)
   return result
+
+
+def load_model(workdir: str, step: int | None = None):
+  """(model, schema, step): the best (or a given) checkpoint of a workdir's run as one
+  single-device model in inference mode, whatever mesh it was trained on (the tables keep
+  the row padding of its `mesh.model`)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax import training  # pylint: disable=g-import-not-at-top
+  from dmf_jax.sharding import ShardingRules  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(workdir).expanduser()
+  config = read_run_config(workdir)
+  local = copy.deepcopy(config)
+  with local.unlocked():
+    local.mesh.data, local.mesh.model = -1, 1  # validated for one device
+  validated = config_lib.validate(local, num_devices=1)
+  dataset = select_modalities(open_dataset(config), validated.model.modalities)
+  rules = ShardingRules(table_shards=int(config.mesh.model))
+  model = build_model(validated.model, dataset.schema, rngs=nnx.Rngs(config.seed), sharding=rules)
+  model.catalog.load(dataset.schema, dataset.catalog)
+  tx = optimizers.make_optimizer(validated.optimizer, 1)  # for the state's structure only
+  graphdef, like = training.create_train_state(model, tx, config.seed)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                           keep=config.keep_checkpoints)
+  step = ckpt.best_or_latest(step)
+  state = ckpt.restore(step, abstract).state
+  ckpt.close()
+  return nnx.merge(graphdef, state.params, state.rest), dataset.schema, step

@@ -59,7 +59,12 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
 
 
 class Progress:
-  """A live progress line on a terminal; periodic plain lines otherwise."""
+  """A live progress line on a terminal; periodic plain lines otherwise.
+
+  It shows two throughputs, labelled as in metrics.jsonl: `train` examples/s over the training
+  steps only (`examples_per_s`: evaluations, saves and compilation excluded) and `wall`
+  examples/s since the run (or resume) started, everything included (`wall_examples_per_s`).
+  """
 
   def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True,
                stream=None):
@@ -71,24 +76,25 @@ class Progress:
     self._t0, self._s0 = time.time(), start_step
 
   def rate(self, step: int) -> tuple[float, float]:
-    """(steps/s, examples/s) since the start of this run."""
+    """(steps/s, examples/s) since the start of this run, wall clock (evaluations included)."""
     elapsed = max(time.time() - self._t0, 1e-9)
     steps_per_s = (step - self._s0) / elapsed
     return steps_per_s, steps_per_s * self.batch_size
 
-  def update(self, step: int, loss: float) -> None:
+  def update(self, step: int, loss: float, train_examples_per_s: float | None = None) -> None:
     if not self.enabled:
       return
     steps_per_s, ex_per_s = self.rate(step)
+    train = "" if train_examples_per_s is None else f"train {train_examples_per_s:,.0f} / "
     eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
     done = step / max(self.total, 1)
     if self.live:
       bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
-      self.stream.write(f"\r[{bar}] {step}/{self.total} {ex_per_s:,.0f} ex/s "
+      self.stream.write(f"\r[{bar}] {step}/{self.total} {train}wall {ex_per_s:,.0f} ex/s "
                         f"loss {loss:.4f} ETA {eta:,.0f}s ")
     else:
-      self.stream.write(f"step {step}/{self.total} ({100 * done:.0f}%) {ex_per_s:,.0f} ex/s "
-                        f"loss {loss:.4f} ETA {eta:,.0f}s\n")
+      self.stream.write(f"step {step}/{self.total} ({100 * done:.0f}%) {train}wall "
+                        f"{ex_per_s:,.0f} ex/s loss {loss:.4f} ETA {eta:,.0f}s\n")
     self.stream.flush()
 
   def message(self, text: str) -> None:
@@ -97,8 +103,9 @@ class Progress:
       self.stream.flush()
 
 
-def plot_curves(workdir: epath.PathLike) -> epath.Path | None:
-  """curves.png: training loss and validation AUC by step (from metrics.jsonl)."""
+def plot_curves(workdir: epath.PathLike, title: str = "") -> epath.Path | None:
+  """curves.png: training loss and validation AUC by step (from metrics.jsonl), titled
+  `title` (e.g. 'dmf on generated_ctr/default')."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -118,6 +125,8 @@ def plot_curves(workdir: epath.PathLike) -> epath.Path | None:
   ax_auc.set(xlabel="step", ylabel="validation AUC", title="Validation AUC")
   for ax in (ax_loss, ax_auc):
     ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   path = epath.Path(workdir) / "curves.png"
   fig.savefig(str(path), dpi=110)

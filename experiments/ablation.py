@@ -16,10 +16,10 @@ command skips finished runs and resumes an interrupted one.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -36,25 +36,21 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from dmf_jax import ablation, config as config_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax import ablation  # pylint: disable=g-import-not-at-top
 
   try:
     specs = [ablation.ModelSpec.parse(m) for m in _MODELS.value]
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    cli.fail(str(e))
   config = _CONFIG.value
   with config.unlocked():
     config.progress = False
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
-  try:
-    ablation.run_ablation(config, specs, seeds, _OUTPUT_DIR.value, baseline=_BASELINE.value,
-                          log=lambda m: print(m, flush=True))
-  except (config_lib.ConfigError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  ablation.run_ablation(config, specs, seeds, _OUTPUT_DIR.value, baseline=_BASELINE.value,
+                        log=lambda m: print(m, flush=True))
   with open(f"{_OUTPUT_DIR.value}/results.md") as f:
     print(f.read())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from data.movielens_100k_mm.builder import FIELD_DIM, ID_DIM, USER_FIELDS
+from dmf_jax.data.movielens import FIELD_DIM, ID_DIM, USER_FIELDS
 from dmf_jax import data_format, input_pipeline as ip, models, train_lib, training
 from dmf_jax.catalog import ItemCatalog
 from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec

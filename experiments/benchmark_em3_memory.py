@@ -17,11 +17,11 @@ import json
 import jax
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from dmf_jax import models, training
-from experiments import bench_utils
+from experiments import bench_utils, cli
 from experiments.configs import movielens
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 200, "Behaviour sequence length L.")
@@ -76,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

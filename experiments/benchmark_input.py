@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-import data
-from experiments import bench_utils
+from dmf_jax import data
+from experiments import bench_utils, cli
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/dmf_data", "TFDS data dir (built if needed).")
 _DATASETS = flags.DEFINE_list("datasets", ["generated_ctr/default"], "name/config entries.")
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

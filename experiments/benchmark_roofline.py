@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from dmf_jax import models, serving, training
-from experiments import bench_utils
+from experiments import bench_utils, cli
 from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
 
@@ -97,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

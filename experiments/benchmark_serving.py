@@ -20,13 +20,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from data.movielens_100k_mm.builder import FIELD_DIM, ID_DIM
+from dmf_jax.data.movielens import FIELD_DIM, ID_DIM
 from dmf_jax import models, serving
 from dmf_jax.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
-from experiments import bench_utils
+from experiments import bench_utils, cli
 from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
 
@@ -146,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

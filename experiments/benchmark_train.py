@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-import data
+from dmf_jax import data
 from dmf_jax.models import ModelConfig
-from experiments import bench_utils
+from experiments import bench_utils, cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Batch size.")
@@ -39,7 +39,7 @@ def main(argv):
   config = _CONFIG.value
   built = data.prepare(config.dataset, config.dataset_config, config.data_dir, config.manual_dir)
   result = {
-      "dataset": f"{config.dataset}/{config.dataset_config}",
+      "dataset": built.full_name,
       "batch_size": _BATCH.value,
       "seq_len": built.schema.seq_len,
       # As the training loop reads this split (parsed in memory when small enough), and
@@ -68,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,11 +7,10 @@ r"""Evaluate a training workdir's best (or a given) checkpoint on a split; write
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags, logging
 
-from experiments import distributed
+from experiments import cli, distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split.")
@@ -28,11 +27,7 @@ def main(argv):
 
   from dmf_jax import train_lib  # pylint: disable=g-import-not-at-top
 
-  try:
-    result = train_lib.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  result = train_lib.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
   if jax.process_index() == 0:
     path = _OUTPUT.value or f"{_WORKDIR.value}/eval_{_SPLIT.value}.json"
     with open(path, "w") as f:
@@ -42,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

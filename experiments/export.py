@@ -10,46 +10,36 @@ Reload anywhere with jax installed, without this model code:
 
 from __future__ import annotations
 
-import json
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
+
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output file.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation AUC).")
 _BUCKETS = flags.DEFINE_list("buckets", ["16", "128", "1024", "4096"], "Candidate bucket sizes.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output file.")
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dmf_jax import serving  # pylint: disable=g-import-not-at-top
+  from dmf_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
-  from dmf_jax import serving, train_lib  # pylint: disable=g-import-not-at-top
-  from dmf_jax.checkpointing import CheckpointManager  # pylint: disable=g-import-not-at-top
-
-  workdir = epath.Path(_WORKDIR.value).expanduser()
-  path = workdir / "config.json"
-  if not path.exists():
-    print(f"error: {path} is missing: not a training workdir", file=sys.stderr)
-    sys.exit(1)
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  exp = train_lib.build_experiment(config)
-  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps)
-  step = _STEP.value or ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
-  if step is None or step not in ckpt.steps:
-    print(f"error: no checkpoint for step {step} in {ckpt.directory}", file=sys.stderr)
-    sys.exit(1)
-  state = ckpt.restore(step, exp.partitioner.abstract_state(exp.shardings, exp.state)).state
-  server = serving.Server(train_lib.serving_model(exp, state),
-                          buckets=[int(b) for b in _BUCKETS.value])
-  serving.export(server, _OUTPUT.value)
-  ckpt.close()
-  print(f"exported step {step} of {workdir} to {_OUTPUT.value}")
+  output = epath.Path(_OUTPUT.value).expanduser()
+  if output.exists() and not _FORCE.value:
+    raise UserError(f"{output} exists; pass --force to replace it")
+  try:
+    buckets = [int(b) for b in _BUCKETS.value]
+  except ValueError:
+    raise UserError(f"--buckets: expected integers, got {_BUCKETS.value}") from None
+  server = serving.Server.from_workdir(_WORKDIR.value, _STEP.value, buckets=buckets)
+  serving.export(server, str(output))
+  print(f"exported step {server.step} of {_WORKDIR.value} to {output}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed
+from experiments import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -26,10 +26,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def print_results(results: dict, workdir: str) -> None:
   print(f"\n{results['model']} on {results['dataset']}: best step {results['best_step']} of "
         f"{results['steps']}, {results['train_seconds']:.0f} s of training")
-  print(f"{'split':<12}{'AUC':>8}{'GAUC':>8}{'logloss':>9}")
-  for split in ("validation", "test"):
-    m = results[split]
-    print(f"{split:<12}{m['auc']:>8.4f}{m['gauc']:>8.4f}{m['logloss']:>9.4f}")
+  print(f"{'split':<22}{'AUC':>8}{'GAUC':>8}{'logloss':>9}{'examples':>10}")
+  rows = [("validation", results["validation"]), ("test", results["test"])]
+  if results["test"].get("cold"):
+    rows.append(("test, cold items", results["test"]["cold"]))
+  for split, m in rows:
+    print(f"{split:<22}{m['auc']:>8.4f}{m['gauc']:>8.4f}{m['logloss']:>9.4f}"
+          f"{m['count']:>10,.0f}")
+  if results["test"].get("cold"):
+    print(f"cold items: {results['cold_item_definition']}")
   print(f"results: {workdir}/results.json, curves: {workdir}/curves.png, "
         f"checkpoints: {workdir}/checkpoints/, TensorBoard: {workdir}/tensorboard/")
 
@@ -40,12 +45,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   distributed.initialize()
-  from dmf_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dmf_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   try:
     results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, train_lib.NonFiniteLossError) as e:
+  except train_lib.NonFiniteLossError as e:  # not a user error, but not a bug either
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   import jax  # pylint: disable=g-import-not-at-top
@@ -55,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

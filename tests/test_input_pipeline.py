@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-import data
+from dmf_jax import data
 from dmf_jax import data_format, input_pipeline as ip
 
 

@@ -8,9 +8,9 @@ import collections
 import numpy as np
 import pytest
 
-import data
-from data.movielens_100k_mm import raw
-from data.movielens_100k_mm.builder import read_modality
+from dmf_jax import data
+from dmf_jax.data import movielens_raw as raw
+from dmf_jax.data.movielens import read_modality
 from dmf_jax import data_format
 from helpers import shared_dir
 

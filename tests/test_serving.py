@@ -145,3 +145,106 @@ print(json.dumps(out))
   got = json.loads(done.stdout.strip().splitlines()[-1])
   for g, e in zip(got, expected):
     np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """(path of an exported tiny DMF, its Server)."""
+  server = serving.Server(make_model("dmf", seed=5), buckets=(8,))
+  path = tmp_path_factory.mktemp("export") / "model.dmfx"
+  serving.export(server, str(path))
+  return path, server
+
+
+BAD_REQUESTS = [
+    ({"user/user_id": 500}, r"user/user_id: value out of range \[0, 120\)"),
+    ({"user/group": 99}, r"user/group: value out of range \[0, 8\)"),
+    ({"user/group": -1}, r"user/group: value out of range \[0, 8\)"),
+    ({"user/user_id": 3.5}, r"user/user_id: ids must be integers, got 3.5"),
+    ({"user/user_id": [3]}, r"user/user_id: expected a scalar, got shape \(1,\)"),
+    ({"user/user_id": "3"}, r"user/user_id: expected integer ids"),
+    ({"hist_item_id": [1, 2.5]}, r"hist_item_id: ids must be integers, got 2.5"),
+    ({"hist_item_id": [[1, 2]]}, r"hist_item_id: expected rank 1, got shape \(1, 2\)"),
+    ({"hist_item_id": [1, 90]}, r"hist_item_id: item id 90 is out of range \[0, 90\)"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_REQUESTS)
+def test_server_and_exported_scorer_check_requests_alike(exported, change, message):
+  from dmf_jax.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
+
+  path, server = exported
+  scorer = ExportedScorer(str(path))
+  user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17]} | change
+  for impl in (server, scorer):
+    with pytest.raises(ValueError, match=message):
+      impl.encode_user(user)
+
+
+def test_candidate_ids_are_checked_alike(exported):
+  from dmf_jax.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
+
+  path, server = exported
+  scorer = ExportedScorer(str(path))
+  user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3.0, 50, 17]}  # 3.0 is an id
+  states = [impl.encode_user(user) for impl in (server, scorer)]
+  np.testing.assert_allclose(scorer.score(states[1], [1.0, 2, 3]),
+                             server.score(states[0], [1, 2, 3]), rtol=1e-5, atol=1e-5)
+  for impl, state in zip((server, scorer), states):
+    for ids, message in [([1, 90], r"item_ids: item id 90 is out of range"),
+                         ([1.5], "item_ids: ids must be integers, got 1.5"),
+                         ([[1, 2]], r"item_ids: expected rank 1, got shape \(1, 2\)"),
+                         ([np.nan], "item_ids: ids must be integers, got nan"),
+                         ([True], "item_ids: expected integer ids, got bool")]:
+      with pytest.raises(ValueError, match=message):
+        impl.score(state, ids)
+
+
+def rewrite(src, dst, change):
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+    for name in zin.namelist():
+      payload = change(name, zin.read(name))
+      if payload is not None:
+        zout.writestr(name, payload)
+  return dst
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing member", "no score_candidates_8.bin"),
+    ("bad manifest", "manifest.json is not valid JSON"),
+    ("manifest without layout", "manifest.json is damaged"),
+    ("garbage program", "encode_user.bin is damaged"),
+    ("garbage weights", "weights.npz is damaged"),
+    ("not a zip", "not a readable exported scorer"),
+])
+def test_a_damaged_export_is_one_value_error_naming_the_file(exported, tmp_path, case, message):
+  from dmf_jax.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
+
+  path, _ = exported
+  dst = tmp_path / "damaged.dmfx"
+
+  def change(name, payload):
+    if case == "missing member" and name == "score_candidates_8.bin":
+      return None
+    if case == "bad manifest" and name == "manifest.json":
+      return b"{not json"
+    if case == "manifest without layout" and name == "manifest.json":
+      manifest = json.loads(payload)
+      del manifest["layout"]
+      return json.dumps(manifest)
+    if case == "garbage program" and name == "encode_user.bin":
+      return b"\x00\x01garbage" * 10
+    if case == "garbage weights" and name == "weights.npz":
+      return payload[:100]
+    return payload
+
+  if case == "not a zip":
+    dst.write_bytes(path.read_bytes()[:1000])
+  else:
+    rewrite(path, dst, change)
+  with pytest.raises(ValueError) as err:
+    ExportedScorer(str(dst))
+  assert type(err.value) is ValueError
+  assert str(dst) in str(err.value) and message in str(err.value)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from data.movielens_100k_mm import raw
+from dmf_jax.data import movielens_raw as raw
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "MovieLens-100K mm folder.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Cache folder for the vectors.",

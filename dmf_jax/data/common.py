@@ -7,8 +7,11 @@ import abc
 import numpy as np
 import tensorflow_datasets as tfds
 
+from etils import epath
+
 from dmf_jax import data_format
 from dmf_jax.catalog import ItemCatalog
+from dmf_jax.data import sources
 from dmf_jax.schema import FeatureSchema
 
 
@@ -16,9 +19,10 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   """Subclasses implement `_prepare`.
 
   `_prepare` returns (schema, catalog, {split: examples}) with examples as produced by
-  `dmf_jax.sequences.examples_from_events`. The base writes the schema and catalog into the
-  (still incomplete) dataset directory, then yields the records; TFDS moves everything into
-  place only when the whole build succeeded.
+  `dmf_jax.sequences.examples_from_events`. The base writes the schema, the catalog and the
+  build record (`sources.BUILD_FILE`: fingerprints of `source_files` and `build_parameters`)
+  into the (still incomplete) dataset directory, then yields the records; TFDS moves
+  everything into place only when the whole build succeeded.
   """
 
   @tfds.core.utils.classproperty
@@ -30,6 +34,15 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   def __init__(self, *args, file_format="array_record", **kwargs):
     super().__init__(*args, file_format=file_format, **kwargs)
 
+  def source_files(self, manual_dir: epath.Path | None) -> dict[str, epath.Path]:
+    """The raw files a build reads, by role (fingerprinted into the build record)."""
+    del manual_dir
+    return {}
+
+  def build_parameters(self) -> dict:
+    """What else determines the build's content (e.g. a generator's settings)."""
+    return {}
+
   @abc.abstractmethod
   def _prepare(self, dl_manager) -> tuple[FeatureSchema, ItemCatalog, dict]:
     """Reads the raw data and returns (schema, catalog, examples per split)."""
@@ -40,8 +53,13 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     )
 
   def _split_generators(self, dl_manager):
+    manual_dir = epath.Path(dl_manager.manual_dir) if self.MANUAL_DOWNLOAD_INSTRUCTIONS else None
+    record = sources.build_record(
+        self.name, self.builder_config.name if self.builder_config else None, str(self.version),
+        self.source_files(manual_dir), self.build_parameters())
     schema, catalog, splits = self._prepare(dl_manager)
     data_format.write_side_files(self.data_path, schema, catalog)
+    sources.write_build_record(self.data_path, record)
     return {name: self._generate_examples(schema, rows) for name, rows in splits.items()}
 
   def _generate_examples(self, schema: FeatureSchema, rows):

@@ -10,7 +10,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from data.common import CtrBuilder
+from dmf_jax.data.common import CtrBuilder
 from dmf_jax import sequences, synthetic
 
 
@@ -36,6 +36,9 @@ class GeneratedCtr(CtrBuilder):
       GeneratedConfig(name="default", description="Main-job size."),
       GeneratedConfig(name="tiny", description="Tests.", synthetic=TINY),
   ]
+
+  def build_parameters(self) -> dict:
+    return {"synthetic": dataclasses.asdict(self.builder_config.synthetic)}
 
   def _prepare(self, dl_manager):
     config = self.builder_config.synthetic

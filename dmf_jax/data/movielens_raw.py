@@ -12,6 +12,8 @@ import re
 import numpy as np
 from etils import epath
 
+from dmf_jax.errors import DataError, MissingFileError
+
 LAYOUT = """expected layout of the MovieLens-100K multimodal folder:
   ml-100k/u.data        user \\t item \\t rating \\t unix_ts
   ml-100k/u.item        id|title (year)|release date|video date|url|19 genre flags  (latin-1)
@@ -32,7 +34,7 @@ GENRE_NAMES = (
 def require(root: epath.Path, relative: str) -> epath.Path:
   path = epath.Path(root) / relative
   if not path.exists():
-    raise FileNotFoundError(f"missing file {path}\n{LAYOUT}")
+    raise MissingFileError(f"missing file {path}\n{LAYOUT}")
   return path
 
 
@@ -58,7 +60,7 @@ def read_ratings(root) -> Ratings:
       if not 1 <= r <= 5:
         raise ValueError(f"rating {r} not in 1..5")
     except ValueError as e:
-      raise ValueError(f"{path}:{line_no}: malformed rating row {line!r}: {e}") from None
+      raise DataError(f"{path}:{line_no}: malformed rating row {line!r}: {e}") from None
     users.append(u - 1); items.append(i - 1); ratings.append(r); stamps.append(t)
   return Ratings(np.asarray(users, np.int32), np.asarray(items, np.int32),
                  np.asarray(ratings, np.int32), np.asarray(stamps, np.int64))
@@ -79,7 +81,7 @@ def read_items(root) -> Items:
   for line_no, line in enumerate(rows, 1):
     parts = line.split("|")
     if len(parts) != 5 + NUM_GENRES or int(parts[0]) != line_no:
-      raise ValueError(f"{path}:{line_no}: malformed item row (want {5 + NUM_GENRES} fields, "
+      raise DataError(f"{path}:{line_no}: malformed item row (want {5 + NUM_GENRES} fields, "
                        f"ids 1..n in order): {line[:80]!r}")
     titles.append(parts[1])
     flags = np.asarray([int(f) for f in parts[5:]], bool)
@@ -116,7 +118,7 @@ def read_users(root) -> Users:
         raise ValueError(f"occupation {parts[3]!r} not in u.occupation")
       ages.append(int(parts[1]))
     except ValueError as e:
-      raise ValueError(f"{path}:{line_no}: malformed user row {line!r}: {e}") from None
+      raise DataError(f"{path}:{line_no}: malformed user row {line!r}: {e}") from None
     genders.append(int(parts[2] == "M"))
     occs.append(occupations.index(parts[3]))
   return Users(np.asarray(ages, np.int32), np.asarray(genders, np.int32),
@@ -137,9 +139,9 @@ def read_overviews(root, num_items: int) -> dict[int, dict[str, str]]:
       try:
         index = int(row["movie_id"]) - 1
       except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path}:{line_no}: malformed row (no integer movie_id)") from None
+        raise DataError(f"{path}:{line_no}: malformed row (no integer movie_id)") from None
       if not 0 <= index < num_items:
-        raise ValueError(f"{path}:{line_no}: movie_id {index + 1} is not in 1..{num_items}")
+        raise DataError(f"{path}:{line_no}: movie_id {index + 1} is not in 1..{num_items}")
       out.setdefault(index, row)
   return out
 

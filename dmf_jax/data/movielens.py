@@ -23,10 +23,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data.common import CtrBuilder
-from data.movielens_100k_mm import raw
+from dmf_jax.data.common import CtrBuilder
+from dmf_jax.data import movielens_raw as raw
 from dmf_jax import sequences
 from dmf_jax.catalog import ItemCatalog
+from dmf_jax.errors import DataError, MissingFileError
 from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
 SEQ_LEN = 50
@@ -54,7 +55,7 @@ def read_modality(encoded_dir: epath.Path, name: str, num_items: int) -> np.ndar
   vec_path, ids_path = encoded_dir / f"{name}.npy", encoded_dir / f"{name}_ids.npy"
   for path in (vec_path, ids_path):
     if not path.exists():
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"missing {path}: run `python -m data.movielens_100k_mm.encode_items "
           f"--manual_dir=... --output_dir={encoded_dir}` first (needs the `encoders` extra)"
       )
@@ -63,14 +64,14 @@ def read_modality(encoded_dir: epath.Path, name: str, num_items: int) -> np.ndar
   with ids_path.open("rb") as f:
     ids = np.load(f)
   if vectors.ndim != 2 or len(vectors) != len(ids):
-    raise ValueError(f"{vec_path}: shape {vectors.shape} does not match {len(ids)} ids in {ids_path}")
+    raise DataError(f"{vec_path}: shape {vectors.shape} does not match {len(ids)} ids in {ids_path}")
   if len(np.unique(ids)) != len(ids):
-    raise ValueError(f"{ids_path}: duplicate item ids")
+    raise DataError(f"{ids_path}: duplicate item ids")
   if ids.min() < 1 or ids.max() > num_items:
-    raise ValueError(f"{ids_path}: ids outside 1..{num_items}")
+    raise DataError(f"{ids_path}: ids outside 1..{num_items}")
   bad = ~np.isfinite(vectors).all(axis=1)
   if bad.any():
-    raise ValueError(f"{vec_path}: {int(bad.sum())} rows with NaN/inf (first: id {ids[bad][0]})")
+    raise DataError(f"{vec_path}: {int(bad.sum())} rows with NaN/inf (first: id {ids[bad][0]})")
   table = np.zeros((num_items, vectors.shape[1]), np.float32)
   table[ids - 1] = vectors
   return table
@@ -96,14 +97,30 @@ class Movielens100kMm(CtrBuilder):
     chosen = self.builder_config.encoded_dir or os.environ.get(ENCODED_ENV)
     return epath.Path(chosen) if chosen else manual_dir.parent / "movielens_100k_mm_encoded"
 
+  def source_files(self, manual_dir: epath.Path | None) -> dict[str, epath.Path]:
+    """The rating, item and user files, and the encoder cache of the config's modalities
+    (a re-encoded cache makes the build stale)."""
+    files = {f"ml-100k/{name}": raw.require(manual_dir, f"ml-100k/{name}")
+             for name in ("u.data", "u.item", "u.user", "u.occupation")}
+    encoded = self.encoded_dir(manual_dir)
+    for name in self.builder_config.modalities:
+      for suffix in ("", "_ids"):
+        path = encoded / f"{name}{suffix}.npy"
+        if not path.exists():
+          raise MissingFileError(
+              f"missing {path}: run `python -m data.movielens_100k_mm.encode_items "
+              f"--manual_dir=... --output_dir={encoded}` first (needs the `encoders` extra)")
+        files[f"encoded/{name}{suffix}.npy"] = path
+    return files
+
   def _prepare(self, dl_manager):
     root = epath.Path(dl_manager.manual_dir)
     ratings, items, users = raw.read_ratings(root), raw.read_items(root), raw.read_users(root)
     num_items, num_users = len(items.title), len(users.age)
     if ratings.item.min() < 0 or ratings.item.max() >= num_items:
-      raise ValueError(f"u.data: item ids outside 1..{num_items} of u.item")
+      raise DataError(f"u.data: item ids outside 1..{num_items} of u.item")
     if ratings.user.min() < 0 or ratings.user.max() >= num_users:
-      raise ValueError(f"u.data: user ids outside 1..{num_users} of u.user")
+      raise DataError(f"u.data: user ids outside 1..{num_users} of u.user")
 
     years = items.year
     known = years > 0

@@ -1,0 +1,137 @@
+"""TFDS dataset builders (ArrayRecord, no TensorFlow). Importing registers them with TFDS.
+
+  generated_ctr      seeded synthetic data (configs: default, tiny)
+  movielens_100k_mm  MovieLens-100K + TMDB text + posters (configs: text_image, text, ids)
+  byod_ctr           your own files, described by dataset.json in manual_dir; each distinct
+                     source gets its own build, named src-<fingerprint of the files>
+
+`prepare(name, config, data_dir, manual_dir)` builds a dataset once and opens it:
+- builds are serialized per (dataset, config) by a lock in `<data_dir>/.locks/` (a second
+  process waits for the first and then opens its build); incomplete folders of builds that
+  died are removed under that lock, so a killed build leaves nothing a later one trips on;
+- a build records what it read (`dmf_build.json`); opening a build whose sources changed
+  since raises a `DataError` naming the changed files, or, with `replace_stale=True`, moves
+  the stale build to `<data_dir>/.replaced/` and builds again. A build is never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from dmf_jax import data_format
+from dmf_jax.data import sources
+from dmf_jax.data.byod import ByodCtr
+from dmf_jax.data.generated import GeneratedCtr
+from dmf_jax.data.movielens import Movielens100kMm
+from dmf_jax.errors import ConfigError, DataError
+from dmf_jax.locking import FileLock
+
+BUILDERS = {
+    "generated_ctr": GeneratedCtr,
+    "movielens_100k_mm": Movielens100kMm,
+    "byod_ctr": ByodCtr,
+}
+LOCK_DIR = ".locks"
+REPLACED_DIR = ".replaced"
+
+
+def config_names(name: str) -> tuple[str, ...]:
+  """The named configs of a builder (empty for byod_ctr, whose builds are named by source)."""
+  return tuple(c.name for c in BUILDERS[name].BUILDER_CONFIGS)
+
+
+def get_builder(name: str, config: str | None, data_dir: str,
+                manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The builder of dataset `name` / `config` in `data_dir` (byod_ctr: the build of the files
+  in `manual_dir`, or the only build in `data_dir`)."""
+  if name not in BUILDERS:
+    raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(sorted(BUILDERS))}")
+  cls = BUILDERS[name]
+  if cls is ByodCtr:
+    return ByodCtr(config=ByodCtr.resolve_config(config, data_dir, manual_dir), data_dir=data_dir)
+  valid = config_names(name)
+  if config is not None and config not in valid:
+    raise ConfigError(f"dataset {name!r} has no config {config!r}; valid: {', '.join(valid)}")
+  return cls(config=config, data_dir=data_dir)
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _remove_dead_incomplete_builds(builder: tfds.core.DatasetBuilder) -> None:
+  """TFDS's `incomplete.*` folders beside the version folder; only called under the build
+  lock, so each belongs to a build that died."""
+  parent = epath.Path(builder.data_path).parent
+  if not parent.exists():
+    return
+  for path in parent.iterdir():
+    if path.name.startswith("incomplete.") and path.is_dir():
+      _log(f"removing {path}: the incomplete folder of a build that did not finish")
+      shutil.rmtree(path)
+
+
+def _move_aside(data_dir: epath.Path, builder: tfds.core.DatasetBuilder) -> epath.Path:
+  config = builder.builder_config.name if builder.builder_config else "default"
+  target = (data_dir / REPLACED_DIR /
+            f"{builder.name}-{config}-{builder.version}-{time.strftime('%Y%m%d-%H%M%S')}")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(builder.data_path).rename(target)
+  return target
+
+
+def check_sources(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> list[str]:
+  """The sources of a prepared build that changed since it was made ([] when unchanged or
+  when they cannot be checked: no manual_dir for a dataset that reads one, or an old build)."""
+  record = sources.read_build_record(builder.data_path)
+  if record is None:
+    return []
+  needs_manual = bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
+  if needs_manual and not manual_dir:
+    return []
+  files = builder.source_files(epath.Path(manual_dir)) if manual_dir else {}
+  return sources.changed_sources(record, files, builder.build_parameters())
+
+
+def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None = None, *,
+            replace_stale: bool = False) -> data_format.BuiltDataset:
+  """Builds the dataset if it is not built yet (one process at a time), then opens it."""
+  data_dir_path = epath.Path(data_dir).expanduser()
+  builder = get_builder(name, config, str(data_dir_path), manual_dir)
+  lock_name = f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}"
+  lock = FileLock(data_dir_path / LOCK_DIR / f"{lock_name}.lock",
+                  purpose=f"building {lock_name}", wait=True, log=_log)
+  if builder.is_prepared():
+    changed = check_sources(builder, manual_dir)
+    if not changed:
+      return _open(builder)
+    where = epath.Path(builder.data_path)
+    if not replace_stale:
+      raise DataError(
+          f"the {name} build at {where} was made from other sources: changed "
+          f"{', '.join(changed)}.\nRebuild with `python -m data.build --dataset={name} "
+          f"--config={builder.builder_config.name if builder.builder_config else ''} "
+          f"--data_dir={data_dir} --manual_dir={manual_dir} --replace_stale` (moves the old "
+          f"build to {data_dir_path / REPLACED_DIR}), or use another data_dir")
+    with lock:
+      _log(f"moved the stale build {where} to {_move_aside(data_dir_path, builder)}")
+  with lock:
+    builder = get_builder(name, config, str(data_dir_path), manual_dir)
+    if not builder.is_prepared():  # another process may have built it while this one waited
+      _remove_dead_incomplete_builds(builder)
+      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+      builder.download_and_prepare(download_config=download_config)
+  return _open(builder)
+
+
+def _open(builder: tfds.core.DatasetBuilder) -> data_format.BuiltDataset:
+  built = data_format.load_built_dataset(builder)
+  fingerprint = sources.build_fingerprint(
+      builder.data_path, (data_format.SCHEMA_FILE, data_format.CATALOG_FILE))
+  return dataclasses.replace(built, fingerprint=fingerprint)

@@ -1,0 +1,139 @@
+"""Request preparation shared by `serving.Server` and `exported.ExportedScorer` (numpy only).
+
+A `RequestLayout` is what serving needs to know of a schema: each user field's vocabulary
+size and width, the number of items and the behaviour length L. It checks a request exactly
+the same way in both places:
+
+  user/<field>   an integer id in [0, vocab) (single-valued: a scalar) or M ids in [-1, vocab)
+                 (multi-valued: shape [M], -1 = empty slot)
+  hist_item_id   a list of item ids in [0, num_items), any length (the last L are kept)
+  item ids       a list of N candidate ids in [0, num_items)
+
+Ids may be given as ints or as floats with integral values; anything else (fractional or
+non-finite floats, strings, bools, a wrong rank or shape, an out-of-range id) raises a
+`ValueError` naming the field. Candidates are scored in static bucket sizes: `chunks` pads
+them to the smallest bucket that holds them (the largest bucket in chunks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_BUCKETS = (16, 128, 1024, 4096)
+
+
+def integer_ids(name: str, value, rank: int) -> np.ndarray:
+  """`value` as int64 ids of rank `rank`; raises naming `name` if it is not that."""
+  arr = np.asarray(value)
+  if arr.size == 0 and arr.ndim == rank:
+    return arr.astype(np.int64)
+  if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
+    raise ValueError(f"{name}: expected integer ids, got {arr.dtype} values")
+  if arr.ndim != rank:
+    want = "a scalar" if rank == 0 else f"rank {rank}"
+    raise ValueError(f"{name}: expected {want}, got shape {arr.shape}")
+  if arr.dtype.kind == "f":
+    bad = ~np.isfinite(arr) | (arr != np.round(arr))
+    if bad.any():
+      raise ValueError(f"{name}: ids must be integers, got {arr[bad].reshape(-1)[0].item()!r}")
+  return arr.astype(np.int64)
+
+
+class MissingFeatureError(KeyError, ValueError):
+  """A request lacks a user feature."""
+
+
+def check_range(name: str, ids: np.ndarray, high: int, *, padding: bool = False,
+                what: str = "item id") -> None:
+  """Raises unless every id is in [0, high) (or -1 with `padding`)."""
+  bad = (ids < (-1 if padding else 0)) | (ids >= high)
+  if bad.any():
+    first = int(ids[bad].reshape(-1)[0])
+    if what == "item id":
+      raise ValueError(f"{name}: item id {first} is out of range [0, {high})")
+    raise ValueError(f"{name}: value out of range [0, {high})"
+                     + (" or -1 (empty slot)" if padding else "") + f": got {first}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UserField:
+  key: str  # user/<field>
+  vocab_size: int
+  max_values: int = 1
+  multi_valued: bool = False
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (self.max_values,) if self.multi_valued else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLayout:
+  user_fields: tuple[UserField, ...]
+  num_items: int
+  seq_len: int
+
+  @classmethod
+  def from_schema(cls, schema) -> "RequestLayout":
+    return cls(tuple(UserField(f"user/{f.name}", f.vocab_size, f.max_values, f.multi_valued)
+                     for f in schema.user_features), schema.num_items, schema.seq_len)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> "RequestLayout":
+    return cls(tuple(UserField(**f) for f in d["user_fields"]), int(d["num_items"]),
+               int(d["seq_len"]))
+
+  def user_features(self, user: Mapping) -> dict[str, np.ndarray]:
+    """Checked, padded request features: user/<field>, hist_item_id int32 [L], hist_mask [L]."""
+    if not isinstance(user, Mapping):
+      raise ValueError(f"the user must be a dict of features, got {type(user).__name__}")
+    out = {}
+    for field in self.user_fields:
+      if field.key not in user:
+        raise MissingFeatureError(f"user features miss {field.key!r}; expected "
+                                  f"{[f.key for f in self.user_fields]} and hist_item_id")
+      value = integer_ids(field.key, user[field.key], len(field.shape))
+      if value.shape != field.shape:
+        raise ValueError(f"{field.key}: expected shape {field.shape}, got {value.shape}")
+      check_range(field.key, value, field.vocab_size, padding=field.multi_valued, what="value")
+      out[field.key] = value.astype(np.int32)
+    history = self.item_ids("hist_item_id", user.get("hist_item_id", []))[-self.seq_len:]
+    padded = np.zeros(self.seq_len, np.int32)
+    padded[:len(history)] = history
+    out["hist_item_id"] = padded
+    out["hist_mask"] = np.arange(self.seq_len) < len(history)
+    return out
+
+  def item_ids(self, name: str, ids) -> np.ndarray:
+    """A list of item ids, checked: int64 [N]."""
+    ids = integer_ids(name, ids, 1)
+    check_range(name, ids, self.num_items)
+    return ids
+
+  def example_user(self) -> dict:
+    """A valid request (every field 0 or empty, no history), e.g. for tracing."""
+    return {f.key: np.zeros(f.shape, np.int32) for f in self.user_fields}
+
+
+def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+  if not buckets or any(int(b) != b or b < 1 for b in buckets):
+    raise ValueError(f"bucket sizes must be positive integers, got {list(buckets)}")
+  return tuple(sorted(int(b) for b in buckets))
+
+
+def chunks(ids: np.ndarray, buckets: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
+  """(ids padded with 0 to a bucket size, int32; how many are real) per chunk of the largest
+  bucket."""
+  largest = buckets[-1]
+  for start in range(0, len(ids), largest):
+    chunk = ids[start:start + largest]
+    size = next(b for b in buckets if b >= len(chunk))
+    padded = np.zeros(size, np.int32)
+    padded[:len(chunk)] = chunk
+    yield padded, len(chunk)

@@ -1,0 +1,93 @@
+"""What the binaries share: user errors as one short message and exit status 2.
+
+  from experiments import cli
+  if __name__ == "__main__":
+    cli.run(main)
+
+Bad flags (unknown flags, unknown config fields such as `--config.foo=1`, a missing config
+file, unparsable values) and `dmf_jax.errors.UserError`s raised by `main` (invalid configs,
+bad data files, a workdir that holds another run or is in use, ...) print `error: <message>`
+and exit with status 2, without a traceback; `--debug` shows the traceback. Anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import app, flags
+
+from dmf_jax.errors import UserError
+
+USER_ERROR_EXIT = 2
+_DEBUG = flags.DEFINE_bool("debug", False,
+                           "Show the traceback of user errors (bad flags, configs or files).")
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_EXIT)
+
+
+def _short(message: str, lines: int = 4) -> str:
+  kept = [line for line in str(message).strip().splitlines() if line.strip()]
+  return "\n".join(kept[:lines]) + ("\n..." if len(kept) > lines else "")
+
+
+def _unknown_field(error: Exception, argv: list[str]) -> str:
+  """The message for an override of a field the config does not have."""
+  name = str(error).strip("'\"")
+  culprit = next((a for a in argv[1:] if a.startswith("--config.") and
+                  re.search(rf"[.]{re.escape(name)}(=|[.]|$)", a)), None)
+  return (f"unknown config field {name!r}" + (f" in {culprit}" if culprit else "")
+          + ": the config has no such field (see dmf_jax/config.py default_config)")
+
+
+def _load_configs() -> None:
+  """ml_collections loads a config file (and applies its overrides) on first access: do it
+  now, while parsing, so that its errors are parsing errors."""
+  for flag in set(flags.FLAGS._flags().values()):  # pylint: disable=protected-access
+    if type(flag).__module__.startswith("ml_collections") and flag.present:
+      getattr(flag.value, "to_dict", None)  # a config that failed to load raises here
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`flags.FLAGS(argv)` with every parsing error reported as one message (exit status 2)."""
+  debug = any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
+  try:
+    rest = flags.FLAGS(argv)
+    _load_configs()
+    return rest
+  except (flags.Error, OSError) as e:  # unknown flags, bad values, a config file not found
+    if debug:
+      raise
+    text = str(e)
+    if isinstance(e, OSError) or "Failed loading config file" in text:
+      path = re.search(r"--config=(\S+)", " ".join(argv))
+      fail(f"config file {path.group(1) if path else ''} not found or not loadable: "
+           f"{_short(text.splitlines()[-1], 1).strip()}")
+    fail(_short(text))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    if debug:
+      raise
+    fail(_unknown_field(e, argv))
+  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+    if debug:
+      raise
+    fail(f"bad flag value: {_short(str(e))}")
+  return []
+
+
+def run(main) -> None:
+  """`app.run(main)` with user errors as one message and exit status 2."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      if _DEBUG.value:
+        raise
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=parse_flags)
