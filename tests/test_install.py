@@ -55,7 +55,7 @@ def test_a_wheel_installed_elsewhere_trains_evaluates_and_serves(tmp_path):
   deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
           *site.getsitepackages()}
   pathlib.Path(purelib.strip(), "test_env_deps.pth").write_text(
-      "\n".join(p for p in deps if p and str(REPO) not in p) + "\n")
+      "\n".join(p for p in deps if p and pathlib.Path(p) != REPO) + "\n")
   done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
                          "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -227,3 +227,35 @@ def test_the_readme_serving_example_runs_as_written(finished):
   exec(block.replace("/tmp/dmf_run", str(workdir)), namespace)  # pylint: disable=exec-used
   logits = namespace["logits"]
   assert logits.shape == (100,) and np.all(np.isfinite(logits))
+
+
+def test_server_from_workdir_serves_a_model_sharded_run(data_dir, tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax import serving  # pylint: disable=g-import-not-at-top
+
+  config = tiny_train_config(data_dir, num_train_steps=4, eval_every_steps=4,
+                             checkpoint_every_steps=4)
+  config.mesh.model = 2  # tables row-sharded (and padded) over 2 devices
+  workdir = tmp_path / "sharded"
+  results = train_lib.train_and_evaluate(config, str(workdir))
+  server = serving.Server.from_workdir(str(workdir), buckets=(8, 64))
+  assert server.step == results["best_step"]
+  exp = train_lib.build_experiment(config)
+  manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=4)
+  state = manager.restore(server.step,
+                          exp.partitioner.abstract_state(exp.shardings, exp.state)).state
+  reference = serving.Server(train_lib.serving_model(exp, state), buckets=(8, 64))
+  user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
+  ids = np.arange(0, 120, 3)
+  np.testing.assert_allclose(server.score(server.encode_user(user), ids),
+                             reference.score(reference.encode_user(user), ids), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_metrics_label_both_throughputs(finished):
+  workdir, results = finished
+  train = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["kind"] == "train"]
+  assert train and all(r["examples_per_s"] > 0 and r["wall_examples_per_s"] > 0 for r in train)
+  assert (workdir / "curves.png").exists() and results["dataset"] == "generated_ctr/tiny"
