@@ -123,8 +123,8 @@ def open_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, dataset
           f"{workdir} holds another run; nothing was changed. It differs in:\n  "
           + "\n  ".join(shown)
           + "\nUse a new --workdir, or add --config.overwrite=True to move the old run to "
-            f"{workdir}.replaced-<time> and start afresh. (May change on resume: "
-            f"{', '.join(RESUMABLE_FIELDS)}.)")
+            f"{workdir}.replaced-<time> and start afresh.\n(Fields that may change on resume: "
+            "README 'Runs and workdirs', dmf_jax.runs.RESUMABLE_FIELDS.)")
     if is_main:
       leftovers = [e for e in workdir.iterdir() if e.name != LOCK_FILE]
       if config.get("overwrite", False) and leftovers:

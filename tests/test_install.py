@@ -73,3 +73,19 @@ def test_a_wheel_installed_elsewhere_trains_evaluates_and_serves(tmp_path):
   assert out["dataset"] == "generated_ctr/tiny" and 0.0 < out["test_auc"] < 1.0
   assert len(out["logits"]) == 3 and all(abs(x) < 100 for x in out["logits"])
   assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 8
+
+
+def test_the_package_never_imports_the_repository_folders():
+  """No module of dmf_jax imports the top-level data/ or experiments/ (function-level imports
+  included): they are not installed."""
+  import ast  # pylint: disable=g-import-not-at-top
+
+  offenders = []
+  for path in sorted((REPO / "dmf_jax").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+               else [])
+      offenders += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
+                    if n.split(".")[0] in ("data", "experiments", "tests")]
+  assert not offenders, offenders
