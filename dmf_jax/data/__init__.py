@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import shutil
 import sys
 import time
@@ -65,6 +67,27 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS warns on every look at a folder that is not built yet ("Variant folder ... has no
+  dataset_info.json") and on every byod_ctr build name ("Using custom data configuration"):
+  expected here, so kept out of the user's console."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _builder(name, config, data_dir, manual_dir) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """(the builder, whether it is built)."""
+  with _quiet_tfds():
+    builder = get_builder(name, config, data_dir, manual_dir)
+    return builder, builder.is_prepared()
+
+
 def _remove_dead_incomplete_builds(builder: tfds.core.DatasetBuilder) -> None:
   """TFDS's `incomplete.*` folders beside the version folder; only called under the build
   lock, so each belongs to a build that died."""
@@ -103,11 +126,11 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
             replace_stale: bool = False) -> data_format.BuiltDataset:
   """Builds the dataset if it is not built yet (one process at a time), then opens it."""
   data_dir_path = epath.Path(data_dir).expanduser()
-  builder = get_builder(name, config, str(data_dir_path), manual_dir)
+  builder, prepared = _builder(name, config, str(data_dir_path), manual_dir)
   lock_name = f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}"
   lock = FileLock(data_dir_path / LOCK_DIR / f"{lock_name}.lock",
                   purpose=f"building {lock_name}", wait=True, log=_log)
-  if builder.is_prepared():
+  if prepared:
     changed = check_sources(builder, manual_dir)
     if not changed:
       return _open(builder)
@@ -122,8 +145,8 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
     with lock:
       _log(f"moved the stale build {where} to {_move_aside(data_dir_path, builder)}")
   with lock:
-    builder = get_builder(name, config, str(data_dir_path), manual_dir)
-    if not builder.is_prepared():  # another process may have built it while this one waited
+    builder, prepared = _builder(name, config, str(data_dir_path), manual_dir)
+    if not prepared:  # another process may have built it while this one waited
       _remove_dead_incomplete_builds(builder)
       download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
       builder.download_and_prepare(download_config=download_config)
