@@ -75,7 +75,7 @@ def structure_differences(saved, expected, limit: int = 5) -> list[str]:
 class Restored:
   step: int
   state: object
-  bookkeeping: dict
+  bookkeeping: object  # the saved dict, or what restore_latest's parse_bookkeeping made of it
 
 
 class CheckpointManager:
@@ -177,12 +177,13 @@ class CheckpointManager:
     return target
 
   def restore_latest(self, abstract_state, iterator_factory: Callable[[], object], *,
-                     check_bookkeeping: Callable[[dict], object] = lambda b: b,
+                     parse_bookkeeping: Callable[[dict], object] = lambda b: b,
                      log: Callable[[str], None] = print):
     """(Restored, iterator) from the newest readable step, or (None, fresh iterator).
 
-    Corrupt steps are moved aside (one `log` line each); `check_bookkeeping` raises on a
-    bookkeeping record that is empty or incomplete (a corrupt step too). Raises
+    Corrupt steps are moved aside (one `log` line each); `parse_bookkeeping` turns the
+    bookkeeping record into the returned `Restored.bookkeeping` and raises on one that is
+    empty or incomplete (a corrupt step too). Raises
     `CheckpointMismatchError` for a readable step of a differently shaped state.
     """
     moved = list(self._moved)
@@ -201,7 +202,8 @@ class CheckpointManager:
         iterator = iterator_factory()
         try:
           restored = self.restore(step, abstract_state, iterator)
-          check_bookkeeping(restored.bookkeeping)
+          restored = dataclasses.replace(
+              restored, bookkeeping=parse_bookkeeping(restored.bookkeeping))
           return restored, iterator
         except Exception as e:  # pylint: disable=broad-except
           error = e

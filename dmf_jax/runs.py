@@ -52,11 +52,15 @@ def _flatten(value, prefix: str = "") -> dict:
   return {prefix[:-1]: list(value) if isinstance(value, tuple) else value}
 
 
+def _identity_fields(config_json: dict) -> dict:
+  """The flattened config without the fields that may change on resume."""
+  return {k: v for k, v in _flatten(config_json).items()
+          if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_FIELDS)}
+
+
 def identity(config: ml_collections.ConfigDict, dataset) -> dict:
   """The fields that must match for a run to resume: {dotted field: value}."""
-  fields = _flatten(json.loads(config.to_json_best_effort()))
-  out = {k: v for k, v in fields.items()
-         if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_FIELDS)}
+  out = _identity_fields(json.loads(config.to_json_best_effort()))
   out["dataset.build"] = dataset.full_name
   out["dataset.fingerprint"] = dataset.fingerprint
   return out
@@ -74,9 +78,7 @@ def _recorded_identity(workdir: epath.Path) -> dict | None:
                                f"holds; use a new --workdir or --config.overwrite=True") from None
       if path == run_file:
         return recorded["identity"]
-      fields = _flatten(recorded)  # an older run: config.json only, no dataset fingerprint
-      return {k: v for k, v in fields.items()
-              if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_FIELDS)}
+      return _identity_fields(recorded)  # an older run: config.json only, no dataset build
   return None
 
 

@@ -106,11 +106,12 @@ def open_dataset(config) -> data_format.BuiltDataset:
   """Builds the dataset on process 0 if needed, then opens it on every process."""
   data_dir = str(epath.Path(config.data_dir).expanduser())
   manual = str(epath.Path(config.manual_dir).expanduser()) if config.manual_dir else None
-  if jax.process_index() == 0:
-    data.prepare(config.dataset, config.dataset_config, data_dir, manual)
+  built = None
+  if jax.process_index() == 0:  # builds (once) and opens
+    built = data.prepare(config.dataset, config.dataset_config, data_dir, manual)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset built")
-  return data.prepare(config.dataset, config.dataset_config, data_dir, manual)
+  return built or data.prepare(config.dataset, config.dataset_config, data_dir, manual)
 
 
 def total_train_steps(config, num_train_examples: int) -> int:
@@ -288,11 +289,11 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   new_iterator = lambda: exp.train_iterator(train_ds)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   restored, iterator = ckpt.restore_latest(
-      abstract, new_iterator, check_bookkeeping=Bookkeeping.from_json,
+      abstract, new_iterator, parse_bookkeeping=Bookkeeping.from_json,
       log=_log if is_main else (lambda m: None))
   state, book, step = exp.state, Bookkeeping(), 0
   if restored is not None:
-    state, book, step = restored.state, Bookkeeping.from_json(restored.bookkeeping), restored.step
+    state, book, step = restored.state, restored.bookkeeping, restored.step
     if is_main:
       _log(f"resumed from step {step} ({ckpt.directory})")
   progress = writers.Progress(exp.total_steps, step, config.batch_size,

@@ -100,10 +100,13 @@ def _remove_dead_incomplete_builds(builder: tfds.core.DatasetBuilder) -> None:
       shutil.rmtree(path)
 
 
+def config_name(builder: tfds.core.DatasetBuilder) -> str | None:
+  return builder.builder_config.name if builder.builder_config else None
+
+
 def _move_aside(data_dir: epath.Path, builder: tfds.core.DatasetBuilder) -> epath.Path:
-  config = builder.builder_config.name if builder.builder_config else "default"
-  target = (data_dir / REPLACED_DIR /
-            f"{builder.name}-{config}-{builder.version}-{time.strftime('%Y%m%d-%H%M%S')}")
+  target = (data_dir / REPLACED_DIR / f"{builder.name}-{config_name(builder) or 'default'}-"
+            f"{builder.version}-{time.strftime('%Y%m%d-%H%M%S')}")
   target.parent.mkdir(parents=True, exist_ok=True)
   epath.Path(builder.data_path).rename(target)
   return target
@@ -127,7 +130,7 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
   """Builds the dataset if it is not built yet (one process at a time), then opens it."""
   data_dir_path = epath.Path(data_dir).expanduser()
   builder, prepared = _builder(name, config, str(data_dir_path), manual_dir)
-  lock_name = f"{builder.name}-{builder.builder_config.name if builder.builder_config else ''}"
+  lock_name = f"{builder.name}-{config_name(builder) or ''}"
   lock = FileLock(data_dir_path / LOCK_DIR / f"{lock_name}.lock",
                   purpose=f"building {lock_name}", wait=True, log=_log)
   if prepared:
@@ -139,7 +142,7 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
       raise DataError(
           f"the {name} build at {where} was made from other sources: changed "
           f"{', '.join(changed)}.\nRebuild with `python -m data.build --dataset={name} "
-          f"--config={builder.builder_config.name if builder.builder_config else ''} "
+          f"--config={config_name(builder) or ''} "
           f"--data_dir={data_dir} --manual_dir={manual_dir} --replace_stale` (moves the old "
           f"build to {data_dir_path / REPLACED_DIR}), or use another data_dir")
     with lock:

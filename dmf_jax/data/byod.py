@@ -188,26 +188,19 @@ def read_table(path: epath.Path, required: list[str]) -> tuple[list[str], list[l
   return header, rows, lines
 
 
-def _int_column(path, rows, lines, col, name):
-  out = np.empty(len(rows), np.int64)
+def _number_column(path, rows, lines, col, name, *, integer: bool) -> np.ndarray:
+  """Column `col` as int64 (`integer`: plain integers that fit in 64 bits) or as finite
+  float64 values; the first bad value raises naming file, line and what was expected."""
+  out = np.empty(len(rows), np.int64 if integer else np.float64)
+  expected = "an integer" if integer else "a number"
   for k, (row, line) in enumerate(zip(rows, lines)):
     try:
-      out[k] = int(row[col])
+      out[k] = int(row[col]) if integer else float(row[col])
     except ValueError:
-      raise DataError(f"{path}:{line}: {name} {row[col]!r} is not an integer") from None
+      raise DataError(f"{path}:{line}: {name} {row[col]!r} is not {expected}") from None
     except OverflowError:
       raise DataError(f"{path}:{line}: {name} {row[col]!r} does not fit in 64 bits") from None
-  return out
-
-
-def _float_column(path, rows, lines, col, name):
-  out = np.empty(len(rows), np.float64)
-  for k, (row, line) in enumerate(zip(rows, lines)):
-    try:
-      out[k] = float(row[col])
-    except ValueError:
-      raise DataError(f"{path}:{line}: {name} {row[col]!r} is not a number") from None
-    if not math.isfinite(out[k]):
+    if not integer and not math.isfinite(out[k]):
       raise DataError(f"{path}:{line}: {name} {row[col]!r} is not a finite number")
   return out
 
@@ -355,14 +348,14 @@ class ByodCtr(CtrBuilder):
     col = {h: i for i, h in enumerate(header)}
     if not rows:
       raise DataError(f"{path}: no interactions")
-    timestamp = _int_column(path, rows, lines, col["timestamp"], "timestamp")
+    timestamp = _number_column(path, rows, lines, col["timestamp"], "timestamp", integer=True)
     if "label" in config:
-      label = _float_column(path, rows, lines, col[label_col], "label")
+      label = _number_column(path, rows, lines, col[label_col], "label", integer=False)
       bad = ~np.isin(label, (0.0, 1.0))
       if bad.any():
         raise DataError(f"{path}:{lines[int(np.argmax(bad))]}: label must be 0 or 1")
     else:
-      ratings = _float_column(path, rows, lines, col[label_col], "rating")
+      ratings = _number_column(path, rows, lines, col[label_col], "rating", integer=False)
       label = ratings >= float(config["rating"]["threshold"])
 
     # Items: the item table defines the vocabulary when given; otherwise the interactions do.
