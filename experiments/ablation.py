@@ -36,7 +36,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from dmf_jax import ablation  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import ablation  # pylint: disable=g-import-not-at-top
 
   try:
     specs = [ablation.ModelSpec.parse(m) for m in _MODELS.value]

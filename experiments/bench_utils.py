@@ -11,9 +11,25 @@ import optax
 from flax import nnx
 
 from dmf_jax.data.movielens import FIELD_DIM, ID_DIM, USER_FIELDS
-from dmf_jax import data_format, input_pipeline as ip, models, train_lib, training
-from dmf_jax.catalog import ItemCatalog
-from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.data import format as data_format
+from dmf_jax.data import pipeline as ip
+from dmf_jax.models import registry as models
+from dmf_jax.train import loop as train_lib
+from dmf_jax.train import steps as training
+from dmf_jax.core.catalog import ItemCatalog
+from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
+
+
+def model_config(config, name: str):
+  """The typed config of model `name` from an experiment config's flat model_config."""
+  return models.model_config({"name": name, **config.model_config.to_dict()})
+
+
+def train_setup(model, *, jit: bool = True):
+  """(train state, train step) of `model` with Adam(1e-3), as every benchmark times it."""
+  tx = optax.adam(1e-3)
+  graphdef, state = training.create_train_state(model, tx)
+  return state, training.make_train_step(graphdef, tx, jit=jit)
 
 
 def time_calls(fn, *, min_seconds: float = 0.5, min_reps: int = 5, max_reps: int = 200,
@@ -54,9 +70,7 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
   keys = built.schema.batch_keys()
   batches = [jax.device_put({k: v for k, v in next(it).items() if k in keys}) for _ in range(8)]
   model = models.build_model(model_config, built.schema, rngs=nnx.Rngs(0), catalog=built.catalog)
-  tx = optax.adam(1e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = training.make_train_step(graphdef, tx)
+  state, step = train_setup(model)
   holder = {"state": state, "i": 0}
 
   def one():
@@ -91,9 +105,9 @@ def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> fl
 NUM_ITEMS = 1682
 
 
-def movielens_like_schema(seq_len: int) -> FeatureSchema:
+def movielens_like_schema(seq_len: int, num_items: int = NUM_ITEMS) -> FeatureSchema:
   return FeatureSchema(
-      num_items=NUM_ITEMS, item_id_dim=ID_DIM, seq_len=seq_len,
+      num_items=num_items, item_id_dim=ID_DIM, seq_len=seq_len,
       item_features=(FeatureSpec("genres", 19, FIELD_DIM, max_values=6),
                      FeatureSpec("year", 72, FIELD_DIM), FeatureSpec("image_missing", 2, FIELD_DIM)),
       user_features=USER_FIELDS,
@@ -102,11 +116,12 @@ def movielens_like_schema(seq_len: int) -> FeatureSchema:
 
 
 def random_catalog(schema, rng) -> ItemCatalog:
-  genres = np.full((NUM_ITEMS, 6), -1, np.int32)
-  genres[:, :2] = rng.integers(0, 19, (NUM_ITEMS, 2))
-  side = {"genres": genres, "year": rng.integers(0, 72, NUM_ITEMS).astype(np.int32),
-          "image_missing": np.zeros(NUM_ITEMS, np.int32)}
-  mods = {m.name: rng.normal(size=(NUM_ITEMS, m.dim)).astype(np.float32) for m in schema.modalities}
+  n = schema.num_items
+  genres = np.full((n, 6), -1, np.int32)
+  genres[:, :2] = rng.integers(0, 19, (n, 2))
+  side = {"genres": genres, "year": rng.integers(0, 72, n).astype(np.int32),
+          "image_missing": np.zeros(n, np.int32)}
+  mods = {m.name: rng.normal(size=(n, m.dim)).astype(np.float32) for m in schema.modalities}
   return ItemCatalog(side, mods)
 
 

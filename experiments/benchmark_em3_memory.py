@@ -16,11 +16,10 @@ import json
 
 import jax
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 
-from dmf_jax import models, training
+from dmf_jax.models import registry as models
 from experiments import bench_utils, cli
 from experiments.configs import movielens
 
@@ -33,9 +32,7 @@ _OUTPUT = flags.DEFINE_string("output_json", "/tmp/em3_memory.json", "Output fil
 
 def measure(cfg, schema, catalog, batch, steps):
   model = models.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
-  tx = optax.adam(1e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = jax.jit(training.make_train_step(graphdef, tx, jit=False))
+  state, step = bench_utils.train_setup(model)
   compiled = step.lower(state, batch).compile()
   mem = compiled.memory_analysis()
   out = {
@@ -53,12 +50,13 @@ def measure(cfg, schema, catalog, batch, steps):
 
 def main(argv):
   del argv
-  # Per-position Q-Former (the path of catalogs too large for a per-step content table).
-  base = models.ModelConfig.from_mapping(
-      {"name": "em3", **movielens.get_config().model_config.to_dict(), "em3_head": _HEAD.value,
-       "item_table_max_items": 0})
+  # A catalog with more items than the batch has behaviour positions: the Q-Former runs per
+  # position (the path of catalogs too large for a per-step content table).
+  base = bench_utils.model_config(movielens.get_config(), "em3")
+  base = dataclasses.replace(base, em3_head=_HEAD.value)
   rng = np.random.default_rng(0)
-  schema = bench_utils.movielens_like_schema(_SEQ_LEN.value)
+  schema = bench_utils.movielens_like_schema(
+      _SEQ_LEN.value, num_items=_BATCH.value * _SEQ_LEN.value + 1)
   catalog = bench_utils.random_catalog(schema, rng)
   batch = bench_utils.random_batch(schema, _BATCH.value, rng)
   result = {"seq_len": _SEQ_LEN.value, "batch_size": _BATCH.value, "head": _HEAD.value,

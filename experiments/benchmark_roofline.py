@@ -12,11 +12,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 
-from dmf_jax import models, serving, training
+from dmf_jax.models import registry as models
+from dmf_jax.serve import server as serving
 from experiments import bench_utils, cli
 from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
@@ -52,7 +52,7 @@ def main(argv):
   del argv
   out = {"machine": machine_peaks()}
   print(json.dumps(out["machine"]), flush=True)
-  cfg = models.ModelConfig.from_mapping({"name": "dmf", **movielens.get_config().model_config.to_dict()})
+  cfg = bench_utils.model_config(movielens.get_config(), "dmf")
   seq_len, n = _SEQ_LEN.value, _CANDIDATES.value
   rng = np.random.default_rng(0)
   schema = movielens_like_schema(seq_len)
@@ -65,9 +65,9 @@ def main(argv):
                                catalog=catalog)
     server = serving.Server(model)
     feats = server.user_features(user)
-    state = server._encode(server.params, feats)
+    state = server.encode_fn(server.params, feats)
     graphdef = server.graphdef
-    score = lambda p, s, i: nnx.merge(graphdef, p).score_candidates(s, i)
+    score = lambda p, s, i: nnx.merge(graphdef, p).score(s, i[None])[0]
     flops, nbytes = cost(score, server.params, state, ids)
     seconds = median_s(score, server.params, state, ids)
     out[f"{variant}_model_score"] = {
@@ -81,9 +81,7 @@ def main(argv):
   b = _TRAIN_BATCH.value
   batch = bench_utils.random_batch(schema50, b, rng)
   model = models.build_model(cfg, schema50, rngs=nnx.Rngs(0), catalog=catalog50)
-  tx = optax.adam(1e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = training.make_train_step(graphdef, tx, jit=False)
+  state, step = bench_utils.train_setup(model, jit=False)
   flops, nbytes = cost(step, state, batch)
   seconds = median_s(step, state, batch)
   out["dmf_train_step"] = {"batch_size": b, "flops_per_example": flops / b,

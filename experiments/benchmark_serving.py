@@ -24,8 +24,9 @@ from absl import flags
 from flax import nnx
 
 from dmf_jax.data.movielens import FIELD_DIM, ID_DIM
-from dmf_jax import models, serving
-from dmf_jax.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
+from dmf_jax.models import registry as models
+from dmf_jax.serve import server as serving
+from dmf_jax.nn.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
 from experiments import bench_utils, cli
 from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
@@ -57,9 +58,15 @@ def bench_attention(cfg, seq_len, ns, rng):
   d = ef.weights.id_dim
   gd, gs = nnx.split(dta)
   ed, es = nnx.split(ef)
-  encode = jax.jit(lambda s, e, m: nnx.merge(gd, s).encode_user(e, m))
-  score = jax.jit(lambda s, u, t, b: nnx.merge(gd, s).score_candidates(u, t, b))
-  ef_score = jax.jit(lambda s, e, m, t, b: nnx.merge(ed, s).score_candidates(e, m, t, b))
+  # The attention interface with one user (B = 1) and N candidates.
+  encode = jax.jit(lambda s, e, m: nnx.merge(gd, s).encode_user(e[None], m[None]))
+  score = jax.jit(lambda s, u, t, b: nnx.merge(gd, s).attend(u, t[None], b[None])[0])
+
+  @jax.jit
+  def ef_score(s, e, m, t, b):
+    ef = nnx.merge(ed, s)
+    return ef.attend(ef.encode_user(e[None], m[None]), t[None], b[None])[0]
+
   behaviors = jnp.asarray(rng.normal(size=(seq_len, d)), jnp.float32)
   mask = jnp.ones(seq_len, bool)
   out = []
@@ -79,7 +86,7 @@ def bench_attention(cfg, seq_len, ns, rng):
 def bench_model(cfg, seq_len, ns, rng):
   schema = movielens_like_schema(seq_len)
   catalog = random_catalog(schema, rng)
-  dmf = models.build_model(dataclasses.replace(cfg, name="dmf"), schema, rngs=nnx.Rngs(0), catalog=catalog)
+  dmf = models.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
   ef = models.build_model(dataclasses.replace(cfg, name="dmf_early_fusion"), schema,
                           rngs=nnx.Rngs(0), catalog=catalog)
   servers = {"dta": serving.Server(dmf), "early_fusion": serving.Server(ef)}
@@ -91,8 +98,8 @@ def bench_model(cfg, seq_len, ns, rng):
     for variant, server in servers.items():
       feats = server.user_features(user)
       parts = chunks(n, seq_len) if variant == "early_fusion" else [(0, n)]
-      fn = lambda: [server._score(server.params, server._encode(server.params, feats),
-                                  ids[s:s + c]) for s, c in parts]
+      fn = lambda: [server.score_fn(server.params, server.encode_fn(server.params, feats),
+                                    ids[s:s + c]) for s, c in parts]
       out.append(record(variant, "model", n, seq_len,
                         bench_utils.time_calls(fn, min_seconds=_MIN_SECONDS.value)))
       print(json.dumps(out[-1]), flush=True)
@@ -123,7 +130,7 @@ def plot(records, path):
 
 def main(argv):
   del argv
-  cfg = models.ModelConfig.from_mapping({"name": "dmf", **movielens.get_config().model_config.to_dict()})
+  cfg = bench_utils.model_config(movielens.get_config(), "dmf")
   ns = [int(n) for n in _CANDIDATES.value]
   rng = np.random.default_rng(0)
   records = []

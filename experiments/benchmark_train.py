@@ -18,7 +18,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from dmf_jax import data
-from dmf_jax.models import ModelConfig
 from experiments import bench_utils, cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -52,7 +51,7 @@ def main(argv):
       "models": {},
   }
   for name in _MODELS.value:
-    model_config = ModelConfig.from_mapping({"name": name, **config.model_config.to_dict()})
+    model_config = bench_utils.model_config(config, name)
     times = bench_utils.train_step_times(built, _BATCH.value, _STEPS.value, model_config)
     result["models"][name] = {"train_examples_per_s": _BATCH.value / float(np.median(times)),
                               "step_ms_p50": 1e3 * float(np.median(times))}

@@ -5,7 +5,7 @@
     cli.run(main)
 
 Bad flags (unknown flags, unknown config fields such as `--config.foo=1`, a missing config
-file, unparsable values) and `dmf_jax.errors.UserError`s raised by `main` (invalid configs,
+file, unparsable values) and `dmf_jax.core.errors.UserError`s raised by `main` (invalid configs,
 bad data files, a workdir that holds another run or is in use, ...) print `error: <message>`
 and exit with status 2, without a traceback; `--debug` shows the traceback. Anything else is
 a bug and keeps its traceback.
@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from dmf_jax.errors import UserError
+from dmf_jax.core.errors import UserError
 
 USER_ERROR_EXIT = 2
 _DEBUG = flags.DEFINE_bool("debug", False,
@@ -41,7 +41,7 @@ def _unknown_field(error: Exception, argv: list[str]) -> str:
   culprit = next((a for a in argv[1:] if a.startswith("--config.") and
                   re.search(rf"[.]{re.escape(name)}(=|[.]|$)", a)), None)
   return (f"unknown config field {name!r}" + (f" in {culprit}" if culprit else "")
-          + ": the config has no such field (see dmf_jax/config.py default_config)")
+          + ": the config has no such field (see dmf_jax/train/config.py default_config)")
 
 
 def _load_configs() -> None:

@@ -25,7 +25,7 @@ def main(argv):
   distributed.initialize()
   import jax  # pylint: disable=g-import-not-at-top
 
-  from dmf_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
 
   result = train_lib.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
   if jax.process_index() == 0:

@@ -3,7 +3,7 @@ r"""Export a trained workdir's serving functions with jax.export (weights in the
   python -m experiments.export --workdir=/tmp/dmf_run --output=/tmp/dmf.dmfx
 
 Reload anywhere with jax installed, without this model code:
-  from dmf_jax.exported import ExportedScorer
+  from dmf_jax.serve.exported import ExportedScorer
   scorer = ExportedScorer("/tmp/dmf.dmfx")
   logits = scorer.score(scorer.encode_user({...user features..., "hist_item_id": [...]}), ids)
 """
@@ -26,8 +26,9 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from dmf_jax import serving  # pylint: disable=g-import-not-at-top
-  from dmf_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from dmf_jax.serve import server as serving  # pylint: disable=g-import-not-at-top
+  from dmf_jax.serve.export import export  # pylint: disable=g-import-not-at-top
+  from dmf_jax.core.errors import UserError  # pylint: disable=g-import-not-at-top
 
   output = epath.Path(_OUTPUT.value).expanduser()
   if output.exists() and not _FORCE.value:
@@ -37,7 +38,7 @@ def main(argv):
   except ValueError:
     raise UserError(f"--buckets: expected integers, got {_BUCKETS.value}") from None
   server = serving.Server.from_workdir(_WORKDIR.value, _STEP.value, buckets=buckets)
-  serving.export(server, str(output))
+  export(server, str(output))
   print(f"exported step {server.step} of {_WORKDIR.value} to {output}")
 
 

@@ -45,7 +45,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   distributed.initialize()
-  from dmf_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
 
   try:
     results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -4,7 +4,7 @@ import functools
 
 import numpy as np
 
-from dmf_jax import synthetic
+from dmf_jax.data import synthetic
 
 TINY = synthetic.SyntheticConfig(
     num_users=120, num_items=90, num_topics=4, latent_dim=8, events_per_user=24, seq_len=12,

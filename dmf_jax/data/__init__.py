@@ -26,13 +26,13 @@ import time
 import tensorflow_datasets as tfds
 from etils import epath
 
-from dmf_jax import data_format
+from dmf_jax.data import format as data_format
 from dmf_jax.data import sources
 from dmf_jax.data.byod import ByodCtr
 from dmf_jax.data.generated import GeneratedCtr
 from dmf_jax.data.movielens import Movielens100kMm
-from dmf_jax.errors import ConfigError, DataError
-from dmf_jax.locking import FileLock
+from dmf_jax.core.errors import ConfigError, DataError
+from dmf_jax.core.locking import FileLock
 
 BUILDERS = {
     "generated_ctr": GeneratedCtr,

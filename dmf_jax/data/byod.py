@@ -41,12 +41,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from dmf_jax import sequences
-from dmf_jax.catalog import ItemCatalog
+from dmf_jax.data import sequences
+from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.data import sources
 from dmf_jax.data.common import CtrBuilder
-from dmf_jax.errors import ConfigError, DataError, MissingFileError
-from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.core.errors import ConfigError, DataError, MissingFileError
+from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
 CONFIG_FILE = "dataset.json"
 MULTI_SEPARATOR = "|"

@@ -9,17 +9,17 @@ import tensorflow_datasets as tfds
 
 from etils import epath
 
-from dmf_jax import data_format
-from dmf_jax.catalog import ItemCatalog
+from dmf_jax.data import format as data_format
+from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.data import sources
-from dmf_jax.schema import FeatureSchema
+from dmf_jax.core.schema import FeatureSchema
 
 
 class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   """Subclasses implement `_prepare`.
 
   `_prepare` returns (schema, catalog, {split: examples}) with examples as produced by
-  `dmf_jax.sequences.examples_from_events`. The base writes the schema, the catalog and the
+  `dmf_jax.data.sequences.examples_from_events`. The base writes the schema, the catalog and the
   build record (`sources.BUILD_FILE`: fingerprints of `source_files` and `build_parameters`)
   into the (still incomplete) dataset directory, then yields the records; TFDS moves
   everything into place only when the whole build succeeded.

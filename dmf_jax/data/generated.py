@@ -11,7 +11,8 @@ import dataclasses
 import tensorflow_datasets as tfds
 
 from dmf_jax.data.common import CtrBuilder
-from dmf_jax import sequences, synthetic
+from dmf_jax.data import sequences
+from dmf_jax.data import synthetic
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -27,14 +28,20 @@ TINY = synthetic.SyntheticConfig(
 )
 
 
+# The default problem over a catalog too large for an all-pairs similarity matrix.
+ITEMS_10K = synthetic.SyntheticConfig(num_items=10_000)
+
+
 class GeneratedCtr(CtrBuilder):
-  """Synthetic multimodal CTR data with planted topic structure (dmf_jax.synthetic)."""
+  """Synthetic multimodal CTR data with planted topic structure (dmf_jax.data.synthetic)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
       GeneratedConfig(name="default", description="Main-job size."),
       GeneratedConfig(name="tiny", description="Tests.", synthetic=TINY),
+      GeneratedConfig(name="items10k", description="The default's dims over a 10,000-item "
+                      "catalog (the large-catalog speed benchmark).", synthetic=ITEMS_10K),
   ]
 
   def build_parameters(self) -> dict:

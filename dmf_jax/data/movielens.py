@@ -25,10 +25,10 @@ from etils import epath
 
 from dmf_jax.data.common import CtrBuilder
 from dmf_jax.data import movielens_raw as raw
-from dmf_jax import sequences
-from dmf_jax.catalog import ItemCatalog
-from dmf_jax.errors import DataError, MissingFileError
-from dmf_jax.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.data import sequences
+from dmf_jax.core.catalog import ItemCatalog
+from dmf_jax.core.errors import DataError, MissingFileError
+from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
 SEQ_LEN = 50
 ID_DIM, FIELD_DIM = 32, 8

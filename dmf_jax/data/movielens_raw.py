@@ -12,7 +12,7 @@ import re
 import numpy as np
 from etils import epath
 
-from dmf_jax.errors import DataError, MissingFileError
+from dmf_jax.core.errors import DataError, MissingFileError
 
 LAYOUT = """expected layout of the MovieLens-100K multimodal folder:
   ml-100k/u.data        user \\t item \\t rating \\t unix_ts

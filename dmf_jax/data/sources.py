@@ -22,7 +22,7 @@ import time
 
 from etils import epath
 
-from dmf_jax.errors import DataError
+from dmf_jax.core.errors import DataError
 
 BUILD_FILE = "dmf_build.json"
 FULL_HASH_MAX_BYTES = 64 << 20

@@ -9,7 +9,7 @@ r"""MovieLens-100K with text and poster modalities (real data; see README: data 
 The text_image config needs the encoder cache (data/movielens_100k_mm/encode_items.py).
 """
 
-from dmf_jax.config import default_config
+from dmf_jax.train.config import default_config
 
 
 def get_config():

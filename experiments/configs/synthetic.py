@@ -7,7 +7,7 @@ r"""DMF (or any registered model) on the generated dataset: the default main job
 About one minute per model on 2 CPU cores, the first build of the data included.
 """
 
-from dmf_jax.config import default_config
+from dmf_jax.train.config import default_config
 
 
 def get_config():

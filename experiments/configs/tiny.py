@@ -3,7 +3,7 @@ r"""A seconds-long run on the tiny generated dataset (smoke tests, the Colab dem
   python -m experiments.train --config=experiments/configs/tiny.py --workdir=/tmp/tiny_run
 """
 
-from dmf_jax.config import default_config
+from dmf_jax.train.config import default_config
 
 
 def get_config():

@@ -1,0 +1,1 @@
+"""Shared types and checks: schema, catalog, item rows, sharding rules, errors, locks."""

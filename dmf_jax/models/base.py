@@ -1,0 +1,355 @@
+"""What every CTR model shares: the common config, item and user encoders, batch checks, base class.
+
+A model is two calls, used alike by training and serving:
+
+  state = model.encode_user(batch)            # user fields and history: everything target-agnostic
+  logits = model.score(state, candidates)     # candidates int [B, N] -> logits [B, N]
+
+Training runs them with N = 1 (`model(batch)` -> [B]); serving with one user (B = 1) and N
+candidates. Per-item work runs once per distinct item (`dmf_jax.core.rows`): the models see
+item rows and row indices only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmf_jax.core import checks
+from dmf_jax.core.catalog import CatalogTables, ItemCatalog
+from dmf_jax.core.rows import Rows, item_rows
+from dmf_jax.core.schema import FeatureSchema
+from dmf_jax.core.sharding import NO_SHARDING, ShardingRules
+from dmf_jax.nn.embedding import FeatureEmbedding
+from dmf_jax.nn.layers import ACTIVATIONS
+from dmf_jax.nn.losses import bce_with_logits
+from dmf_jax.nn.similarity import SIMILARITY_MODES, TargetAwareSimilarity
+from dmf_jax.nn.simtier import SIMTIER_NORMALIZATIONS
+
+Batch = Mapping[str, jax.Array]
+SIMILARITY_CALIBRATIONS = ("none", "catalog_range")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: the common part, and the modality-centric part shared by DMF and the baselines
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What every model has: the prediction head and the modalities it sees.
+
+  Each family extends it (`DinConfig`, `DmfConfig`, ...); `models.registry` picks the family's
+  class by model name. Validation lists every problem at once.
+  """
+
+  name: str = "dmf"
+  mlp_hidden: tuple[int, ...] = checks.field((256, 128, 64), "sizes")
+  activation: str = checks.field("relu", ACTIVATIONS)
+  dropout: float = checks.field(0.0, "fraction")
+  # Modalities the model sees (empty: all the dataset's); the experiment restricts the schema.
+  modalities: tuple[str, ...] = checks.field((), "names")
+
+  def __post_init__(self):
+    problems = checks.check_fields(self) + self.cross_field_problems()
+    if problems:
+      raise checks.Problems([f"model config: {p}" for p in problems])
+
+  def cross_field_problems(self) -> list[str]:
+    """Rules that tie fields together (families extend this)."""
+    return []
+
+  @property
+  def pretrain_epochs(self) -> int:
+    """Epochs of a 'pretrain' phase before the main one (0: none; MAKE has one)."""
+    return 0
+
+  @classmethod
+  def from_mapping(cls, values: Mapping) -> "ModelConfig":
+    """From a dict or ConfigDict; unknown keys are an error that lists the valid ones."""
+    return checks.dataclass_from_mapping(cls, values, "model config")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalConfig(ModelConfig):
+  """Target-aware similarity and SimTier: DMF's modality-centric settings, shared by the
+  similarity baselines so that comparisons differ in architecture only."""
+
+  similarity: str = checks.field("frozen", SIMILARITY_MODES)
+  projection_dim: int = checks.field(64, "positive_int")
+  # Frozen similarity from a precomputed all-pairs cosine matrix when the catalog has at most
+  # this many items (0: never); the same function, one gather instead of two vector gathers.
+  pairwise_similarity_max_items: int = checks.field(4096, "non_negative_int")
+  # 'catalog_range': frozen cosines are mapped from the catalog's typical range (random item
+  # pairs, 0.5-99.5 percentiles) onto [-1, 1] before bucketing / SimTier ('none': raw cosine).
+  similarity_calibration: str = checks.field("none", SIMILARITY_CALIBRATIONS)
+  num_tiers: int = checks.field(20, "positive_int")
+  simtier_normalization: str = checks.field("log1p", SIMTIER_NORMALIZATIONS)
+  simtier_hidden: tuple[int, ...] = checks.field((64, 32), "sizes")
+
+  def cross_field_problems(self) -> list[str]:
+    problems = super().cross_field_problems()
+    if self.similarity_calibration != "none" and self.similarity != "frozen":
+      problems.append("similarity_calibration needs similarity='frozen' (a projected "
+                      "similarity is learned, the catalog's range does not apply)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------
+
+
+class ItemEncoder(nnx.Module):
+  """Item id -> e = [id embedding ; side-field embeddings]: int [...] -> float32 [..., d].
+
+  Fields are concatenated in schema order (kept in `names`: an nnx.Dict's iteration order is
+  not preserved by split/merge). Id V (one past the catalog) is the id table's OOV row.
+  """
+
+  def __init__(self, schema: FeatureSchema, *, rngs: nnx.Rngs, sharding: ShardingRules):
+    self.item_id = FeatureEmbedding(schema.item_id_spec, rngs=rngs, sharding=sharding)
+    self.names = tuple(f.name for f in schema.item_features)
+    self.fields = nnx.Dict(
+        {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.item_features}
+    )
+
+  def __call__(self, catalog: CatalogTables, item_ids: jax.Array) -> jax.Array:
+    ids = self.item_id.table.safe_ids(item_ids)  # id V: the OOV row, checked by the caller
+    parts = [self.item_id.table.lookup(ids)]
+    for name in self.names:
+      parts.append(self.fields[name](catalog.side_values(name, item_ids)))
+    return jnp.concatenate(parts, axis=-1)
+
+
+class UserEncoder(nnx.Module):
+  """User profile fields `user/<name>` -> [B, user_dim] (user_dim may be 0)."""
+
+  def __init__(self, schema: FeatureSchema, *, rngs: nnx.Rngs, sharding: ShardingRules):
+    self.names = tuple(f.name for f in schema.user_features)  # schema order (see ItemEncoder)
+    self.fields = nnx.Dict(
+        {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.user_features}
+    )
+
+  def __call__(self, batch: Batch, batch_size: int) -> jax.Array:
+    parts = [self.fields[name](batch[f"user/{name}"]) for name in self.names]
+    if not parts:
+      return jnp.zeros((batch_size, 0), jnp.float32)
+    return jnp.concatenate(parts, axis=-1)
+
+
+class ContentEncoder(Protocol):
+  """An item-content tower appended to the ID tokens (EM3's Q-Former, the Vector baseline's
+  projections): K modality vectors [R, D_k] -> [R, out_dim]; `sequence` marks the behaviour
+  side. It may add training losses with `loss_terms(model, batch, rngs)` -> {name: (weight,
+  loss)}."""
+
+  out_dim: int
+
+  def __call__(self, vectors: list[jax.Array], *, sequence: bool = False, train: bool = False,
+               rngs: nnx.Rngs | None = None) -> jax.Array: ...
+
+
+def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
+  """Keys, ranks, dtypes and the consistency of B and L across a batch's arrays."""
+  required = [k for k in schema.batch_keys() if k not in ("label", "weight")]
+  missing = [k for k in required if k not in batch]
+  if missing:
+    raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
+  item_id, hist, mask = batch["item_id"], batch["hist_item_id"], batch["hist_mask"]
+  checks.check_rank("batch['item_id']", item_id, 1)
+  checks.check_rank("batch['hist_item_id']", hist, 2)
+  checks.check_integer("batch['item_id']", item_id)
+  checks.check_integer("batch['hist_item_id']", hist)
+  checks.check_bool("batch['hist_mask']", mask)
+  checks.check_shape("batch['hist_item_id']", hist, (item_id.shape[0], None))
+  checks.check_same_dims(
+      [("hist_item_id", hist.shape[1]), ("hist_mask", mask.shape[-1])], "L (sequence length)"
+  )
+  checks.check_shape("batch['hist_mask']", mask, hist.shape)
+  for spec in schema.user_features:
+    key = f"user/{spec.name}"
+    expected = (item_id.shape[0], spec.max_values) if spec.multi_valued else (item_id.shape[0],)
+    checks.check_shape(f"batch[{key!r}]", batch[key], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base model
+# ---------------------------------------------------------------------------------------------
+
+
+class CTRModel(nnx.Module):
+  """Catalog, item and user encoders, optional similarities and content tower, the head.
+
+  Subclasses build `self.head` and implement `encode_user` and `score`.
+  """
+
+  def __init__(
+      self,
+      schema: FeatureSchema,
+      config: ModelConfig,
+      *,
+      rngs: nnx.Rngs,
+      catalog: ItemCatalog | None = None,
+      sharding: ShardingRules = NO_SHARDING,
+      similarity: bool = False,
+      content: ContentEncoder | None = None,
+  ):
+    """similarity=True: the model uses target-aware similarities (config: a MultimodalConfig);
+    it needs a modality, and frozen cosines come from a precomputed all-pairs matrix for small
+    catalogs. `content`: a tower whose output is appended to every item token."""
+    if (similarity or content is not None) and not schema.modalities:
+      raise ValueError(f"model {config.name!r} needs at least one modality in the schema")
+    pairwise = (similarity and config.similarity == "frozen"
+                and schema.num_items <= config.pairwise_similarity_max_items)
+    self.schema = schema
+    self.config = config
+    self.catalog = CatalogTables(schema, catalog, sharding, pairwise=pairwise)
+    self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
+    self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
+    self.similarity = TargetAwareSimilarity(
+        [m.dim for m in schema.modalities], mode=config.similarity,
+        projection_dim=config.projection_dim, rngs=rngs,
+    ) if similarity else None
+    self.content = content
+
+  # -- items ----------------------------------------------------------------------------------
+
+  @property
+  def token_dim(self) -> int:
+    """Width d of an item token: the ID side [e] plus the content tower's output, if any."""
+    return self.schema.item_dim + (self.content.out_dim if self.content is not None else 0)
+
+  def item_rows(self, item_ids: jax.Array, positions: int | None = None) -> Rows:
+    """The distinct items of `item_ids` (int [...]) as Rows of ids (`core.rows.item_rows`;
+    positions: all the item positions of the batch). Eagerly, out-of-range ids raise (under
+    jit they read the id table's OOV row and the last item's catalog entry)."""
+    checks.check_integer(self.items.item_id.table.name, item_ids)
+    checks.check_ids_in_range(self.items.item_id.table.name, item_ids, self.schema.num_items)
+    return item_rows(item_ids, self.schema.num_items, positions)
+
+  def modality_vectors(self, item_ids: jax.Array) -> list[jax.Array]:
+    """K arrays [..., D_k] of frozen vectors, in schema order."""
+    return [self.catalog.vectors(name, item_ids) for name in self.schema.modality_names]
+
+  def item_tokens(self, rows: Rows, *, sequence: bool = False, train: bool = False,
+                  rngs: nnx.Rngs | None = None) -> Rows:
+    """Rows of ids -> Rows of tokens [R, token_dim] = [e ; content] (sequence: behaviour side)."""
+    def encode(ids):
+      e = self.items(self.catalog, ids)
+      if self.content is None:
+        return e
+      c = self.content(self.modality_vectors(ids), sequence=sequence, train=train, rngs=rngs)
+      return jnp.concatenate([e, c], axis=-1)
+
+    return rows.map(encode)
+
+  def candidate_rows(self, state: Mapping, candidates: jax.Array) -> Rows:
+    """Rows of the candidates int [B, N], counting the users' B x L history positions too."""
+    return self.item_rows(candidates, candidates.size + state["mask"].size)
+
+  def candidate_tokens(self, state: Mapping, candidates: jax.Array, *, train: bool = False,
+                       rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Candidate ids int [B, N] -> their tokens [B, N, token_dim]."""
+    rows = self.candidate_rows(state, candidates)
+    return self.item_tokens(rows, train=train, rngs=rngs).take()
+
+  def user_embedding(self, batch: Batch) -> jax.Array:
+    """[B, user_dim] from the batch's user/<field> arrays."""
+    return self.users(batch, batch["hist_mask"].shape[0])
+
+  # -- similarities ---------------------------------------------------------------------------
+
+  def encode_similarities(self, rows: Rows) -> dict[str, Any]:
+    """The target-agnostic side of s_tj for the history Rows of ids: the ids (pairwise
+    matrix) or each modality's prepared unit vectors [B, L, D'_k] (prepared on the rows)."""
+    if self.similarity is None:
+      raise ValueError(f"model {self.config.name!r} was built without similarities")
+    if self.catalog.has_pairwise:
+      return {"history": rows.take()}
+    vectors = [rows.map(lambda ids, k=k, name=name: self.similarity.prepare(
+        k, self.catalog.vectors(name, ids))).take()
+               for k, name in enumerate(self.schema.modality_names)]
+    return {"vectors": vectors}
+
+  def candidate_similarities(self, state: Mapping, candidates: jax.Array, mask: jax.Array
+                             ) -> jax.Array:
+    """Target-aware similarities s [B, N, L, K] of candidates int [B, N] (0 where masked)."""
+    if self.catalog.has_pairwise:
+      sims = [self.catalog.pairwise_similarity(name, candidates, state["history"][:, None])
+              for name in self.schema.modality_names]
+    else:
+      sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.similarity.prepare(k, t), h), -1.0, 1.0)
+              for k, (t, h) in enumerate(zip(self.modality_vectors(candidates),
+                                             state["vectors"]))]
+    return jnp.stack(self.calibrate(sims), axis=-1) * mask[:, None, :, None]
+
+  def similarities(self, batch: Batch) -> jax.Array:
+    """Each example's target-aware similarities s [B, L, K] (0 at masked positions)."""
+    state = self.encode_similarities(self.item_rows(batch["hist_item_id"]))
+    return self.candidate_similarities(state, batch["item_id"][:, None], batch["hist_mask"])[:, 0]
+
+  def calibrate(self, sims: list[jax.Array]) -> list[jax.Array]:
+    """Per-modality cosines (schema order) -> calibrated per `similarity_calibration`."""
+    if self.config.similarity_calibration == "none":
+      return sims
+    return [self.catalog.calibrate(name, s) for name, s in zip(self.schema.modality_names, sims)]
+
+  # -- the forward ----------------------------------------------------------------------------
+
+  def encode_user(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
+                  ) -> dict[str, Any]:
+    """user/<field> arrays, hist_item_id [B, L], hist_mask [B, L] -> the users' state
+    (a pytree with leading dim B)."""
+    raise NotImplementedError
+
+  def score(self, state: Mapping, candidates: jax.Array, *, train: bool = False,
+            rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits [B, N] of candidates int [B, N] against each user's state."""
+    raise NotImplementedError
+
+  def predict(self, state: Mapping, features: list[jax.Array], *, train: bool = False,
+              rngs: nnx.Rngs | None = None) -> jax.Array:
+    """head([user ; *features]): features [B, N, f_i] -> logits [B, N].
+
+    The head runs on the B * N rows as a 2-D batch (XLA's CPU backend runs the weight
+    gradients of [B, 1, F] inputs markedly slower)."""
+    user = state["user"]
+    b, n = features[0].shape[:2]
+    user = jnp.broadcast_to(user[:, None], (b, n, user.shape[-1]))
+    x = jnp.concatenate([user, *features], -1)
+    return self.head(x.reshape(b * n, -1), train=train, rngs=rngs).reshape(b, n)
+
+  def __call__(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
+               ) -> jax.Array:
+    """Logits [B]: each example's user against its own target item."""
+    validate_batch(self.schema, batch)
+    state = self.encode_user(batch, train=train, rngs=rngs)
+    return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
+
+  # -- training hooks: the loss of a phase and which parameters it updates. Phases run in
+  # order: 'pretrain' for `config.pretrain_epochs` epochs (when > 0), then 'main'.
+
+  def training_loss(self, batch: Batch, *, phase: str = "main", rngs: nnx.Rngs | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss, extra scalar metrics) of one training batch: the CTR loss plus the
+    content tower's weighted terms, if it has any."""
+    logits = self(batch, train=True, rngs=rngs)
+    ctr = bce_with_logits(logits, batch["label"], batch.get("weight"))
+    terms = getattr(self.content, "loss_terms", None)
+    if terms is None:
+      return ctr, {}
+    loss, extras = ctr, {"ctr_loss": ctr}
+    for name, (weight, value) in terms(self, batch, rngs).items():
+      loss, extras[name] = loss + weight * value, value
+    return loss, extras
+
+  def is_trainable(self, phase: str, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (attribute names from the model) is updated in `phase`."""
+    del phase, path
+    return True

@@ -1,0 +1,105 @@
+"""DMF: Decoupled Multimodal Fusion (DESIGN.md sections 1-2) and its ablations.
+
+  logit = head([user ; e_t ; CMM(r_ME, r_MC)])
+  r_ME  = fusion attention over the behaviour tokens with similarity-bucket side information
+          (DTA, or early fusion: the same function)
+  r_MC  = SimTier(s_t), the histogram of target-aware similarities
+
+use_me=False replaces the fusion attention by ID-only multi-head target attention; use_mc=False
+drops SimTier and CMM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dmf_jax.core import checks
+from dmf_jax.core.sharding import NO_SHARDING
+from dmf_jax.models.base import CTRModel, MultimodalConfig
+from dmf_jax.nn.attention import (
+    DecoupledTargetAttention,
+    EarlyFusionTargetAttention,
+    MultiHeadTargetAttention,
+)
+from dmf_jax.nn.cmm import CMM, CMM_MODES
+from dmf_jax.nn.layers import PredictionHead
+from dmf_jax.nn.similarity import bucketize
+from dmf_jax.nn.simtier import SimTier
+
+ATTENTIONS = {"dta": DecoupledTargetAttention, "early_fusion": EarlyFusionTargetAttention}
+
+
+@dataclasses.dataclass(frozen=True)
+class DmfConfig(MultimodalConfig):
+  """Fusion attention (ME path) and CMM, on top of the similarity and SimTier settings."""
+
+  num_heads: int = checks.field(2, "positive_int")
+  head_dim: int = checks.field(32, "positive_int")
+  num_buckets: int = checks.field(32, "positive_int")
+  bucket_dim: int = checks.field(16, "positive_int")
+  cmm: str = checks.field("concat", CMM_MODES)
+  cmm_dim: int = checks.field(64, "positive_int")
+  cmm_alpha: float = checks.field(0.5, "unit_interval")
+
+
+class DMF(CTRModel):
+  """DTA (modality-enriched) + SimTier (modality-centric) + CMM.
+
+  attention: 'dta' or 'early_fusion' (same function). `content`: a tower appended to the item
+  tokens (EM3).
+  """
+
+  def __init__(
+      self, schema, config, *, rngs, catalog=None, sharding=NO_SHARDING,
+      attention: str = "dta", use_me: bool = True, use_mc: bool = True, content=None,
+  ):
+    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
+                     similarity=True, content=content)
+    if attention not in ATTENTIONS:
+      raise ValueError(f"DMF attention {attention!r} is not one of {tuple(ATTENTIONS)}")
+    d, k = self.token_dim, len(schema.modalities)
+    self.use_me, self.use_mc = use_me, use_mc
+    if use_me:
+      self.attention = ATTENTIONS[attention](
+          id_dim=d, num_buckets=config.num_buckets, bucket_dim=config.bucket_dim,
+          num_modalities=k, num_heads=config.num_heads, head_dim=config.head_dim, rngs=rngs,
+      )
+    else:
+      self.attention = MultiHeadTargetAttention(
+          id_dim=d, num_heads=config.num_heads, head_dim=config.head_dim, rngs=rngs
+      )
+    rep_dim = self.attention.out_dim
+    if use_mc:
+      self.simtier = SimTier(
+          k, num_tiers=config.num_tiers, normalization=config.simtier_normalization,
+          hidden=config.simtier_hidden, rngs=rngs,
+      )
+      self.cmm = CMM(
+          rep_dim, self.simtier.out_dim, mode=config.cmm, dim=config.cmm_dim,
+          alpha=config.cmm_alpha, rngs=rngs,
+      )
+      rep_dim = self.cmm.out_dim
+    self.head = PredictionHead(
+        schema.user_dim + d + rep_dim, config.mlp_hidden, activation=config.activation,
+        dropout=config.dropout, rngs=rngs,
+    )
+
+  def encode_user(self, batch, *, train=False, rngs=None):
+    """user [B, u]; mask [B, L]; the similarities' history side; the attention's user part
+    (DTA: per-head W^id e_j; ID-only: K and V; early fusion: the tokens)."""
+    mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
+    tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
+    return {"user": self.user_embedding(batch), "mask": mask,
+            "similarity": self.encode_similarities(rows),
+            "attention": self.attention.encode_user(tokens, mask)}
+
+  def score(self, state, candidates, *, train=False, rngs=None):
+    """Per candidate: its similarities (one product per modality against the prepared
+    history), their buckets, the attention with bucket side information, SimTier, the head."""
+    target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
+    s = self.candidate_similarities(state["similarity"], candidates, state["mask"])
+    side = bucketize(s, self.config.num_buckets) if self.use_me else None
+    rep = self.attention.attend(state["attention"], target, side)
+    if self.use_mc:
+      rep = self.cmm(rep, self.simtier(s, state["mask"], train=train))
+    return self.predict(state, [target, rep], train=train, rngs=rngs)

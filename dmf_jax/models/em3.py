@@ -1,0 +1,115 @@
+"""EM3: the multimodal fusion module trained end to end with the ranking model (DESIGN.md §4).
+
+Composition, not inheritance: a `ContentEncoder` (a Fusion-Q-Former over the item's modality
+vectors) is handed to a DIN or DMF ranker (`head`) as its content tower, so every item token
+becomes [e ; c]. The target side runs the Q-Former fully trained; the behaviour side
+(sequence=True) the same weights frozen plus LoRA adapters (`lora_rank` 0: fully trained there
+too). Training adds a symmetric Content-ID InfoNCE between c and the item-id embedding of the
+batch's target items (separate linear heads, L2-normalized; in-batch negatives, or
+`contrastive_num_negatives` items sampled from the table as well).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from dmf_jax.core import checks
+from dmf_jax.core.sharding import NO_SHARDING
+from dmf_jax.models.base import CTRModel
+from dmf_jax.models.din import DIN, DinConfig
+from dmf_jax.models.dmf import DMF, DmfConfig
+from dmf_jax.nn import lora
+from dmf_jax.nn.losses import symmetric_info_nce
+from dmf_jax.nn.qformer import FusionQFormer
+from dmf_jax.nn.similarity import l2_normalize
+
+HEADS = {"din": DIN, "dmf": DMF}
+CONTRASTIVE_NEGATIVES = ("in_batch", "sampled")
+
+
+@dataclasses.dataclass(frozen=True)
+class EM3Config(DmfConfig, DinConfig):
+  """The ranker it feeds (`em3_head`, configured by its own fields), the Fusion-Q-Former, LoRA
+  on the behaviour side (lora_layers: a regex over the Q-Former's layer paths; lora_rank 0: the
+  behaviour side fine-tunes the full module instead) and the Content-ID contrastive loss."""
+
+  em3_head: str = checks.field("din", tuple(HEADS))
+  content_dim: int = checks.field(32, "positive_int")
+  qformer_width: int = checks.field(32, "positive_int")
+  qformer_queries: int = checks.field(2, "positive_int")
+  qformer_layers: int = checks.field(1, "positive_int")
+  qformer_heads: int = checks.field(2, "positive_int")
+  qformer_dropout: float = checks.field(0.0, "fraction")
+  modality_dropout: float = checks.field(0.0, "fraction")
+  lora_rank: int = checks.field(4, "non_negative_int")
+  lora_alpha: float = 8.0
+  lora_layers: str = r"layers/.*|output"
+  contrastive_weight: float = checks.field(0.1, "non_negative")
+  contrastive_temperature: float = checks.field(0.1, "positive")
+  contrastive_dim: int = checks.field(32, "positive_int")
+  contrastive_negatives: str = checks.field("in_batch", CONTRASTIVE_NEGATIVES)
+  contrastive_num_negatives: int = checks.field(256, "positive_int")
+
+
+class ContentEncoder(nnx.Module):
+  """Item content c = Q-Former(modality vectors): K x [R, D_k] -> [R, content_dim], with the
+  Content-ID contrastive loss as its training term."""
+
+  def __init__(self, schema, config: EM3Config, *, rngs: nnx.Rngs):
+    if not schema.modalities:
+      raise ValueError("model 'em3' needs at least one modality in the schema")
+    self.config = config
+    self.num_items = schema.num_items
+    self.fusion = FusionQFormer(
+        [m.dim for m in schema.modalities], width=config.qformer_width,
+        num_queries=config.qformer_queries, num_layers=config.qformer_layers,
+        num_heads=config.qformer_heads, dropout=config.qformer_dropout,
+        modality_dropout=config.modality_dropout, out_dim=config.content_dim, rngs=rngs)
+    self.lora_paths = tuple(lora.add_lora(
+        self.fusion, rank=config.lora_rank, alpha=config.lora_alpha,
+        include=config.lora_layers, rngs=rngs) if config.lora_rank else ())
+    self.content_head = nnx.Linear(config.content_dim, config.contrastive_dim, rngs=rngs)
+    self.id_head = nnx.Linear(schema.item_id_dim, config.contrastive_dim, rngs=rngs)
+    self.out_dim = config.content_dim
+
+  def __call__(self, vectors, *, sequence=False, train=False, rngs=None):
+    """sequence=True: the behaviour side (LoRA adapters on frozen base weights)."""
+    adapted = sequence and self.config.lora_rank > 0
+    return self.fusion(vectors, adapted=adapted, train=train, rngs=rngs)
+
+  def contrastive_loss(self, model: CTRModel, item_ids, *, train=False, rngs=None) -> jax.Array:
+    """Symmetric Content-ID InfoNCE over the items item_ids [B] (scalar)."""
+    cfg = self.config
+
+    def embeddings(ids):
+      content = self(model.modality_vectors(ids), train=train, rngs=rngs)
+      return (l2_normalize(self.content_head(content)),
+              l2_normalize(self.id_head(model.items.item_id(ids))))
+
+    content, ids = embeddings(item_ids)
+    if cfg.contrastive_negatives == "in_batch":
+      return symmetric_info_nce(content, ids, item_ids, cfg.contrastive_temperature)
+    if rngs is None:
+      raise ValueError("em3: sampled contrastive negatives need `rngs` with a 'sample' stream")
+    negatives = jax.random.randint(rngs.sample(), (cfg.contrastive_num_negatives,), 0,
+                                   self.num_items)
+    neg_content, neg_ids = embeddings(negatives)
+    return symmetric_info_nce(content, ids, item_ids, cfg.contrastive_temperature,
+                              neg_content, neg_ids, negatives)
+
+  def loss_terms(self, model: CTRModel, batch, rngs) -> dict:
+    """{'contrastive_loss': (weight, loss)} (none when the weight is 0)."""
+    if self.config.contrastive_weight == 0:
+      return {}
+    loss = self.contrastive_loss(model, batch["item_id"], train=True, rngs=rngs)
+    return {"contrastive_loss": (self.config.contrastive_weight, loss)}
+
+
+def build_em3(schema, config: EM3Config, *, rngs, catalog=None, sharding=NO_SHARDING) -> CTRModel:
+  """The registry's `em3`: the `em3_head` ranker (DIN or DMF) over [e ; Q-Former content]."""
+  content = ContentEncoder(schema, config, rngs=rngs)
+  return HEADS[config.em3_head](schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
+                                content=content)

@@ -1,0 +1,1 @@
+"""Serving: request preparation, the server, export, and the exported scorer."""

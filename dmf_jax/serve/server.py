@@ -1,0 +1,102 @@
+"""Serving: encode a user once, score N candidates against it; jit-compiled and exportable.
+
+  encode_user, score_candidates = make_serving_fns(graphdef)
+  user_state = encode_user(params, user_features)          # once per request
+  logits = score_candidates(params, user_state, item_ids)  # [N]
+
+`params` is the model's whole state (`nnx.state(model)`: trainable Params plus the frozen
+catalog and batch statistics). `Server` wraps both with request validation and pads N up to a
+few static bucket sizes, so requests of any size reuse a handful of compiled programs.
+`export(server, path)` serializes both functions with `jax.export` (weights alongside, in the
+same file); `dmf_jax.serve.exported.ExportedScorer` runs them in a process without the model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dmf_jax.serve.request import DEFAULT_BUCKETS, RequestLayout, check_buckets, chunks
+from dmf_jax.train import loop
+
+
+def make_serving_fns(graphdef: nnx.GraphDef):
+  """(encode_user, score_candidates), both jitted pure functions of the model state."""
+
+  @jax.jit
+  def encode_user(params, user):
+    """One user's features (user/<field>, hist_item_id [L], hist_mask [L]) -> its state."""
+    batch = {k: jnp.asarray(v)[None] for k, v in user.items()}  # a batch of one user
+    return nnx.merge(graphdef, params).encode_user(batch)
+
+  @jax.jit
+  def score_candidates(params, user_state, item_ids):
+    """item_ids int [N] -> logits [N]."""
+    return nnx.merge(graphdef, params).score(user_state, item_ids[None])[0]
+
+  return encode_user, score_candidates
+
+
+class Server:
+  """Request-level serving of a trained model (inference mode).
+
+  `encode_user(user)` takes user/<field> values, the behaviour item ids (any length: the last
+  `seq_len` are kept, most recent last) and returns the user state; `score(user_state, ids)`
+  returns float32 logits [N], with N padded to the smallest bucket >= N (requests larger than
+  the largest bucket run in chunks of it). N = 0 gives an empty array; an empty history is
+  valid (the attention and SimTier parts are zero). Requests are checked by
+  `serve_request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
+  fractional or wrongly shaped ids raise a ValueError naming the field.
+  """
+
+  def __init__(self, model: nnx.Module, buckets: Sequence[int] = DEFAULT_BUCKETS):
+    """`model`: a CTR model (`schema`, `encode_user(batch)`, `score(state, candidates)`)."""
+    self.schema = model.schema
+    self.layout = RequestLayout.from_schema(model.schema)
+    self.buckets = check_buckets(buckets)
+    self.graphdef, self.params = nnx.split(model)
+    # The jitted pure functions of (params, ...) (`make_serving_fns`): for export and timing.
+    self.encode_fn, self.score_fn = make_serving_fns(self.graphdef)
+    self.step = None  # the checkpoint step, when served from a workdir
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None,
+                   buckets: Sequence[int] = DEFAULT_BUCKETS) -> "Server":
+    """Serves the best (or a given) checkpoint of a training workdir, trained on a mesh or
+    not (see `dmf_jax.train.loop.load_model`)."""
+    model, _, step = loop.load_model(workdir, step)
+    server = cls(model, buckets)
+    server.step = step
+    return server
+
+  @classmethod
+  def from_train_state(cls, graphdef, state, buckets: Sequence[int] = DEFAULT_BUCKETS):
+    """For a graphdef built without mesh axes; for a workdir's run use `from_workdir`."""
+    return cls(nnx.merge(graphdef, state.params, state.rest), buckets)
+
+  def user_features(self, user: Mapping) -> dict[str, np.ndarray]:
+    """Validated, padded request features: user/<field>, hist_item_id [L], hist_mask [L]."""
+    return self.layout.user_features(user)
+
+  def encode_user(self, user: Mapping):
+    return self.encode_features(self.user_features(user))
+
+  def encode_features(self, features: Mapping):
+    """The user state of already prepared features (`user_features`), unchecked."""
+    return self.encode_fn(self.params, features)
+
+  def bucket(self, n: int) -> int:
+    return next((b for b in self.buckets if b >= n), self.buckets[-1])
+
+  def score(self, user_state, item_ids) -> np.ndarray:
+    return self.score_ids(user_state, self.layout.item_ids("item_ids", item_ids))
+
+  def score_ids(self, user_state, ids: np.ndarray) -> np.ndarray:
+    """Logits of already checked ids (`layout.item_ids`), in bucket-sized chunks."""
+    out = [np.asarray(self.score_fn(self.params, user_state, padded))[:n]
+           for padded, n in chunks(ids, self.buckets)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -1,0 +1,1 @@
+"""Training: config, steps, partitioner, optimizers, metrics, writers, checkpoints, runs, the loop, ablations."""

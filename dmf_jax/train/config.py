@@ -1,0 +1,140 @@
+"""Experiment configuration: the ConfigDict layout, its defaults, and validation.
+
+`default_config()` is the base every file in experiments/configs/ starts from. `validate`
+checks a whole config before anything runs and raises one `ConfigError` listing every problem
+(unknown model, bad dimensions, batch not divisible by the data axis, missing data, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+from etils import epath
+
+from dmf_jax import data
+from dmf_jax.core.errors import ConfigError
+from dmf_jax.models import registry
+from dmf_jax.models.base import ModelConfig
+from dmf_jax.train.optimizers import OptimizerConfig
+from dmf_jax.train.partitioner import MeshConfig
+
+DATASETS = ("generated_ctr", "movielens_100k_mm", "byod_ctr")
+
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "dmf"
+  # Every family's fields, flat (one command line for any model); each model reads its own.
+  c.model_config = ml_collections.ConfigDict(registry.default_values())
+  c.dataset = "generated_ctr"
+  c.dataset_config = "default"
+  c.data_dir = os.environ.get("DMF_DATA_DIR", "/tmp/dmf_data")
+  c.manual_dir = ml_collections.config_dict.placeholder(str)
+  c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
+  c.optimizer.embedding_name = ml_collections.config_dict.placeholder(str)
+  c.optimizer.embedding_learning_rate = ml_collections.config_dict.placeholder(float)
+  c.batch_size = 512
+  c.eval_batch_size = 2048
+  c.num_epochs = 3
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.eval_every_steps = 250
+  c.checkpoint_every_steps = 250
+  c.keep_checkpoints = 2
+  c.patience = 3  # evaluations without a better validation AUC before stopping; 0 = off
+  c.log_every_steps = 50
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict(dataclasses.asdict(MeshConfig()))
+  c.worker_count = 0  # input worker processes for a streamed training split
+  # Training splits with at most this many records are parsed once into memory (a few hundred
+  # bytes each) and served without worker processes, instead of read and parsed every batch;
+  # 0: always stream from the files.
+  c.in_memory_max_records = 1_000_000
+  c.prefetch = 4
+  c.progress = True
+  # Start afresh in a workdir that holds a run: its files are moved to <workdir>.replaced-<time>
+  # (never deleted). Without it, a workdir resumes, and refuses a run of another config.
+  c.overwrite = False
+  return c
+
+
+def _listed(error: Exception) -> list[str]:
+  return list(getattr(error, "problems", None) or [str(error)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Validated:
+  model: ModelConfig
+  optimizer: OptimizerConfig
+  mesh: MeshConfig
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             num_processes: int = 1) -> Validated:
+  """Checks everything that can be checked before running; one ConfigError lists all problems."""
+  problems = []
+  model = optimizer = mesh = None
+  names = [config.model]
+  if config.model not in registry.MODELS:
+    problems.append(f"model: unknown model {config.model!r}; valid models: "
+                    f"{', '.join(registry.model_names())}")
+    names = registry.model_names()  # still check the fields, against every family
+  for name in names:
+    try:
+      model = registry.model_config({**config.model_config.to_dict(), "name": name})
+    except (ValueError, TypeError) as e:
+      problems += [p for p in (f"model_config: {p.removeprefix('model config: ')}"
+                               for p in _listed(e)) if p not in problems]
+  if config.model not in registry.MODELS:
+    model = None
+  try:
+    optimizer = OptimizerConfig.from_mapping(config.optimizer.to_dict())
+  except (ValueError, TypeError) as e:
+    problems += [f"optimizer: {p}" for p in _listed(e)]
+  try:
+    mesh = MeshConfig(**config.mesh.to_dict())
+    data_size, _ = mesh.shape(num_devices)
+  except (ValueError, TypeError) as e:
+    problems.append(f"mesh: {e}")
+    data_size = None
+  for field in ("batch_size", "eval_batch_size", "eval_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "log_every_steps"):
+    if not isinstance(config[field], int) or config[field] < 1:
+      problems.append(f"{field}: must be a positive integer, got {config[field]!r}")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    problems.append("num_epochs or num_train_steps must be positive")
+  if config.patience < 0 or config.worker_count < 0 or config.in_memory_max_records < 0:
+    problems.append("patience, worker_count and in_memory_max_records must be >= 0")
+  for field in ("batch_size", "eval_batch_size"):
+    value = config[field]
+    if isinstance(value, int) and value > 0:
+      if data_size and value % data_size:
+        problems.append(f"{field}={value} is not divisible by the mesh's data axis ({data_size})")
+      if value % num_processes:
+        problems.append(f"{field}={value} is not divisible by the {num_processes} processes")
+  if not isinstance(config.get("overwrite", False), bool):
+    problems.append(f"overwrite: must be True or False, got {config.overwrite!r}")
+  if config.dataset not in DATASETS:
+    problems.append(f"dataset: unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}")
+  elif config.dataset != "byod_ctr" and config.dataset_config not in data.config_names(
+      config.dataset):
+    problems.append(f"dataset_config: {config.dataset} has no config {config.dataset_config!r}; "
+                    f"valid: {', '.join(data.config_names(config.dataset))}")
+  elif config.dataset == "byod_ctr" and config.dataset_config not in (None, "", "default") and (
+      not data.byod.BUILD_NAME.match(str(config.dataset_config))):
+    problems.append(f"dataset_config: byod_ctr has no config {config.dataset_config!r}: its "
+                    f"builds are named by their sources (src-<fingerprint>); leave it empty")
+  if not config.data_dir:
+    problems.append("data_dir: required (where datasets are built and read)")
+  elif config.dataset in ("movielens_100k_mm", "byod_ctr"):
+    built = epath.Path(config.data_dir).expanduser() / config.dataset
+    if not config.manual_dir and not built.exists():
+      problems.append(f"manual_dir: {config.dataset} is not built under {config.data_dir} and "
+                      f"no manual_dir (raw data folder) is given")
+    elif config.manual_dir and not epath.Path(config.manual_dir).expanduser().exists():
+      problems.append(f"manual_dir: {config.manual_dir} does not exist")
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+  return Validated(model, optimizer, mesh)

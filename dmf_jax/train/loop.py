@@ -1,0 +1,440 @@
+"""The training job: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint`.
+
+Sections:
+  1. Experiment: validate the config, open (or build) the dataset, create the sharded state.
+  2. Evaluation: exact metrics over a whole split, gathered from every process.
+  3. Training loop: steps, reports, evaluation and early stopping, checkpoints, the non-finite
+     loss guard; resumes from the latest readable checkpoint in `workdir`.
+  4. Final report: the best checkpoint (by validation AUC) on validation and test,
+     `results.json` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from flax import nnx
+
+from dmf_jax import data
+from dmf_jax.core.errors import WorkdirError
+from dmf_jax.core.sharding import ShardingRules
+from dmf_jax.data import format as data_format
+from dmf_jax.data import pipeline as ip
+from dmf_jax.models.registry import build_model
+from dmf_jax.train import config as config_lib
+from dmf_jax.train import metrics, optimizers, runs, writers
+from dmf_jax.train import steps as training
+from dmf_jax.train.checkpointing import CheckpointManager
+from dmf_jax.train.partitioner import Partitioner
+
+
+COLD_ITEM_MAX_TRAIN_EXAMPLES = 5  # cold items: fewer training examples than this
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss; the run stops without saving that state."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Experiment
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config, shared by training and evaluation."""
+
+  config: ml_collections.ConfigDict
+  dataset: data_format.BuiltDataset
+  partitioner: Partitioner
+  graphdef: object
+  state: object
+  shardings: object
+  tx: object
+  total_steps: int
+  shard: ip.ShardInfo
+  model_config: object = None
+  pretrain_steps: int = 0  # the first steps run the model's 'pretrain' phase (MAKE)
+
+  def phase(self, step: int) -> str:
+    """The training phase of the step after `step` steps."""
+    return "pretrain" if step < self.pretrain_steps else "main"
+
+  def records(self, split: str) -> data_format.RawRecords:
+    if split not in self.dataset.sources:
+      raise ValueError(f"unknown split {split!r}; the dataset has {list(self.dataset.sources)}")
+    return data_format.raw_records(self.dataset.sources[split])
+
+  @property
+  def parser(self) -> data_format.RecordParser:
+    return data_format.RecordParser(self.dataset.schema)
+
+  @property
+  def train_in_memory(self) -> bool:
+    """Whether the training split is small enough to be parsed into memory up front."""
+    return len(self.records("train")) <= self.config.in_memory_max_records
+
+  def train_dataset(self, *, seed: int | None = None) -> grain.MapDataset:
+    """This process's shuffled training batches (a small split is parsed into memory now)."""
+    return ip.train_dataset(
+        self.records("train"), self.parser, global_batch_size=self.config.batch_size,
+        seed=self.config.seed if seed is None else seed, shard=self.shard,
+        in_memory=self.train_in_memory)
+
+  def train_iterator(self, ds: grain.MapDataset | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator over `ds` (default: a new `train_dataset()`). An in-memory
+    split is served from this process (worker processes would each hold a copy); else
+    `worker_count` processes parse."""
+    ds = self.train_dataset() if ds is None else ds
+    workers = 0 if self.train_in_memory else self.config.worker_count
+    return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch)
+
+  def to_model_batch(self, local: dict) -> dict:
+    keys = self.dataset.schema.batch_keys()
+    return self.partitioner.shard_batch({k: local[k] for k in keys})
+
+
+def open_dataset(config) -> data_format.BuiltDataset:
+  """Builds the dataset on process 0 if needed, then opens it on every process."""
+  data_dir = str(epath.Path(config.data_dir).expanduser())
+  manual = str(epath.Path(config.manual_dir).expanduser()) if config.manual_dir else None
+  built = None
+  if jax.process_index() == 0:  # builds (once) and opens
+    built = data.prepare(config.dataset, config.dataset_config, data_dir, manual)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset built")
+  return built or data.prepare(config.dataset, config.dataset_config, data_dir, manual)
+
+
+def total_train_steps(config, num_train_examples: int) -> int:
+  """Steps of the main phase."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * (num_train_examples // config.batch_size))
+
+
+def select_modalities(dataset: data_format.BuiltDataset, names) -> data_format.BuiltDataset:
+  """The dataset as a model restricted to the modalities `names` sees it (all when empty)."""
+  if not names:
+    return dataset
+  try:
+    schema = dataset.schema.with_modalities(names)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"invalid config:\n  - model_config.modalities: {e}") from None
+  return dataclasses.replace(dataset, schema=schema, catalog=dataset.catalog.with_modalities(
+      schema.modality_names))
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  validated = config_lib.validate(
+      config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  dataset = select_modalities(open_dataset(config), validated.model.modalities)
+  partitioner = Partitioner(validated.mesh)
+  pretrain = validated.model.pretrain_epochs * (len(dataset.sources["train"]) // config.batch_size)
+  total = pretrain + total_train_steps(config, len(dataset.sources["train"]))
+  if total <= pretrain:
+    raise config_lib.ConfigError(
+        f"invalid config:\n  - training would run 0 steps ({len(dataset.sources['train'])} "
+        f"examples, batch_size {config.batch_size}, num_epochs {config.num_epochs})")
+  tx = optimizers.make_optimizer(validated.optimizer, total)
+
+  def factory(rules, rngs):
+    return build_model(validated.model, dataset.schema, rngs=rngs, sharding=rules)
+
+  graphdef, state, shardings = partitioner.init(
+      factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
+  return Experiment(config, dataset, partitioner, graphdef, state, shardings, tx, total,
+                    ip.ShardInfo.from_jax(), validated.model, pretrain)
+
+
+def serving_model(exp: Experiment, state):
+  """The trained model for single-device serving: no mesh axes, arrays fetched to the host.
+
+  (The training graph's modules carry the mesh's batch axis, and the state its shardings.)
+  Tables keep the row padding of the training mesh, so the trained rows fit as they are.
+  """
+  rules = ShardingRules(table_shards=exp.partitioner.rules.table_shards)
+  model = build_model(exp.model_config, exp.dataset.schema, rngs=nnx.Rngs(0), sharding=rules)
+  nnx.update(model, jax.device_get(state.params), jax.device_get(state.rest))
+  return model
+
+
+def count_params(state) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_split(exp: Experiment, predict, state, split: str,
+                   cold_items: np.ndarray | None = None) -> dict:
+  """Exact AUC / GAUC / logloss over every example of `split` (padding rows weigh 0).
+
+  cold_items: optional bool [num_items]; adds 'cold': the metrics over the examples whose
+  target item is cold.
+  """
+  ds = ip.eval_dataset(exp.records(split), exp.parser,
+                       global_batch_size=exp.config.eval_batch_size, shard=exp.shard)
+  acc, cold = metrics.EvalAccumulator(), metrics.EvalAccumulator()
+  gather = exp.partitioner.gather
+  for local in ip.to_iterator(ds, prefetch=exp.config.prefetch):
+    batch = exp.to_model_batch(local)
+    logits = gather(predict(state, batch))
+    users, labels, weights = (gather(batch[k]) for k in ("user/user_id", "label", "weight"))
+    acc.update(users, labels, logits, weights)
+    if cold_items is not None:
+      cold.update(users, labels, logits, weights * cold_items[gather(batch["item_id"])])
+  result = acc.compute()
+  if cold_items is not None:
+    result["cold"] = cold.compute() if cold.count else None
+  return result
+
+
+def train_item_counts(exp: Experiment, chunk: int = 8192) -> np.ndarray:
+  """How many training examples each item is the target of: int64 [num_items]."""
+  records = exp.records("train")
+  counts = np.zeros(exp.dataset.schema.num_items, np.int64)
+  for start in range(0, len(records), chunk):
+    ids = exp.parser(records.read(range(start, min(start + chunk, len(records)))))["item_id"]
+    counts += np.bincount(ids, minlength=len(counts))
+  return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bookkeeping:
+  """Loop state saved with each checkpoint (JSON), so a resumed run decides as the original."""
+
+  best_val_auc: float = -math.inf
+  best_step: int = -1
+  evals_since_best: int = 0
+  stopped_early: bool = False
+  train_seconds: float = 0.0
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["best_val_auc"] = None if math.isinf(self.best_val_auc) else self.best_val_auc
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Bookkeeping":
+    """Raises ValueError for a record that is empty or lacks a field (an unreadable one)."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in (d or {})]
+    if missing:
+      raise ValueError(f"loop bookkeeping record lacks {missing}")
+    d = dict(d)
+    d["best_val_auc"] = -math.inf if d.get("best_val_auc") is None else d["best_val_auc"]
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def _write_json(path: epath.Path, value) -> None:
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_text(json.dumps(value, indent=2))
+  os.replace(tmp, path)  # atomic, overwrites
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds this run's checkpoints), writes results.json.
+
+  Raises `runs.RunMismatchError` (nothing written) when `workdir` holds a run of another
+  config or dataset, and `locking.LockedError` when another live run holds the workdir.
+  """
+  workdir = epath.Path(workdir).expanduser()
+  is_main = jax.process_index() == 0
+  exp = build_experiment(config)
+  lock = runs.open_workdir(workdir, config, exp.dataset, is_main=is_main, log=_log)
+  try:
+    return _train(exp, config, workdir, is_main)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Path,
+           is_main: bool) -> dict:
+  if is_main:
+    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("workdir opened")
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                           keep=config.keep_checkpoints, repair=is_main,
+                           log=_log if is_main else (lambda m: None))
+  train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
+                 for phase in ("pretrain", "main")}  # each compiles on its first call
+  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
+  train_ds = exp.train_dataset()  # parsed once, however many iterators the restore makes
+  new_iterator = lambda: exp.train_iterator(train_ds)
+  abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
+  restored, iterator = ckpt.restore_latest(
+      abstract, new_iterator, parse_bookkeeping=Bookkeeping.from_json,
+      log=_log if is_main else (lambda m: None))
+  state, book, step = exp.state, Bookkeeping(), 0
+  if restored is not None:
+    state, book, step = restored.state, restored.bookkeeping, restored.step
+    if is_main:
+      _log(f"resumed from step {step} ({ckpt.directory})")
+  progress = writers.Progress(exp.total_steps, step, config.batch_size,
+                              enabled=is_main and config.progress)
+
+  t0, seconds_before, pending = time.time(), book.train_seconds, []
+  # Logged throughput: training steps only (the window restarts after evaluations, saves and
+  # the first, compiling, step).
+  window = (time.time(), step)
+  while step < exp.total_steps and not book.stopped_early:
+    phase = exp.phase(step)
+    state, out = train_steps[phase](state, exp.to_model_batch(next(iterator)))
+    step += 1
+    pending.append(out)
+    # No evaluation (so no early stopping) while pre-training: the joined model is not trained.
+    evaluate_now = phase == "main" and (
+        step % config.eval_every_steps == 0 or step == exp.total_steps)
+    save_now = (evaluate_now or step % config.checkpoint_every_steps == 0
+                or step == exp.pretrain_steps)
+    if save_now or step % config.log_every_steps == 0:
+      outs = jax.device_get(pending)
+      pending = []
+      losses = np.asarray([o["loss"] for o in outs])
+      if not np.all(np.isfinite(losses)):
+        last = ckpt.steps[-1] if ckpt.steps else None
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {step} (losses {losses[~np.isfinite(losses)][:3]});"
+            f" stopped without saving. Last good checkpoint: "
+            + (f"step {last} in {ckpt.directory}" if last is not None else "none"))
+      steps_per_s = (step - window[1]) / max(time.time() - window[0], 1e-9)
+      extras = {k: float(np.mean([o[k] for o in outs])) for k in outs[-1] if k != "loss"}
+      _, wall_examples_per_s = progress.rate(step)
+      writer.write(step, "train" if phase == "main" else phase,
+                   {"loss": float(losses.mean()), **extras, "steps_per_s": steps_per_s,
+                    "examples_per_s": steps_per_s * config.batch_size,
+                    "wall_examples_per_s": wall_examples_per_s})
+      progress.update(step, float(losses.mean()), steps_per_s * config.batch_size)
+    eval_metrics = None
+    if evaluate_now:
+      val = evaluate_split(exp, predict, state, "validation")
+      if val["auc"] > book.best_val_auc:
+        book.best_val_auc, book.best_step, book.evals_since_best = val["auc"], step, 0
+      else:
+        book.evals_since_best += 1
+      if config.patience and book.evals_since_best >= config.patience:
+        book.stopped_early = True
+        announce = print if is_main else (lambda *a, **k: None)
+        announce(f"early stop at step {step}: no better validation AUC in "
+                         f"{config.patience} evaluations (best {book.best_val_auc:.4f} at step "
+                         f"{book.best_step})", file=sys.stderr, flush=True)
+      writer.write(step, "eval", {f"val_{k}": v for k, v in val.items()})
+      progress.message(f"step {step}: validation AUC {val['auc']:.4f} GAUC {val['gauc']:.4f} "
+                       f"logloss {val['logloss']:.4f}")
+      eval_metrics = {"val_auc": float(val["auc"])}
+    if save_now or book.stopped_early:
+      book.train_seconds = seconds_before + time.time() - t0
+      ckpt.save(step, state, iterator, book.to_json(), metrics=eval_metrics, force=True)
+    if save_now or step == 1:
+      jax.block_until_ready(state.step)
+      window = (time.time(), step)
+
+  # -------------------------------------------------------------------------------------------
+  # 4. Final report
+  # -------------------------------------------------------------------------------------------
+  best = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
+  if best is None:
+    raise RuntimeError(f"no checkpoint in {ckpt.directory} to evaluate")
+  best_state = ckpt.restore(best, abstract).state
+  cold_items = train_item_counts(exp) < COLD_ITEM_MAX_TRAIN_EXAMPLES
+  results = {
+      "model": config.model,
+      "dataset": exp.dataset.full_name,
+      "best_step": best,
+      "steps": step,
+      "stopped_early": book.stopped_early,
+      "train_seconds": round(book.train_seconds, 2),
+      "params": count_params(best_state),
+      "validation": evaluate_split(exp, predict, best_state, "validation"),
+      "test": evaluate_split(exp, predict, best_state, "test", cold_items),
+      "cold_item_definition": f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} training "
+                              "examples",
+  }
+  if is_main:
+    _write_json(workdir / "results.json", results)
+    writers.plot_curves(workdir, title=f"{config.model} on {exp.dataset.full_name}")
+  writer.close()
+  ckpt.close()
+  return results
+
+
+def read_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+  """The config a workdir's run was trained with (its config.json)."""
+  path = epath.Path(workdir).expanduser() / "config.json"
+  if not path.exists():
+    raise WorkdirError(f"{path} is missing: {workdir} is not a training workdir")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except ValueError as e:
+    raise WorkdirError(f"{path} is unreadable ({e})") from None
+
+
+def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> dict:
+  """Restores the best (or a given) checkpoint of a finished or running `workdir`; its metrics."""
+  workdir = epath.Path(workdir).expanduser()
+  config = read_run_config(workdir)
+  exp = build_experiment(config)
+  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                           keep=config.keep_checkpoints)
+  step = ckpt.best_or_latest(step)
+  abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
+  state = ckpt.restore(step, abstract).state
+  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
+  result = {"step": step, "split": split, **evaluate_split(exp, predict, state, split)}
+  ckpt.close()
+  logging.info("evaluated step %d on %s: %s", step, split, result)
+  return result
+
+
+def load_model(workdir: str, step: int | None = None):
+  """(model, schema, step): the best (or a given) checkpoint of a workdir's run as one
+  single-device model in inference mode, whatever mesh it was trained on (the tables keep
+  the row padding of its `mesh.model`)."""
+  workdir = epath.Path(workdir).expanduser()
+  config = read_run_config(workdir)
+  local = copy.deepcopy(config)
+  with local.unlocked():
+    local.mesh.data, local.mesh.model = -1, 1  # validated for one device
+  validated = config_lib.validate(local, num_devices=1)
+  dataset = select_modalities(open_dataset(config), validated.model.modalities)
+  rules = ShardingRules(table_shards=int(config.mesh.model))
+  model = build_model(validated.model, dataset.schema, rngs=nnx.Rngs(config.seed), sharding=rules)
+  model.catalog.load(dataset.schema, dataset.catalog)
+  tx = optimizers.make_optimizer(validated.optimizer, 1)  # for the state's structure only
+  graphdef, like = training.create_train_state(model, tx, config.seed)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                           keep=config.keep_checkpoints)
+  step = ckpt.best_or_latest(step)
+  state = ckpt.restore(step, abstract).state
+  ckpt.close()
+  return nnx.merge(graphdef, state.params, state.rest), dataset.schema, step

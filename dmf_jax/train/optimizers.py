@@ -1,0 +1,105 @@
+"""Optax optimizers from a config: Adam by default, schedules, clipping, embedding-table groups.
+
+Config fields (all in `OptimizerConfig`): name, learning_rate, schedule ('constant', 'cosine',
+'warmup_cosine'), warmup_steps, weight_decay (AdamW when > 0), grad_clip_norm (0 = off), and an
+optional separate optimizer for embedding tables (embedding_name, embedding_learning_rate),
+applied through `optax.multi_transform` to every `EmbeddingTable`'s rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import optax
+from flax import nnx
+
+from dmf_jax.core import checks
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adam"
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 0.0
+  embedding_name: str | None = None
+  embedding_learning_rate: float | None = None
+
+  def __post_init__(self):
+    problems = []  # every problem is reported at once
+    if self.name not in OPTIMIZERS:
+      problems.append(f"optimizer.name {self.name!r} is not one of {OPTIMIZERS}")
+    if self.embedding_name is not None and self.embedding_name not in OPTIMIZERS:
+      problems.append(f"optimizer.embedding_name {self.embedding_name!r} is not one of {OPTIMIZERS}")
+    if self.schedule not in SCHEDULES:
+      problems.append(f"optimizer.schedule {self.schedule!r} is not one of {SCHEDULES}")
+    if not self.learning_rate > 0:
+      problems.append(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
+    if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
+      problems.append("optimizer.embedding_learning_rate must be > 0")
+    if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
+      problems.append("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
+    if problems:
+      raise checks.Problems(problems)
+
+  @classmethod
+  def from_mapping(cls, values: Mapping) -> "OptimizerConfig":
+    return checks.dataclass_from_mapping(cls, values, "optimizer config")
+
+
+def schedule(config: OptimizerConfig, learning_rate: float, total_steps: int) -> optax.Schedule:
+  if config.schedule == "constant":
+    return optax.constant_schedule(learning_rate)
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, max(1, total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(1, config.warmup_steps), max(config.warmup_steps + 1, total_steps)
+  )
+
+
+def _base(name: str, lr: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+  if name == "adam" and weight_decay == 0:
+    return optax.adam(lr)
+  if name in ("adam", "adamw"):
+    return optax.adamw(lr, weight_decay=weight_decay)
+  if name == "sgd":
+    return optax.sgd(lr, momentum=0.9)
+  return optax.adagrad(lr)
+
+
+def is_embedding_table(path: tuple) -> bool:
+  """An EmbeddingTable's rows are the Param named 'embedding'."""
+  return bool(path) and path[-1] == "embedding"
+
+
+def param_labels(params: nnx.State) -> nnx.State:
+  """'embedding' or 'dense' for every Param (the groups of `multi_transform`)."""
+
+  def label(path, _):
+    keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+    return "embedding" if is_embedding_table(keys) else "dense"
+
+  return jax.tree_util.tree_map_with_path(
+      label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  dense = _base(config.name, schedule(config, config.learning_rate, total_steps),
+                config.weight_decay)
+  if config.embedding_name is not None or config.embedding_learning_rate is not None:
+    emb_lr = config.embedding_learning_rate or config.learning_rate
+    embedding = _base(config.embedding_name or config.name,
+                      schedule(config, emb_lr, total_steps), 0.0)
+    tx = optax.multi_transform({"dense": dense, "embedding": embedding}, param_labels)
+  else:
+    tx = dense
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx

@@ -1,0 +1,144 @@
+"""A workdir holds one run: its lock, its identity (fingerprint) and how to start over.
+
+`open_workdir(workdir, config, dataset)` is called before a run writes anything:
+1. it takes the workdir lock (`run.lock`, see `dmf_jax.core.locking`): a second run into the same
+   workdir stops at once with `LockedError`; a lock left by a dead run is taken over;
+2. it compares the run's identity with the one recorded in `run.json` (or, for a workdir of
+   an older version, in `config.json`). The identity is every config field except
+   `RESUMABLE_FIELDS`, plus the dataset's build (`BuiltDataset.full_name` and
+   `fingerprint`). A different identity raises `RunMismatchError`, naming the fields.
+   With `config.overwrite` set, an earlier run's files are moved to `<workdir>.replaced-<time>`
+   (never deleted) and the run starts afresh, whatever its identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+from etils import epath
+
+from dmf_jax.core.errors import UserError
+from dmf_jax.core.locking import FileLock
+from dmf_jax.models.registry import RETIRED_FIELDS
+
+RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
+# Fields that may change when a run resumes: they decide how long and how visibly it runs,
+# not what the state is or which data it trains on. `mesh.data` may change too (the data
+# axis shards batches only); `mesh.model` pads the embedding tables, so it is part of the
+# identity.
+RESUMABLE_FIELDS = (
+    "num_epochs", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "patience", "log_every_steps", "eval_batch_size", "progress",
+    "prefetch", "worker_count", "in_memory_max_records", "data_dir", "manual_dir",
+    "dataset_config", "overwrite", "mesh.data",
+)
+_RETIRED = tuple(f"model_config.{name}" for name in RETIRED_FIELDS)  # not identity: ignored
+MAX_LISTED = 8
+
+
+class RunMismatchError(UserError):
+  """The workdir holds a run of another config or dataset."""
+
+
+def _flatten(value, prefix: str = "") -> dict:
+  if isinstance(value, dict):
+    out = {}
+    for key, inner in value.items():
+      out.update(_flatten(inner, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: list(value) if isinstance(value, tuple) else value}
+
+
+def _identity_fields(config_json: dict) -> dict:
+  """The flattened config without the fields that may change on resume."""
+  return {k: v for k, v in _flatten(config_json).items()
+          if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_FIELDS)
+          and k not in _RETIRED}
+
+
+def identity(config: ml_collections.ConfigDict, dataset) -> dict:
+  """The fields that must match for a run to resume: {dotted field: value}."""
+  out = _identity_fields(json.loads(config.to_json_best_effort()))
+  out["dataset.build"] = dataset.full_name
+  out["dataset.fingerprint"] = dataset.fingerprint
+  return out
+
+
+def _recorded_identity(workdir: epath.Path) -> dict | None:
+  """The identity of the run in `workdir`; None for a fresh workdir."""
+  run_file, config_file = workdir / RUN_FILE, workdir / "config.json"
+  for path in (run_file, config_file):
+    if path.exists():
+      try:
+        recorded = json.loads(path.read_text())
+      except ValueError as e:
+        raise RunMismatchError(f"{path} is unreadable ({e}): cannot tell which run {workdir} "
+                               f"holds; use a new --workdir or --config.overwrite=True") from None
+      if path == run_file:
+        return recorded["identity"]
+      return _identity_fields(recorded)  # an older run: config.json only, no dataset build
+  return None
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+  lines = []
+  for key in sorted(set(recorded) | set(current)):
+    if key.startswith("dataset.") and key not in recorded:
+      continue  # an older run did not record its dataset build
+    then, now = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+    if then != now:
+      lines.append(f"{key}: {then!r} in the workdir, {now!r} now")
+  return lines
+
+
+def _move_old_run(workdir: epath.Path) -> epath.Path:
+  target = epath.Path(f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+  target.mkdir(parents=True)
+  for entry in workdir.iterdir():
+    if entry.name != LOCK_FILE:
+      entry.rename(target / entry.name)
+  return target
+
+
+def open_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, dataset, *,
+                 is_main: bool = True, log=None) -> FileLock | None:
+  """Locks `workdir` (process 0) and checks or records the run's identity (see module doc).
+
+  Returns the held lock (release it when the run ends), or None on other processes.
+  """
+  log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+  current = identity(config, dataset)
+  lock = None
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(os.fspath(workdir / LOCK_FILE), purpose=f"training run ({config.model})",
+                    wait=False, log=log).acquire()
+  try:
+    recorded = _recorded_identity(workdir)
+    diff = differences(recorded, current) if recorded is not None else []
+    if diff and not config.get("overwrite", False):
+      shown = diff[:MAX_LISTED] + ([f"... and {len(diff) - MAX_LISTED} more"]
+                                   if len(diff) > MAX_LISTED else [])
+      raise RunMismatchError(
+          f"{workdir} holds another run; nothing was changed. It differs in:\n  "
+          + "\n  ".join(shown)
+          + "\nUse a new --workdir, or add --config.overwrite=True to move the old run to "
+            f"{workdir}.replaced-<time> and start afresh.\n(Fields that may change on resume: "
+            "README 'Runs and workdirs', dmf_jax.train.runs.RESUMABLE_FIELDS.)")
+    if is_main:
+      leftovers = [e for e in workdir.iterdir() if e.name != LOCK_FILE]
+      if config.get("overwrite", False) and leftovers:
+        log(f"overwrite: moved the old run in {workdir} to {_move_old_run(workdir)}")
+      tmp = workdir / f".{RUN_FILE}.tmp"
+      tmp.write_text(json.dumps({"identity": current}, indent=2))
+      os.replace(tmp, workdir / RUN_FILE)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  return lock

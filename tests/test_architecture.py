@@ -1,0 +1,116 @@
+"""The package's import graph: layered, acyclic, self-contained (an AST walk, function-level
+imports included).
+
+  core < nn < models, data < train < serve
+
+A module imports only its own subpackage and lower layers (models and data are peers that
+never import each other); nothing imports the repository's top-level data/, experiments/ or
+tests/; the exported scorer needs only jax, numpy, the standard library and serve/request.
+"""
+
+import ast
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAYERS = {"core": 0, "nn": 1, "models": 2, "data": 2, "train": 3, "serve": 4}
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(REPO).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, pathlib.Path]:
+  return {module_name(p): p for p in sorted((REPO / "dmf_jax").rglob("*.py"))}
+
+
+def imports(path: pathlib.Path, known: set[str]) -> list[tuple[int, str]]:
+  """(line, imported name) of every import in the file; `from a import b` counts as a.b when
+  a.b is a module of the package, else as a."""
+  out = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out += [(node.lineno, a.name) for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      assert not node.level, f"{path}:{node.lineno}: relative import"
+      for a in node.names:
+        full = f"{node.module}.{a.name}"
+        out.append((node.lineno, full if full in known else node.module))
+  return out
+
+
+def graph() -> dict[str, set[str]]:
+  mods = modules()
+  return {m: {name for _, name in imports(p, set(mods)) if name in mods and name != m}
+          for m, p in mods.items()}
+
+
+def layer(module: str) -> tuple[str, int] | None:
+  parts = module.split(".")
+  return (parts[1], LAYERS[parts[1]]) if len(parts) > 2 and parts[1] in LAYERS else None
+
+
+def test_no_import_cycles():
+  edges, cycles = graph(), []
+  state = {}
+
+  def visit(node, stack):
+    state[node] = "open"
+    for nxt in sorted(edges[node]):
+      if state.get(nxt) == "open":
+        cycles.append(stack[stack.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, stack + [nxt])
+    state[node] = "done"
+
+  for node in sorted(edges):
+    if node not in state:
+      visit(node, [node])
+  assert not cycles, cycles
+
+
+def test_no_module_imports_a_higher_layer_or_a_peer():
+  bad = []
+  for module, targets in graph().items():
+    mine = layer(module)
+    for target in targets:
+      theirs = layer(target)
+      if mine is None or theirs is None or mine[0] == theirs[0]:
+        continue
+      if theirs[1] >= mine[1]:
+        bad.append(f"{module} ({mine[0]}) imports {target} ({theirs[0]})")
+  assert not bad, bad
+
+
+def test_subpackages_have_no_import_side_effects():
+  """Subpackage __init__ files only document (importing dmf_jax.models.din does not build the
+  registry); dmf_jax.data's is the data API (prepare), which imports its builders."""
+  for sub in ("core", "nn", "models", "train", "serve"):
+    tree = ast.parse((REPO / "dmf_jax" / sub / "__init__.py").read_text())
+    assert all(isinstance(n, ast.Expr) for n in tree.body), sub
+
+
+def test_the_package_never_imports_the_repository_folders():
+  """No module of dmf_jax imports the top-level data/, experiments/ or tests/: they are not
+  installed."""
+  mods = modules()
+  offenders = [f"{p.relative_to(REPO)}:{line}: {name}" for m, p in mods.items()
+               for line, name in imports(p, set(mods))
+               if name.split(".")[0] in ("data", "experiments", "tests")]
+  assert not offenders, offenders
+
+
+def test_the_exported_scorer_needs_only_jax_numpy_and_the_request_module():
+  path = REPO / "dmf_jax" / "serve" / "exported.py"
+  allowed = {"jax", "numpy", "__future__", "dmf_jax.serve.request"} | set(sys.stdlib_module_names)
+  names = {name for _, name in imports(path, set(modules()))}
+  extra = sorted(n for n in names if n not in allowed and n.split(".")[0] not in allowed)
+  assert not extra, extra
+
+
+def test_the_walk_sees_function_level_imports(tmp_path):
+  """The checker is not vacuous: an import inside a function is found."""
+  path = tmp_path / "m.py"
+  path.write_text("def f():\n  from dmf_jax.train import loop\n")
+  assert imports(path, {"dmf_jax.train.loop"}) == [(2, "dmf_jax.train.loop")]

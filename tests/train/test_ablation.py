@@ -1,0 +1,82 @@
+"""experiments.ablation's library: specs, runs, resume, and the three summary files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from helpers import tiny_train_config
+from dmf_jax.train import ablation
+
+
+def test_model_specs():
+  assert ablation.ModelSpec.parse("dmf") == ablation.ModelSpec("dmf")
+  spec = ablation.ModelSpec.parse("simtier[text+image]")
+  assert spec == ablation.ModelSpec("simtier", ("text", "image"))
+  assert spec.label == "simtier[text+image]" and spec.dirname == "simtier--text-image"
+  for bad in ("dmf[", "dmf[]", "d mf", "dmf[text]x"):
+    with pytest.raises(ValueError, match="bad model spec"):
+      ablation.ModelSpec.parse(bad)
+
+
+def test_summary_statistics_against_hand_computed_values():
+  records = [dict(model=m, seed=s, val_auc=v, test_auc=t, test_gauc=t, test_logloss=0.5,
+                  cold_test_auc=None, train_seconds=1.0, params=10)
+             for m, s, v, t in [("din", 0, 0.70, 0.70), ("din", 1, 0.71, 0.72),
+                                ("dmf", 0, 0.72, 0.73), ("dmf", 1, 0.73, 0.74)]]
+  rows = ablation.summarize(records)
+  assert [r["model"] for r in rows] == ["dmf", "din"]
+  dmf = rows[0]
+  np.testing.assert_allclose(dmf["test_auc"], (0.735, np.std([0.73, 0.74], ddof=1)))
+  diffs = [0.03, 0.02]
+  vs = dmf["vs_baseline"]
+  np.testing.assert_allclose([vs["auc_diff_mean"], vs["auc_diff_std"]],
+                             [0.025, np.std(diffs, ddof=1)])
+  np.testing.assert_allclose(vs["rel_impr"], (0.735 - 0.5) / (0.71 - 0.5) - 1)
+  assert vs["above_two_std"] is True  # 0.025 > 2 * 0.00707
+  assert math.isnan(dmf["cold_test_auc"][0])
+  table = ablation.markdown_table(rows)
+  assert "| dmf | 2 | 0.7250 ± 0.0071 | 0.7350 ± 0.0071 |" in table
+
+
+def test_ablation_writes_results_and_resume_skips_finished_runs(tmp_path):
+  config = tiny_train_config(tmp_path / "data", num_train_steps=12, eval_every_steps=6,
+                             checkpoint_every_steps=6)
+  out = tmp_path / "ablation"
+  logs = []
+  specs = [ablation.ModelSpec("din"), ablation.ModelSpec("dmf", ("text",))]
+  records = ablation.run_ablation(config, specs, [0, 1], out, log=logs.append)
+  assert sum("training in" in line for line in logs) == 4
+  saved = json.loads((out / "results.json").read_text())
+  assert saved == json.loads(json.dumps(records))
+  assert [(r["model"], r["seed"]) for r in saved] == [
+      ("din", 0), ("din", 1), ("dmf[text]", 0), ("dmf[text]", 1)]
+  for record in saved:
+    assert set(ablation.RECORD_KEYS) <= set(record)
+    assert 0.0 <= record["test_auc"] <= 1.0 and record["params"] > 0
+  table = (out / "results.md").read_text()
+  assert "| dmf[text] | 2 |" in table and "| din | 2 |" in table and "ΔAUC vs din" in table
+  assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (out / "runs" / "dmf--text" / "seed_1" / "results.json").exists()
+
+  # Again: the four finished runs are read back, nothing trains.
+  logs.clear()
+  stamp = (out / "runs" / "din" / "seed_0" / "results.json").stat().st_mtime_ns
+  again = ablation.run_ablation(config, specs, [0, 1], out, log=logs.append)
+  assert not [line for line in logs if "training in" in line]
+  assert sum("finished earlier" in line for line in logs) == 4
+  assert (out / "runs" / "din" / "seed_0" / "results.json").stat().st_mtime_ns == stamp
+  assert again == records
+  with pytest.raises(ValueError, match="duplicate model specs"):
+    ablation.run_ablation(config, specs + specs, [0], out, log=logs.append)
+
+
+def test_ablation_rejects_bad_specs_before_training(tmp_path):
+  from dmf_jax.train.config import ConfigError
+
+  config = tiny_train_config(tmp_path / "data")
+  with pytest.raises(ConfigError, match="unknown model 'dfm'"):
+    ablation.run_ablation(config, [ablation.ModelSpec("din"), ablation.ModelSpec("dfm")], [0],
+                          tmp_path / "out", log=lambda _: None)
+  assert not (tmp_path / "out" / "runs").exists()
