@@ -95,3 +95,17 @@ def segment_sum_rows(data: jax.Array, segment_ids: jax.Array, num_segments: int)
     return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)
   out = jnp.zeros((num_segments, *data.shape[1:]), data.dtype)
   return out.at[segment_ids].add(data, out_sharding=P(axis, *([None] * (data.ndim - 1))))
+
+
+def merge_leading(x: jax.Array) -> jax.Array:
+  """[B, N, ...] -> [B * N, ...]; N = 1 drops the axis (no reshape of a mesh-split B)."""
+  if x.shape[1] == 1:
+    return x[:, 0]
+  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def split_leading(x: jax.Array, b: int, n: int) -> jax.Array:
+  """[B * N, ...] -> [B, N, ...], the inverse of `merge_leading`."""
+  if n == 1:
+    return x[:, None]
+  return x.reshape(b, n, *x.shape[1:])

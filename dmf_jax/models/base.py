@@ -24,7 +24,7 @@ from dmf_jax.core import checks
 from dmf_jax.core.catalog import CatalogTables, ItemCatalog
 from dmf_jax.core.rows import Rows, item_rows
 from dmf_jax.core.schema import FeatureSchema
-from dmf_jax.core.sharding import NO_SHARDING, ShardingRules
+from dmf_jax.core.sharding import NO_SHARDING, ShardingRules, merge_leading, split_leading
 from dmf_jax.nn.embedding import FeatureEmbedding
 from dmf_jax.nn.layers import ACTIVATIONS
 from dmf_jax.nn.losses import bce_with_logits
@@ -322,8 +322,8 @@ class CTRModel(nnx.Module):
     user = state["user"]
     b, n = features[0].shape[:2]
     user = jnp.broadcast_to(user[:, None], (b, n, user.shape[-1]))
-    x = jnp.concatenate([user, *features], -1)
-    return self.head(x.reshape(b * n, -1), train=train, rngs=rngs).reshape(b, n)
+    x = merge_leading(jnp.concatenate([user, *features], -1))
+    return split_leading(self.head(x, train=train, rngs=rngs), b, n)
 
   def __call__(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
                ) -> jax.Array:

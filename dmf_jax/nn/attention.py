@@ -41,7 +41,7 @@ from flax import nnx
 
 from dmf_jax.core import checks
 from dmf_jax.core.rows import Rows
-from dmf_jax.core.sharding import segment_sum_rows, take_rows
+from dmf_jax.core.sharding import merge_leading, segment_sum_rows, split_leading, take_rows
 from dmf_jax.nn.similarity import SimilarityBucketEmbedding
 
 _KERNEL_INIT = jax.nn.initializers.lecun_normal()
@@ -312,9 +312,11 @@ class MultiHeadTargetAttention(nnx.Module):
     del side
     _check_query("MultiHeadTargetAttention", query, state.mask.shape[0], self.id_dim)
     h, dh = self.num_heads, self.head_dim
-    q = (query.reshape(-1, self.id_dim) @ self.query[...]).reshape(*query.shape[:2], h, dh)
+    q = split_leading((merge_leading(query) @ self.query[...]).reshape(-1, h, dh),
+                      *query.shape[:2])
     a = masked_softmax(head_scores(q, state.key_id) / jnp.sqrt(dh), state.mask[:, None, None])
-    return head_mix(a, state.value_id).reshape(*query.shape[:2], h * dh)
+    out = merge_leading(head_mix(a, state.value_id))  # [B * N, H, d_h]
+    return split_leading(out.reshape(out.shape[0], h * dh), *query.shape[:2])
 
   def __call__(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
     _check_batched("MultiHeadTargetAttention", target, behaviors, mask, self.id_dim)
@@ -487,18 +489,19 @@ class DecoupledTargetAttention(_FusionAttention):
     self._check_attend(query, side, batch, seq_len)
     n, k, nb, h, dh = query.shape[1], w.num_modalities, w.num_buckets, w.num_heads, w.head_dim
     e = batch * n  # (user, candidate) pairs, flattened: the per-pair work below is 3-D
-    q = w.queries(query.reshape(e, -1)).reshape(batch, n, h, dh)
-    buckets = jnp.clip(side, 0, nb - 1).reshape(e, seq_len, k)
-    q_side = jnp.einsum("ehd,kmhd->ekhm", q.reshape(e, h, dh), w.bucket_tables(w.key[...]))
+    q = w.queries(merge_leading(query))  # [E, H, d_h]
+    buckets = merge_leading(jnp.clip(side, 0, nb - 1))  # [E, L, K]
+    q_side = jnp.einsum("ehd,kmhd->ekhm", q, w.bucket_tables(w.key[...]))  # [E, K, H, nb]
     index = jnp.transpose(buckets, (0, 2, 1))[:, :, None, :]  # [E, K, 1, L]
     side_scores = jnp.take_along_axis(q_side, index, axis=3).sum(axis=1)  # [E, H, L]
-    scores = (head_scores(q, state.key_id).reshape(e, h, seq_len) + side_scores) / jnp.sqrt(dh)
-    mask = jnp.broadcast_to(state.mask[:, None], (batch, n, seq_len)).reshape(e, seq_len)
+    id_scores = merge_leading(head_scores(split_leading(q, batch, n), state.key_id))
+    scores = (id_scores + side_scores) / jnp.sqrt(dh)
+    mask = merge_leading(jnp.broadcast_to(state.mask[:, None], (batch, n, seq_len)))
     a = masked_softmax(scores, mask[:, None, :])  # [E, H, L]
     per_token = jnp.broadcast_to(jnp.transpose(a, (0, 2, 1))[:, :, None, :], (e, seq_len, k, h))
     segment = (jnp.arange(e)[:, None, None] * k + jnp.arange(k)[None, None, :]) * nb + buckets
     mass = segment_sum_rows(per_token.reshape(-1, h), segment.reshape(-1), e * k * nb)
     mass = mass.reshape(e, k, nb, h)  # [E, K, nb, H]
-    id_part = head_mix(a.reshape(batch, n, h, seq_len), state.value_id).reshape(e, h, dh)
+    id_part = merge_leading(head_mix(split_leading(a, batch, n), state.value_id))
     out = id_part + jnp.einsum("ekmh,kmhd->ehd", mass, w.bucket_tables(w.value[...]))
-    return out.reshape(batch, n, -1)
+    return split_leading(out.reshape(e, h * dh), batch, n)

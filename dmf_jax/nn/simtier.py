@@ -10,7 +10,7 @@ from flax import nnx
 
 from dmf_jax.core import checks
 from dmf_jax.nn.layers import MLP
-from dmf_jax.core.sharding import segment_sum_rows
+from dmf_jax.core.sharding import merge_leading, segment_sum_rows, split_leading
 from dmf_jax.nn.similarity import bucketize
 
 SIMTIER_NORMALIZATIONS = ("count", "normalized", "log1p")
@@ -77,8 +77,7 @@ class SimTier(nnx.Module):
     """similarity [B, L, K] (or [B, N, L, K]: N candidates per user), mask [B, L] -> [B, (N,) out]."""
     if similarity.ndim == 4:  # N candidates per user: the users' masks, one histogram each
       batch, n = similarity.shape[:2]
-      mask = jnp.broadcast_to(mask[:, None], similarity.shape[:3]).reshape(batch * n, -1)
-      out = self(similarity.reshape(batch * n, *similarity.shape[2:]), mask, train=train)
-      return out.reshape(batch, n, -1)
+      mask = merge_leading(jnp.broadcast_to(mask[:, None], similarity.shape[:3]))
+      return split_leading(self(merge_leading(similarity), mask, train=train), batch, n)
     hist = simtier_histogram(similarity, mask, self.num_tiers, self.normalization)
     return self.mlp(hist.reshape(hist.shape[0], -1), train=train)
