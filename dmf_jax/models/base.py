@@ -143,7 +143,7 @@ class UserEncoder(nnx.Module):
     return jnp.concatenate(parts, axis=-1)
 
 
-class ContentEncoder(Protocol):
+class ContentTower(Protocol):
   """An item-content tower appended to the ID tokens (EM3's Q-Former, the Vector baseline's
   projections): K modality vectors [R, D_k] -> [R, out_dim]; `sequence` marks the behaviour
   side. It may add training losses with `loss_terms(model, batch, rngs)` -> {name: (weight,
@@ -198,7 +198,7 @@ class CTRModel(nnx.Module):
       catalog: ItemCatalog | None = None,
       sharding: ShardingRules = NO_SHARDING,
       similarity: bool = False,
-      content: ContentEncoder | None = None,
+      content: ContentTower | None = None,
   ):
     """similarity=True: the model uses target-aware similarities (config: a MultimodalConfig);
     it needs a modality, and frozen cosines come from a precomputed all-pairs matrix for small
