@@ -7,6 +7,7 @@ skipped for tracers, where each caller documents its defined jit-time behaviour 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -98,8 +99,6 @@ class Problems(ValueError):
 
 def dataclass_from_mapping(cls, values, what: str):
   """`cls(**values)` for a dict or ConfigDict; unknown keys raise an error listing the valid ones."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
   values = dict(values)
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
@@ -149,8 +148,6 @@ RULES = {
 
 def field(default, rule: str | tuple, **kwargs):
   """A dataclass field checked by `check_fields`: rule is a RULES name or a tuple of choices."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
   if isinstance(default, (list, tuple)):
     return dataclasses.field(default_factory=lambda: tuple(default), metadata={"rule": rule},
                              **kwargs)
@@ -159,8 +156,6 @@ def field(default, rule: str | tuple, **kwargs):
 
 def check_fields(obj) -> list[str]:
   """Problems of a dataclass's `field(..., rule)` fields ('name must ...'); lists become tuples."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
   problems = []
   for f in dataclasses.fields(obj):
     rule, value = f.metadata.get("rule"), getattr(obj, f.name)
