@@ -121,7 +121,7 @@ def random_catalog(schema, rng) -> ItemCatalog:
   genres[:, :2] = rng.integers(0, 19, (n, 2))
   side = {"genres": genres, "year": rng.integers(0, 72, n).astype(np.int32),
           "image_missing": np.zeros(n, np.int32)}
-  mods = {m.name: rng.normal(size=(n, m.dim)).astype(np.float32) for m in schema.modalities}
+  mods = {m.name: rng.standard_normal((n, m.dim), dtype=np.float32) for m in schema.modalities}
   return ItemCatalog(side, mods)
 
 

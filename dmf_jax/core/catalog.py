@@ -7,6 +7,7 @@ updates `nnx.Param` only), so batches carry item ids and never copies of the vec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 
 import jax
@@ -16,7 +17,7 @@ from flax import nnx
 
 from dmf_jax.core import checks
 from dmf_jax.core.schema import FeatureSchema
-from dmf_jax.core.sharding import NO_SHARDING, ShardingRules, gather_rows
+from dmf_jax.core.sharding import NO_SHARDING, ShardingRules, gather_rows, take_rows
 
 
 class CatalogTable(nnx.Variable):
@@ -27,12 +28,16 @@ class CatalogTable(nnx.Variable):
 class ItemCatalog:
   """Host-side catalog arrays.
 
-  side: field name -> int32 [num_items] (single-valued) or [num_items, M] (multi-valued, -1 pad).
+  side: field name -> int32 [num_items] (single-valued) or [num_items, M] (multi-valued, -1
+    pad); for a hashed field (`FeatureSpec.hashed`) the raw int64 ids [num_items].
   modalities: modality name -> float32 [num_items, D_k]; an all-zero row marks a missing vector.
+  raw_ids: int64 [num_items], each item's raw id (`dmf_jax.core.hashing`); required when the
+    schema hashes item ids, else optional.
   """
 
   side: Mapping[str, np.ndarray]
   modalities: Mapping[str, np.ndarray]
+  raw_ids: np.ndarray | None = None
 
   def validate(self, schema: FeatureSchema) -> None:
     """Raises a ValueError naming the culprit unless the arrays fit `schema`."""
@@ -42,12 +47,20 @@ class ItemCatalog:
       raise ValueError(f"catalog side fields {sorted(self.side)} != schema {sorted(want_side)}")
     for spec in schema.item_features:
       arr = np.asarray(self.side[spec.name])
+      name = f"catalog.side[{spec.name!r}]"
+      if spec.hashed:
+        checks.check_shape(f"{name} (raw ids of a hashed field)", arr, (n,))
+        checks.check_integer(name, arr)
+        continue
       expected = (n, spec.max_values) if spec.multi_valued else (n,)
-      checks.check_shape(f"catalog.side[{spec.name!r}]", arr, expected)
-      checks.check_integer(f"catalog.side[{spec.name!r}]", arr)
-      checks.check_ids_in_range(
-          f"catalog.side[{spec.name!r}]", arr, spec.vocab_size, allow_padding=spec.multi_valued
-      )
+      checks.check_shape(name, arr, expected)
+      checks.check_integer(name, arr)
+      checks.check_ids_in_range(name, arr, spec.vocab_size, allow_padding=spec.multi_valued)
+    if self.raw_ids is not None or schema.item_id_spec.hashed:
+      if self.raw_ids is None:
+        raise ValueError("catalog.raw_ids: the schema hashes item ids, the catalog has no raw ids")
+      checks.check_shape("catalog.raw_ids", self.raw_ids, (n,))
+      checks.check_integer("catalog.raw_ids", self.raw_ids)
     want_mod = set(schema.modality_names)
     if set(self.modalities) != want_mod:
       raise ValueError(
@@ -71,11 +84,27 @@ class ItemCatalog:
     """A placeholder of the right shapes (for abstract init before the real values load)."""
     n = schema.num_items
     side = {
-        f.name: np.zeros((n, f.max_values) if f.multi_valued else (n,), np.int32)
+        f.name: np.zeros((n, f.max_values) if f.multi_valued and not f.hashed else (n,),
+                         np.int64 if f.hashed else np.int32)
         for f in schema.item_features
     }
     mods = {m.name: np.zeros((n, m.dim), np.float32) for m in schema.modalities}
-    return cls(side, mods)
+    raw_ids = np.zeros(n, np.int64) if schema.item_id_spec.hashed else None
+    return cls(side, mods, raw_ids)
+
+  def fingerprint(self) -> str:
+    """SHA-256 of every array (names, dtypes, shapes, bytes): identifies the catalog's content
+    (checkpoints hold it instead of the arrays)."""
+    digest = hashlib.sha256()
+    arrays = {f"side/{k}": v for k, v in self.side.items()}
+    arrays |= {f"modality/{k}": v for k, v in self.modalities.items()}
+    if self.raw_ids is not None:
+      arrays["raw_ids"] = self.raw_ids
+    for name in sorted(arrays):
+      arr = np.ascontiguousarray(arrays[name])
+      digest.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
+      digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
@@ -104,12 +133,22 @@ def cosine_range(vectors: np.ndarray, *, quantiles=(0.5, 99.5), max_items: int =
   return np.array([low, high], np.float32)
 
 
+VECTOR_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 class CatalogTables(nnx.Module):
-  """The catalog as frozen variables: `side(name, ids)` and `vectors(name, ids)` gathers.
+  """The catalog as frozen variables: `side_values(name, ids)`, `vectors(name, ids)` and (for a
+  hashed item-id table) `id_rows(ids)` gathers.
+
+  Per-item tables are row-sharded over `sharding.table_axis` exactly like the embedding tables
+  (rows padded to a multiple of the shard count, padding never addressed), so on a mesh with
+  `model = S` each device holds 1/S of them. Hashed side fields and item ids are hashed when
+  the catalog loads (the stored tables hold rows). `vector_dtype='bfloat16'` halves the
+  vectors' memory; lookups return float32 either way.
 
   With `pairwise=True` it also holds each modality's all-pairs cosine matrix [V, V] (derived
-  from the vectors whenever they load), so the frozen target-behaviour similarity is one scalar
-  gather instead of gathering and normalizing two D-dimensional vectors per pair.
+  from the vectors whenever they load; replicated, so only for catalogs within the model's
+  budget), making the frozen target-behaviour similarity one scalar gather.
   """
 
   def __init__(
@@ -118,44 +157,103 @@ class CatalogTables(nnx.Module):
       catalog: ItemCatalog | None = None,
       sharding: ShardingRules = NO_SHARDING,
       pairwise: bool = False,
+      vector_dtype: str = "float32",
   ):
+    if vector_dtype not in VECTOR_DTYPES:
+      raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {tuple(VECTOR_DTYPES)}")
     catalog = catalog or ItemCatalog.zeros(schema)
     catalog.validate(schema)
     self.num_items = schema.num_items
     self.sharding = sharding
+    self.vector_dtype = vector_dtype
     self.has_pairwise = pairwise and bool(catalog.modalities)
+    self.hashed_ids = schema.item_id_spec.hashed
+    tables = self._tables(schema, catalog)  # unpadded
     if self.has_pairwise:
       self.pairwise = nnx.Dict(
           {k: CatalogTable(jnp.asarray(cosine_matrix(v))) for k, v in catalog.modalities.items()}
       )
-    self.side = nnx.Dict(
-        {k: CatalogTable(jnp.asarray(v, jnp.int32)) for k, v in catalog.side.items()}
-    )
-    self.modalities = nnx.Dict(
-        {k: CatalogTable(jnp.asarray(v, jnp.float32)) for k, v in catalog.modalities.items()}
-    )
+    self.side = nnx.Dict({k[5:]: self._variable(v) for k, v in tables.items()
+                          if k.startswith("side/")})
+    self.modalities = nnx.Dict({k[9:]: self._variable(v) for k, v in tables.items()
+                                if k.startswith("modality/")})
+    if self.hashed_ids:
+      self.item_id_rows = self._variable(tables["id_rows"])
     self.cosine_ranges = nnx.Dict(
         {k: CatalogTable(jnp.asarray(cosine_range(v))) for k, v in catalog.modalities.items()}
     )
 
+  def _tables(self, schema: FeatureSchema, catalog: ItemCatalog) -> dict[str, np.ndarray]:
+    """The stored per-item tables (hashed fields as rows), rows padded for the shards."""
+    tables = {}
+    for spec in schema.item_features:
+      value = np.asarray(catalog.side[spec.name])
+      tables[f"side/{spec.name}"] = spec.rows(value) if spec.hashed else value.astype(np.int32)
+    for name, value in catalog.modalities.items():
+      tables[f"modality/{name}"] = np.asarray(value, np.float32)
+    if self.hashed_ids:
+      tables["id_rows"] = schema.item_id_spec.rows(catalog.raw_ids)
+    return tables
+
+  def _variable(self, value: np.ndarray) -> CatalogTable:
+    value = self._padded(value)
+    dtype = VECTOR_DTYPES[self.vector_dtype] if value.dtype == np.float32 else jnp.int32
+    value = jnp.asarray(value, dtype)
+    if self.sharding.table_axis is None:
+      return CatalogTable(value)
+    return CatalogTable(value, out_sharding=(self.sharding.table_axis,) + (None,) * (value.ndim - 1))
+
+  def _padded(self, value: np.ndarray) -> np.ndarray:
+    """Rows padded with zeros to a multiple of the shard count."""
+    extra = self.sharding.padded_rows(self.num_items) - len(value)
+    return np.pad(value, [(0, extra)] + [(0, 0)] * (value.ndim - 1))
+
+  def _stored(self, key: str) -> CatalogTable:
+    """The variable of a `_tables` key: side/<field>, modality/<name> or id_rows."""
+    kind, _, name = key.partition("/")
+    return {"side": self.side, "modality": self.modalities}[kind][name] if name else (
+        self.item_id_rows)
+
   def load(self, schema: FeatureSchema, catalog: ItemCatalog) -> None:
     """Replaces the values in place after validating them (keeps each variable's sharding)."""
     catalog.validate(schema)
-    for name, value in catalog.side.items():
-      self.side[name].set_value(jnp.asarray(value, jnp.int32))
+    for key, value in self._tables(schema, catalog).items():
+      variable = self._stored(key)
+      variable.set_value(jnp.asarray(self._padded(value), variable[...].dtype))
     for name, value in catalog.modalities.items():
-      self.modalities[name].set_value(jnp.asarray(value, jnp.float32))
       self.cosine_ranges[name].set_value(jnp.asarray(cosine_range(value)))
       if self.has_pairwise:
         self.pairwise[name].set_value(jnp.asarray(cosine_matrix(value)))
 
-  def rows(self, table: jax.Array, item_ids: jax.Array) -> jax.Array:
-    """table[item_ids] for a per-item table [num_items, ...] (e.g. one derived from the catalog)."""
-    return self._rows(table, item_ids)
+  def extended(self, schema: FeatureSchema, new: ItemCatalog) -> "CatalogTables":
+    """These tables with n new items appended as ids [num_items, num_items + n) (serving).
 
-  def all_vectors(self, name: str) -> jax.Array:
-    """Every item's vector of a modality: float32 [num_items, D_k]."""
-    return self.modalities[name][...]
+    `new` holds the new items' catalog arrays (validated as a catalog of n items of `schema`:
+    vocabulary side fields in range, raw ids for hashed ones, finite vectors, all-zero for a
+    missing one). The catalog's cosine range (calibration) stays the trained one; a pairwise
+    matrix is recomputed over all the items. Host-side (not under jit).
+    """
+    arrays = [*new.side.values(), *new.modalities.values()] + (
+        [new.raw_ids] if new.raw_ids is not None else [])
+    if not arrays:
+      raise ValueError("new items: no side fields, vectors or raw ids given")
+    n = len(arrays[0])
+    new.validate(schema.replace(num_items=n))
+    total = schema.replace(num_items=self.num_items + n)
+    out = CatalogTables(total, sharding=self.sharding, vector_dtype=self.vector_dtype)
+    for key, value in out._tables(schema.replace(num_items=n), new).items():
+      old = np.asarray(jax.device_get(self._stored(key)[...]))[:self.num_items]
+      merged = np.concatenate([old.astype(value.dtype), value])
+      out._stored(key).set_value(jnp.asarray(out._padded(merged), out._stored(key)[...].dtype))
+    for name in self.cosine_ranges:
+      out.cosine_ranges[name].set_value(self.cosine_ranges[name][...])
+    if self.has_pairwise:
+      out.has_pairwise = True
+      out.pairwise = nnx.Dict({
+          name: CatalogTable(jnp.asarray(cosine_matrix(np.asarray(
+              jax.device_get(out.modalities[name][...]), np.float32)[:out.num_items])))
+          for name in schema.modality_names})
+    return out
 
   def safe_ids(self, item_ids: jax.Array) -> jax.Array:
     """Item ids with any id outside [0, num_items) replaced by the last item's.
@@ -170,12 +268,16 @@ class CatalogTables(nnx.Module):
     return gather_rows(table, self.safe_ids(item_ids), self.sharding)
 
   def side_values(self, name: str, item_ids: jax.Array) -> jax.Array:
-    """int [...] -> int32 [...] or [..., M]."""
+    """int [...] -> int32 [...] or [..., M] (a hashed field: its rows)."""
     return self._rows(self.side[name][...], item_ids)
+
+  def id_rows(self, item_ids: jax.Array) -> jax.Array:
+    """The hashed item-id table's rows of the items: int [...] -> int32 [...] or [..., k]."""
+    return self._rows(self.item_id_rows[...], item_ids)
 
   def vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> float32 [..., D_k]."""
-    return self._rows(self.modalities[name][...], item_ids)
+    return self._rows(self.modalities[name][...], item_ids).astype(jnp.float32)
 
   def calibrate(self, name: str, similarity: jax.Array) -> jax.Array:
     """Maps the catalog's typical cosine range [low, high] (random pairs, 0.5-99.5 percentiles)
@@ -186,4 +288,4 @@ class CatalogTables(nnx.Module):
   def pairwise_similarity(self, name: str, target_ids: jax.Array, item_ids: jax.Array) -> jax.Array:
     """cos(m_t, m_j) from the precomputed matrix: target [...], items [..., L] (broadcast) -> [..., L]."""
     flat = self.safe_ids(target_ids)[..., None] * self.num_items + self.safe_ids(item_ids)
-    return gather_rows(self.pairwise[name][...].reshape(-1), flat, self.sharding)
+    return take_rows(self.pairwise[name][...].reshape(-1), flat, force=self.sharding.on_mesh)

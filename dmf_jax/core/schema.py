@@ -4,7 +4,8 @@ A dataset publishes a `FeatureSchema`; models build their tables from it, and th
 pipeline produces batches with the keys it names (see `batch_keys`).
 
 Batch layout (B examples, L behaviours):
-  user/<name>    int32 [B] or [B, M]     user profile fields (M = max_values, padded with -1)
+  user/<name>    int32 [B] or [B, M]     user profile fields (M = max_values, padded with -1;
+                                         a hashed field: its num_hashes rows, see `FeatureSpec`)
   item_id        int32 [B]               target item
   hist_item_id   int32 [B, L]            behaviour items, most recent last, padding where masked
   hist_mask      bool  [B, L]            True for real behaviours
@@ -22,6 +23,8 @@ import dataclasses
 
 import numpy as np
 
+from dmf_jax.core import hashing
+
 POOLINGS = ("mean", "sum")
 
 
@@ -36,6 +39,13 @@ class FeatureSpec:
     max_values: 1 for a single-valued field; M > 1 for a multi-valued field given as [..., M]
       ids padded with -1, pooled over its valid values.
     pooling: 'mean' or 'sum' over the valid values of a multi-valued field.
+    hash_buckets: 0 for a vocabulary field (ids are dense indices, checked against
+      vocab_size); B > 0 for a hashed field: the records keep each value's raw 64-bit id
+      (`dmf_jax.core.hashing`), hashed when read into one of B rows (vocab_size = B), so ids
+      never seen at build time are valid. A hashed field holds one raw value; its model value
+      is its `num_hashes` rows (max_values = num_hashes, pooled by sum when > 1).
+    num_hashes: rows per value of a hashed field (1, or 2 to make full collisions rare).
+    hash_seed: the hash's seed (documented in `dmf_jax.core.hashing`).
   """
 
   name: str
@@ -43,6 +53,9 @@ class FeatureSpec:
   dim: int
   max_values: int = 1
   pooling: str = "mean"
+  hash_buckets: int = 0
+  num_hashes: int = 1
+  hash_seed: int = 0
 
   def __post_init__(self):
     if not self.name or "/" in self.name:
@@ -55,10 +68,47 @@ class FeatureSpec:
       raise ValueError(
           f"FeatureSpec({self.name}).pooling: {self.pooling!r} is not one of {POOLINGS}"
       )
+    for field in ("hash_buckets", "hash_seed"):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"FeatureSpec({self.name}).{field}: must be an int >= 0, got {value!r}")
+    if not isinstance(self.num_hashes, (int, np.integer)) or not 1 <= self.num_hashes <= 4:
+      raise ValueError(f"FeatureSpec({self.name}).num_hashes: must be 1..4, got "
+                       f"{self.num_hashes!r}")
+    if self.hashed:
+      if (self.vocab_size, self.max_values) != (self.hash_buckets, self.num_hashes) or (
+          self.num_hashes > 1 and self.pooling != "sum"):
+        raise ValueError(
+            f"FeatureSpec({self.name}): a hashed field has vocab_size = hash_buckets, "
+            f"max_values = num_hashes and sum pooling; use FeatureSpec.hashed_field()")
+    elif self.num_hashes != 1:
+      raise ValueError(f"FeatureSpec({self.name}).num_hashes: only for hashed fields "
+                       f"(hash_buckets > 0)")
+
+  @classmethod
+  def hashed_field(cls, name: str, buckets: int, dim: int, *, num_hashes: int = 1,
+                   seed: int = 0) -> "FeatureSpec":
+    """A hashed field of `buckets` rows (its value: num_hashes rows, summed)."""
+    return cls(name, buckets, dim, max_values=num_hashes, pooling="sum", hash_buckets=buckets,
+               num_hashes=num_hashes, hash_seed=seed)
+
+  @property
+  def hashed(self) -> bool:
+    return self.hash_buckets > 0
 
   @property
   def multi_valued(self) -> bool:
     return self.max_values > 1
+
+  @property
+  def raw_width(self) -> int:
+    """int32 slots of one value in a record: the raw 64-bit id (2) when hashed, else M."""
+    return 2 if self.hashed else self.max_values
+
+  def rows(self, raw: np.ndarray) -> np.ndarray:
+    """A hashed field's raw ids int64 [...] -> its rows int32 [...] or [..., num_hashes]."""
+    return hashing.hash_rows(raw, self.hash_buckets, seed=self.hash_seed,
+                             num_hashes=self.num_hashes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +128,12 @@ class FeatureSchema:
   """All features of a dataset.
 
   Attributes:
-    num_items: size of the item vocabulary; item ids are in [0, num_items).
+    num_items: size of the item catalog; item ids (catalog rows) are in [0, num_items).
     item_id_dim: width of the item-id embedding.
+    item_id_hash_buckets / item_id_num_hashes / item_id_hash_seed: a hashed item-id table
+      (`FeatureSpec`): each item's raw id is kept in the catalog (`ItemCatalog.raw_ids`) and
+      hashed into one of that many rows, so new items (at serving, or in a later build) get
+      trained rows instead of a shared out-of-vocabulary one. 0: one row per catalog item.
     item_features: item side fields, looked up from the catalog by item id.
     user_features: user profile fields, read from the batch.
     modalities: frozen multimodal vectors per item.
@@ -92,6 +146,9 @@ class FeatureSchema:
   item_features: tuple[FeatureSpec, ...] = ()
   user_features: tuple[FeatureSpec, ...] = ()
   modalities: tuple[ModalitySpec, ...] = ()
+  item_id_hash_buckets: int = 0
+  item_id_num_hashes: int = 1
+  item_id_hash_seed: int = 0
 
   def __post_init__(self):
     for field in ("num_items", "item_id_dim", "seq_len"):
@@ -106,6 +163,10 @@ class FeatureSchema:
 
   @property
   def item_id_spec(self) -> FeatureSpec:
+    if self.item_id_hash_buckets:
+      return FeatureSpec.hashed_field("item_id", self.item_id_hash_buckets, self.item_id_dim,
+                                      num_hashes=self.item_id_num_hashes,
+                                      seed=self.item_id_hash_seed)
     return FeatureSpec("item_id", self.num_items, self.item_id_dim)
 
   @property

@@ -12,8 +12,14 @@ The manual folder holds a `dataset.json` that names the files (see README "Bring
     "modalities": {"text": {"vectors": "text.npy", "ids": "text_ids.txt"}},
     "seq_len": 50,                               # optional, default 50
     "split": "per_user",                         # or "global_time" (cold-start report)
-    "embedding_dim": 32, "field_dim": 8          # optional
+    "embedding_dim": 32, "field_dim": 8,         # optional
+    "hash": {"user": 2000000, "item": 1000000,   # optional: hashed tables of that many rows,
+             "items.brand": 50000,               # for the ids and any single-valued field
+             "num_hashes": 2, "seed": 0}         # (<table>.<field>); see dmf_jax.core.hashing
   }
+
+A hashed field keeps each value's raw 64-bit id in the records and the catalog (hashed when
+read), so ids that a later build or a serving request brings are valid (`FeatureSpec`).
 
 User and item ids are arbitrary strings, mapped to dense indices in sorted order. Side fields:
 an empty value is the field's "missing" value (its own embedding row); a field is
@@ -41,6 +47,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from dmf_jax.core import hashing
 from dmf_jax.data import sequences
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.data import sources
@@ -51,7 +58,7 @@ from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
 CONFIG_FILE = "dataset.json"
 MULTI_SEPARATOR = "|"
 KNOWN_KEYS = {"interactions", "label", "rating", "users", "items", "multi_valued", "modalities",
-              "seq_len", "split", "embedding_dim", "field_dim"}
+              "seq_len", "split", "embedding_dim", "field_dim", "hash"}
 SPLITS = ("per_user", "global_time")
 BUILD_NAME = re.compile(r"^src-[0-9a-f]{12}$")
 # A single-valued field with a distinct value on every row, and at least this many rows, is
@@ -112,6 +119,22 @@ def read_config(root: epath.Path) -> dict:
              for v in multi.values())):
     raise DataError(f"{path}: 'multi_valued' must map 'items' and/or 'users' to lists of field "
                     f"names, got {multi!r}")
+  hashed = config.get("hash", {})
+  if not isinstance(hashed, dict):
+    raise DataError(f"{path}: 'hash' must be an object, got {hashed!r}")
+  for key, value in hashed.items():
+    table, _, field = key.partition(".")
+    if not (key in ("user", "item", "num_hashes", "seed")
+            or (table in ("users", "items") and field)):
+      raise DataError(f"{path}: 'hash' key {key!r} is not 'user', 'item', 'num_hashes', 'seed' "
+                      f"or '<users|items>.<field>'")
+    low, high = {"num_hashes": (1, 4), "seed": (0, 2**31)}.get(key, (1, 2**31 - 2))
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+      raise DataError(f"{path}: 'hash' {key!r} must be an integer in [{low}, {high}], got "
+                      f"{value!r}")
+    if field and field in multi.get(table, []):
+      raise DataError(f"{path}: 'hash' {key!r}: a hashed field must be single-valued, "
+                      f"'multi_valued' lists it")
   mods = config.get("modalities") or {}
   if not isinstance(mods, dict) or any(
       not isinstance(f, dict) or set(f) != {"vectors", "ids"} for f in mods.values()):
@@ -221,13 +244,27 @@ def _warn(message: str) -> None:
   print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _categorical(path, header, rows, lines, id_col, index, id_name, dim, declared_multi=None):
+def _hash_spec(hashed: dict, key: str, name: str, dim: int) -> FeatureSpec | None:
+  """The hashed spec of `key` ('user', 'item', '<table>.<field>') when `hash` names it."""
+  if key not in hashed:
+    return None
+  return FeatureSpec.hashed_field(name, hashed[key], dim, num_hashes=hashed.get("num_hashes", 1),
+                                  seed=hashed.get("seed", 0))
+
+
+def _categorical(path, header, rows, lines, id_col, index, id_name, dim, declared_multi=None,
+                 hashed=None, table=""):
   """Encodes every non-id column: specs and int32 arrays indexed by the dense id.
 
   declared_multi: the fields declared multi-valued (None: inferred, multi-valued when some
   value holds '|'). Single-valued fields: an empty value is the value "" ("missing", its own
-  row). Multi-valued fields: an empty value is no values (all slots -1).
+  row). Multi-valued fields: an empty value is no values (all slots -1). Fields that `hashed`
+  names as '<table>.<field>' are raw int64 ids of their values (`hashing.raw_id`).
   """
+  hashed = hashed or {}
+  for key in hashed:
+    if key.startswith(f"{table}.") and key.partition(".")[2] not in header:
+      raise DataError(f"{path}: 'hash' names {key!r}, not a column; header is {header}")
   if declared_multi is not None:
     unknown = sorted(set(declared_multi) - set(header) - {header[id_col]})
     if unknown:
@@ -236,6 +273,13 @@ def _categorical(path, header, rows, lines, id_col, index, id_name, dim, declare
   specs, arrays = [], {}
   for col, field in enumerate(header):
     if col == id_col:
+      continue
+    spec = _hash_spec(hashed, f"{table}.{field}", field, dim)
+    if spec is not None:
+      arr = np.full(len(index), hashing.raw_id(""), np.int64)  # no row: the missing value
+      arr[[index[row[id_col]] for row in rows]] = hashing.raw_ids(row[col] for row in rows)
+      specs.append(spec)
+      arrays[field] = arr
       continue
     multi = (field in declared_multi if declared_multi is not None
              else any(MULTI_SEPARATOR in row[col] for row in rows))
@@ -341,6 +385,7 @@ class ByodCtr(CtrBuilder):
     seq_len = int(config.get("seq_len", 50))
     dim, field_dim = int(config.get("embedding_dim", 32)), int(config.get("field_dim", 8))
     multi = config.get("multi_valued", {})
+    hashed = config.get("hash", {})
 
     path = _require(root, config["interactions"], "interactions")
     label_col = config.get("label") or config["rating"]["column"]
@@ -365,7 +410,8 @@ class ByodCtr(CtrBuilder):
       iheader, irows, ilines = read_table(ipath, ["item"])
       item_index = _id_index(ipath, irows, ilines, iheader.index("item"), "item")
       item_specs, items_side = _categorical(ipath, iheader, irows, ilines, iheader.index("item"),
-                                            item_index, "item", field_dim, multi.get("items"))
+                                            item_index, "item", field_dim, multi.get("items"),
+                                            hashed, "items")
     else:
       item_index = {v: i for i, v in enumerate(sorted({row[col["item"]] for row in rows}))}
     item = np.empty(len(rows), np.int32)
@@ -381,8 +427,13 @@ class ByodCtr(CtrBuilder):
         raise DataError(f"{path}:{line}: empty user id")
     user_index = {v: i for i, v in enumerate(sorted({row[col["user"]] for row in rows}))}
     user = np.asarray([user_index[row[col["user"]]] for row in rows], np.int32)
-    user_table = {"user_id": np.arange(len(user_index), dtype=np.int32)}
-    user_specs = [FeatureSpec("user_id", len(user_index), dim)]
+    user_id_spec = _hash_spec(hashed, "user", "user_id", dim)
+    if user_id_spec is None:
+      user_table = {"user_id": np.arange(len(user_index), dtype=np.int32)}
+      user_specs = [FeatureSpec("user_id", len(user_index), dim)]
+    else:  # raw ids, in the dense (sorted) order
+      user_table = {"user_id": hashing.raw_ids(sorted(user_index))}
+      user_specs = [user_id_spec]
     if config.get("users"):
       upath = _require(root, config["users"], "users")
       uheader, urows, ulines = read_table(upath, ["user"])
@@ -393,7 +444,8 @@ class ByodCtr(CtrBuilder):
       if missing:
         raise DataError(f"{upath}: no row for user id(s) {missing[:5]} of the interactions")
       specs, arrays = _categorical(upath, uheader, [r for r, _ in known], [l for _, l in known],
-                                   uid, user_index, "user", field_dim, multi.get("users"))
+                                   uid, user_index, "user", field_dim, multi.get("users"),
+                                   hashed, "users")
       user_specs += specs
       user_table |= arrays
 
@@ -420,12 +472,17 @@ class ByodCtr(CtrBuilder):
         table[item_index[key]] = vectors[row]
       modalities[name] = table
 
+    item_id_spec = _hash_spec(hashed, "item", "item_id", dim)
     schema = FeatureSchema(
         num_items=len(item_index), item_id_dim=dim, seq_len=seq_len,
         item_features=tuple(item_specs), user_features=tuple(user_specs),
         modalities=tuple(ModalitySpec(k, v.shape[1]) for k, v in modalities.items()),
+        item_id_hash_buckets=item_id_spec.hash_buckets if item_id_spec else 0,
+        item_id_num_hashes=item_id_spec.num_hashes if item_id_spec else 1,
+        item_id_hash_seed=item_id_spec.hash_seed if item_id_spec else 0,
     )
-    catalog = ItemCatalog(items_side, modalities)
+    catalog = ItemCatalog(items_side, modalities,
+                          hashing.raw_ids(sorted(item_index)) if item_id_spec else None)
     splits = sequences.examples_from_events(
         user, item, timestamp, label.astype(np.int32), user_table, seq_len,
         split=config.get("split", "per_user"),

@@ -19,7 +19,8 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   """Subclasses implement `_prepare`.
 
   `_prepare` returns (schema, catalog, {split: examples}) with examples as produced by
-  `dmf_jax.data.sequences.examples_from_events`. The base writes the schema, the catalog and the
+  `dmf_jax.data.sequences.examples_from_events`, or (streamed builds, bounded memory) a
+  callable yielding them chunk by chunk. The base writes the schema, the catalog and the
   build record (`sources.BUILD_FILE`: fingerprints of `source_files` and `build_parameters`)
   into the (still incomplete) dataset directory, then yields the records; TFDS moves
   everything into place only when the whole build succeeded.
@@ -48,8 +49,11 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     """Reads the raw data and returns (schema, catalog, examples per split)."""
 
   def _info(self) -> tfds.core.DatasetInfo:
+    # Streamed builds write records in generation order (the training pipeline shuffles
+    # anyway); TFDS's shuffle would hold or spill every record once more.
     return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=data_format.example_features()
+        builder=self, description=self.__doc__, features=data_format.example_features(),
+        disable_shuffling=bool(getattr(self.builder_config, "streamed", False)),
     )
 
   def _split_generators(self, dl_manager):
@@ -63,12 +67,17 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     return {name: self._generate_examples(schema, rows) for name, rows in splits.items()}
 
   def _generate_examples(self, schema: FeatureSchema, rows):
-    for i in range(len(rows["label"])):
-      length = int(rows["hist_len"][i])
-      yield i, {
-          "user_features": data_format.pack_user_features(schema, rows, i),
-          "item_id": int(rows["item_id"][i]),
-          "timestamp": int(rows["timestamp"][i]),
-          "hist_item_id": np.ascontiguousarray(rows["hist_item_id"][i, :length], np.int32),
-          "label": float(rows["label"][i]),
-      }
+    """rows: one dict of a split's examples, or (a streamed build) a callable returning an
+    iterator of such dicts, chunk by chunk."""
+    key = 0
+    for chunk in (rows() if callable(rows) else [rows]):
+      for i in range(len(chunk["label"])):
+        length = int(chunk["hist_len"][i])
+        yield key, {
+            "user_features": data_format.pack_user_features(schema, chunk, i),
+            "item_id": int(chunk["item_id"][i]),
+            "timestamp": int(chunk["timestamp"][i]),
+            "hist_item_id": np.ascontiguousarray(chunk["hist_item_id"][i, :length], np.int32),
+            "label": float(chunk["label"][i]),
+        }
+        key += 1

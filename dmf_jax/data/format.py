@@ -7,7 +7,8 @@ A built dataset directory holds, besides TFDS's own files:
                              most recent last, variable length), label; int vectors are stored
                              as raw int32 bytes
   dmf_schema.json            the `FeatureSchema` (vocab sizes, dims, modalities, seq_len)
-  dmf_catalog.npz            the `ItemCatalog`: side/<field> and modality/<name> arrays
+  dmf_catalog.npz            the `ItemCatalog`: side/<field> and modality/<name> arrays (and
+                             raw_ids, each item's raw 64-bit id, for hashed item ids)
 
 Both side files are written into TFDS's incomplete directory during the build, so they appear
 atomically with the records (a failed build leaves nothing behind).
@@ -28,6 +29,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
+from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
@@ -48,8 +50,10 @@ def example_features() -> tfds.features.FeaturesDict:
 
 
 def pack_user_features(schema: FeatureSchema, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
-  """Row i's user fields concatenated in schema order: int32 [sum of widths]."""
-  parts = [np.atleast_1d(rows[f"user/{f.name}"][i]) for f in schema.user_features]
+  """Row i's user fields concatenated in schema order: int32 [sum of raw widths] (a hashed
+  field's raw int64 id as two int32 slots, little-endian)."""
+  parts = [np.atleast_1d(np.asarray(rows[f"user/{f.name}"][i], np.int64 if f.hashed else np.int32))
+           .view(np.int32) for f in schema.user_features]
   return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
@@ -66,6 +70,8 @@ def schema_from_json(text: str) -> FeatureSchema:
       item_features=tuple(FeatureSpec(**f) for f in raw["item_features"]),
       user_features=tuple(FeatureSpec(**f) for f in raw["user_features"]),
       modalities=tuple(ModalitySpec(**m) for m in raw["modalities"]),
+      **{k: raw[k] for k in ("item_id_hash_buckets", "item_id_num_hashes", "item_id_hash_seed")
+         if k in raw},
   )
 
 
@@ -77,6 +83,8 @@ def write_side_files(directory: epath.PathLike, schema: FeatureSchema, catalog: 
   (directory / SCHEMA_FILE).write_text(schema_to_json(schema))
   arrays = {f"side/{k}": np.asarray(v) for k, v in catalog.side.items()}
   arrays |= {f"modality/{k}": np.asarray(v, np.float32) for k, v in catalog.modalities.items()}
+  if catalog.raw_ids is not None:
+    arrays["raw_ids"] = np.asarray(catalog.raw_ids, np.int64)
   with (directory / CATALOG_FILE).open("wb") as f:
     np.savez(f, **arrays)
 
@@ -96,9 +104,10 @@ def read_side_files(directory: epath.PathLike) -> tuple[FeatureSchema, ItemCatal
       npz = np.load(f)
       side = {k[5:]: npz[k] for k in npz.files if k.startswith("side/")}
       mods = {k[9:]: npz[k] for k in npz.files if k.startswith("modality/")}
+      raw_ids = npz["raw_ids"] if "raw_ids" in npz.files else None
   except (ValueError, OSError, EOFError) as e:
     raise ValueError(f"{directory / CATALOG_FILE} is corrupt: {e}") from e
-  catalog = ItemCatalog(side, mods)
+  catalog = ItemCatalog(side, mods, raw_ids)
   catalog.validate(schema)
   return schema, catalog
 
@@ -175,21 +184,23 @@ class RawRecords:
 class RecordParser:
   """Serialized impression records -> one batch of numpy arrays padded to `seq_len`.
 
-  Output keys: user/<field> [B] or [B, M], item_id [B], timestamp [B], hist_item_id [B, L]
-  (chronological, padding 0 after), hist_mask bool [B, L], label [B], weight [B] (ones).
+  Output keys: user/<field> [B] or [B, M] (a hashed field: its rows [B] or [B, num_hashes],
+  hashed from the raw ids in the records), item_id [B], timestamp [B], hist_item_id [B, L]
+  (chronological, padding 0 after), hist_mask bool [B, L], label [B], weight [B] (ones), and
+  `group` int32 [B]: the user an example belongs to (GAUC): the user_id field, or for a hashed
+  user_id the raw id folded to 32 bits (x ^ x >> 32).
   Histories longer than L keep their last L items.
   """
 
   def __init__(self, schema: FeatureSchema, seq_len: int | None = None):
     self.schema = schema
     self.seq_len = seq_len or schema.seq_len
-    widths = [f.max_values for f in schema.user_features]
-    self._user_width = int(sum(widths))
+    self._user_width = int(sum(f.raw_width for f in schema.user_features))
     self._user_slices = []
     offset = 0
-    for spec, width in zip(schema.user_features, widths):
-      self._user_slices.append((f"user/{spec.name}", offset, width, spec.multi_valued))
-      offset += width
+    for spec in schema.user_features:
+      self._user_slices.append((spec, offset))
+      offset += spec.raw_width
 
   def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
     n, seq_len = len(records), self.seq_len
@@ -205,10 +216,19 @@ class RecordParser:
     ts = np.array([f["timestamp"].int64_list.value[0] for f in features], np.int64)
     label = np.array([f["label"].float_list.value[0] for f in features], np.float32)
     hist, lengths = self._histories([f["hist_item_id"].bytes_list.value[0] for f in features])
-    out = {
-        key: users[:, start:start + width] if multi else users[:, start]
-        for key, start, width, multi in self._user_slices
-    }
+    out = {}
+    for spec, start in self._user_slices:
+      values = users[:, start:start + spec.raw_width]
+      if spec.hashed:
+        raw = np.ascontiguousarray(values).view(np.int64)[:, 0]
+        values = spec.rows(raw)
+        if spec.name == "user_id":
+          out["group"] = hashing.fold32(raw)
+      elif not spec.multi_valued:
+        values = values[:, 0]
+      out[f"user/{spec.name}"] = values
+    if "group" not in out:
+      out["group"] = out["user/user_id"] if "user/user_id" in out else np.zeros(n, np.int32)
     out.update(
         item_id=item, timestamp=ts, label=label, hist_item_id=hist,
         hist_mask=np.arange(seq_len)[None, :] < lengths[:, None],

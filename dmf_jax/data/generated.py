@@ -13,19 +13,46 @@ import tensorflow_datasets as tfds
 from dmf_jax.data.common import CtrBuilder
 from dmf_jax.data import sequences
 from dmf_jax.data import synthetic
+from dmf_jax.data.synthetic import Window
 
 
 @dataclasses.dataclass(kw_only=True)
 class GeneratedConfig(tfds.core.BuilderConfig):
+  """streamed: generate chunk by chunk (`synthetic.StreamedProblem`, vectorised, bounded
+  memory) and write the records in that order, for problems of millions of users."""
+
   synthetic: synthetic.SyntheticConfig = dataclasses.field(
       default_factory=synthetic.SyntheticConfig
   )
+  streamed: bool = False
+  chunk_users: int = 50_000
+  window: Window = Window()  # streamed only: a window of the problem
 
 
 TINY = synthetic.SyntheticConfig(
     num_users=150, num_items=120, num_topics=4, latent_dim=8, events_per_user=24, seq_len=12,
     modalities=(("text", 8, 0.3), ("image", 12, 0.6)), num_categories=5, num_tags=6, seed=3,
 )
+
+
+# TINY with hashed user and item ids (two hashes each, fewer rows than ids): hashing tests.
+TINY_HASHED = dataclasses.replace(TINY, user_id_hash_buckets=64, item_id_hash_buckets=64,
+                                  num_hashes=2)
+
+
+# A million items and users, ten million impressions, a 384-d text-like modality; user ids
+# hashed (2^19 rows, two hashes). Built streamed (benchmark_scale).
+LARGE = synthetic.SyntheticConfig(
+    num_users=1_000_000, num_items=1_000_000, num_topics=64, latent_dim=16, events_per_user=10,
+    seq_len=50, modalities=(("text", 384, 0.6),), num_categories=1000, max_tags=3,
+    num_tags=5000, user_id_hash_buckets=1 << 19, num_hashes=2, seed=0,
+)
+
+
+# The two-window incremental-training experiment (experiments/two_windows.py): window 1 holds
+# the first 14,000 users and 4,000 items and the events before t = 16,000 (about 60% of each
+# user's); window 2 is all of it.
+WINDOWS = synthetic.SyntheticConfig(num_users=20_000, num_items=5_000, events_per_user=20)
 
 
 # The default problem over a catalog too large for an all-pairs similarity matrix.
@@ -40,15 +67,44 @@ class GeneratedCtr(CtrBuilder):
   BUILDER_CONFIGS = [
       GeneratedConfig(name="default", description="Main-job size."),
       GeneratedConfig(name="tiny", description="Tests.", synthetic=TINY),
+      GeneratedConfig(name="tiny_hashed", description="Tests of hashed id tables.",
+                      synthetic=TINY_HASHED),
       GeneratedConfig(name="items10k", description="The default's dims over a 10,000-item "
                       "catalog (the large-catalog speed benchmark).", synthetic=ITEMS_10K),
+      GeneratedConfig(name="tiny_streamed", description="Tests of streamed builds.",
+                      synthetic=TINY_HASHED, streamed=True, chunk_users=40),
+      GeneratedConfig(name="large", description="1M items, 1M users, ~10M impressions, "
+                      "streamed (benchmark_scale).", synthetic=LARGE, streamed=True),
+      GeneratedConfig(name="window1", description="The first window of the two-window "
+                      "incremental-training experiment.", synthetic=WINDOWS, streamed=True,
+                      window=synthetic.Window(users=14_000, items=4_000, end=16_000)),
+      GeneratedConfig(name="window2", description="All of it: more users, items, events.",
+                      synthetic=WINDOWS, streamed=True),
   ]
 
   def build_parameters(self) -> dict:
-    return {"synthetic": dataclasses.asdict(self.builder_config.synthetic)}
+    params = {"synthetic": dataclasses.asdict(self.builder_config.synthetic)}
+    if self.builder_config.streamed:
+      params["streamed"] = {"chunk_users": self.builder_config.chunk_users,
+                            "window": dataclasses.asdict(self.builder_config.window)}
+    return params
 
   def _prepare(self, dl_manager):
     config = self.builder_config.synthetic
+    if self.builder_config.streamed:
+      problem = synthetic.StreamedProblem(config, self.builder_config.chunk_users,
+                                          self.builder_config.window)
+
+      def split_rows(index):
+        def chunks():
+          for c in range(problem.num_chunks):
+            rows = problem.chunk(c)
+            keep = rows.pop("split") == index
+            yield {k: v[keep] for k, v in rows.items()}
+        return chunks
+
+      splits = {name: split_rows(i) for i, name in enumerate(sequences.SPLITS)}
+      return problem.schema(), problem.catalog(), splits
     catalog, users, events = synthetic.generate(config)
     splits = sequences.examples_from_events(
         events["user"], events["item"], events["timestamp"], events["label"], users,

@@ -17,6 +17,7 @@ import dataclasses
 
 import numpy as np
 
+from dmf_jax.core import hashing
 from dmf_jax.data import sequences
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
@@ -44,6 +45,10 @@ class SyntheticConfig:
   user_bias_weight: float = 0.5
   noise: float = 0.5
   seed: int = 0
+  # Hashed id tables (0: one row per id): user ids and item ids hashed into that many rows.
+  user_id_hash_buckets: int = 0
+  item_id_hash_buckets: int = 0
+  num_hashes: int = 1
 
   def __post_init__(self):
     for field in ("num_users", "num_items", "num_topics", "latent_dim", "events_per_user",
@@ -55,6 +60,11 @@ class SyntheticConfig:
 
 
 def schema_for(config: SyntheticConfig, item_id_dim: int = 16, field_dim: int = 8) -> FeatureSchema:
+  if config.user_id_hash_buckets:
+    user_id = FeatureSpec.hashed_field("user_id", config.user_id_hash_buckets, item_id_dim,
+                                       num_hashes=config.num_hashes)
+  else:
+    user_id = FeatureSpec("user_id", config.num_users, item_id_dim)
   return FeatureSchema(
       num_items=config.num_items,
       item_id_dim=item_id_dim,
@@ -63,12 +73,18 @@ def schema_for(config: SyntheticConfig, item_id_dim: int = 16, field_dim: int = 
           FeatureSpec("category", config.num_categories, field_dim),
           FeatureSpec("tags", config.num_tags, field_dim, max_values=config.max_tags),
       ),
-      user_features=(
-          FeatureSpec("user_id", config.num_users, item_id_dim),
-          FeatureSpec("group", config.num_user_groups, field_dim),
-      ),
+      user_features=(user_id, FeatureSpec("group", config.num_user_groups, field_dim)),
       modalities=tuple(ModalitySpec(name, dim) for name, dim, _ in config.modalities),
+      item_id_hash_buckets=config.item_id_hash_buckets,
+      item_id_num_hashes=config.num_hashes if config.item_id_hash_buckets else 1,
   )
+
+
+def user_table(config: SyntheticConfig, group: np.ndarray) -> dict[str, np.ndarray]:
+  """The user fields by user index: user_id (the index, or its raw id when hashed), group."""
+  ids = np.arange(config.num_users)
+  return {"user_id": hashing.raw_ids(ids) if config.user_id_hash_buckets else ids.astype(np.int32),
+          "group": group}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -102,12 +118,14 @@ def generate(config: SyntheticConfig):
     proj = rng.normal(size=(config.latent_dim, dim)) / np.sqrt(config.latent_dim)
     modalities[name] = (latent @ proj + noise * rng.normal(size=(n_items, dim)) / np.sqrt(dim)
                         * np.sqrt(config.latent_dim)).astype(np.float32)
-  catalog = ItemCatalog(side={"category": category, "tags": tags}, modalities=modalities)
+  raw = hashing.raw_ids(range(n_items)) if config.item_id_hash_buckets else None
+  catalog = ItemCatalog(side={"category": category, "tags": tags}, modalities=modalities,
+                        raw_ids=raw)
 
   interests = rng.integers(0, config.num_topics, (n_users, 2))
   bias = rng.normal(size=n_users)
   group = (np.argsort(np.argsort(bias)) * config.num_user_groups // n_users).astype(np.int32)
-  users = {"user_id": np.arange(n_users, dtype=np.int32), "group": group}
+  users = user_table(config, group)
 
   warm_items, all_items = np.flatnonzero(~cold), np.arange(n_items)
   by_topic = [np.flatnonzero((topic == t) & ~cold) for t in range(config.num_topics)]
@@ -159,4 +177,157 @@ def make_examples(config: SyntheticConfig):
       events["user"], events["item"], events["timestamp"], events["label"], users,
       config.seq_len, split=events["split"],
   )
-  return schema_for(config), catalog, {k: sequences.to_batch(v) for k, v in splits.items()}
+  schema = schema_for(config)
+  out = {k: sequences.to_batch(v) for k, v in splits.items()}
+  for batch in out.values():  # what the record parser makes of them: hashed fields as rows
+    user_id = batch["user/user_id"]
+    batch["group"] = hashing.fold32(user_id) if config.user_id_hash_buckets else user_id
+    for spec in schema.user_features:
+      if spec.hashed:
+        batch[f"user/{spec.name}"] = spec.rows(batch[f"user/{spec.name}"])
+  return schema, catalog, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Large problems: generated in user chunks, vectorised, in bounded memory
+# ---------------------------------------------------------------------------------------------
+#
+# `generate` above walks every event in Python (the click logit depends on the running mean of
+# the user's earlier clicks). At millions of users that is hours; `StreamedProblem` draws the
+# same kind of problem vectorised, one chunk of users at a time from its own seed, so any chunk
+# can be regenerated independently and memory does not grow with the number of impressions.
+# The one simplification: the click logit's reference is the mean of the user's two interest
+# centroids, not the running mean of its earlier clicks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """A window of a problem (the two-window incremental-training experiment): the first
+  `users` users and `items` items (0: all), the events before timestamp `end` (0: all);
+  splits and histories are those of the kept events."""
+
+  users: int = 0
+  items: int = 0
+  end: int = 0
+
+
+class StreamedProblem:
+  """Items once (latent vectors, catalog), users and events per chunk of `chunk_users`."""
+
+  def __init__(self, config: SyntheticConfig, chunk_users: int = 50_000,
+               window: Window = Window()):
+    self.config = config
+    self.chunk_users = chunk_users
+    self.window = window
+    self.num_users = min(window.users or config.num_users, config.num_users)
+    self.num_items = min(window.items or config.num_items, config.num_items)
+    rng = np.random.default_rng((config.seed, 0))
+    n_items, dim = config.num_items, config.latent_dim
+    self.centroids = _unit(rng.normal(size=(config.num_topics, dim))).astype(np.float32)
+    self.topic = rng.integers(0, config.num_topics, n_items).astype(np.int32)
+    noise = rng.standard_normal((n_items, dim), dtype=np.float32)
+    self.latent = _unit(self.centroids[self.topic] + np.float32(0.35) * noise)
+    self.popularity = rng.standard_normal(n_items, dtype=np.float32)
+    self.cold = rng.random(n_items, dtype=np.float32) < config.cold_item_fraction
+    order = np.lexsort((np.arange(n_items), self.topic))  # items grouped by topic
+    self.by_topic = order
+    self.topic_start = np.searchsorted(self.topic[order], np.arange(config.num_topics + 1))
+    warm = order[~self.cold[order]]
+    self.warm_by_topic = warm
+    self.warm_topic_start = np.searchsorted(self.topic[warm], np.arange(config.num_topics + 1))
+    self.warm_items = np.flatnonzero(~self.cold)
+    self.offset = float(np.quantile(self.popularity, 0.5)) * config.popularity_weight + 1.0
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.num_users // self.chunk_users)
+
+  def schema(self) -> FeatureSchema:
+    """The window's schema (vocabulary sizes of its users and items)."""
+    return schema_for(dataclasses.replace(self.config, num_users=self.num_users,
+                                          num_items=self.num_items))
+
+  def catalog(self) -> ItemCatalog:
+    """Side fields and modality vectors (projections of the latent vectors plus noise),
+    computed in item chunks in float32."""
+    config, n = self.config, self.config.num_items
+    rng = np.random.default_rng((config.seed, 1))
+    category = np.where(rng.random(n) < 0.5, self.topic % config.num_categories,
+                        rng.integers(0, config.num_categories, n)).astype(np.int32)
+    n_tags = rng.integers(1, config.max_tags + 1, n)
+    tags = rng.integers(0, config.num_tags, (n, config.max_tags)).astype(np.int32)
+    tags[np.arange(config.max_tags)[None, :] >= n_tags[:, None]] = -1
+    modalities = {}
+    for name, dim, noise in config.modalities:
+      proj = (rng.normal(size=(config.latent_dim, dim)) / np.sqrt(config.latent_dim)
+              ).astype(np.float32)
+      out = np.empty((n, dim), np.float32)
+      scale = np.float32(noise * np.sqrt(config.latent_dim) / np.sqrt(dim))
+      for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        out[start:stop] = self.latent[start:stop] @ proj
+        out[start:stop] += scale * rng.standard_normal((stop - start, dim), dtype=np.float32)
+      modalities[name] = out
+    raw = hashing.raw_ids(range(n)) if config.item_id_hash_buckets else None
+    catalog = ItemCatalog({"category": category, "tags": tags}, modalities, raw)
+    if self.num_items < n:
+      keep = slice(0, self.num_items)
+      catalog = ItemCatalog({k: v[keep] for k, v in catalog.side.items()},
+                            {k: v[keep] for k, v in catalog.modalities.items()},
+                            None if raw is None else raw[keep])
+    return catalog
+
+  def chunk(self, index: int) -> dict[str, np.ndarray]:
+    """Events of users [index * chunk_users, ...) ordered by (user, timestamp, item), with
+    their split (0/1/2), strict histories and user fields (`examples_from_events` rows plus
+    'split')."""
+    config = self.config
+    rng = np.random.default_rng((config.seed, 2, index))
+    first = index * self.chunk_users
+    users = np.arange(first, min(self.num_users, first + self.chunk_users))
+    interests = rng.integers(0, config.num_topics, (len(users), 2))
+    bias = rng.normal(size=len(users)).astype(np.float32)
+    group = np.clip(((bias + 3.0) / 6.0 * config.num_user_groups).astype(np.int32), 0,
+                    config.num_user_groups - 1)
+    counts = np.maximum(5, rng.poisson(config.events_per_user, len(users)))
+    user = np.repeat(np.arange(len(users)), counts)  # local user index per event
+    start = np.r_[0, np.cumsum(counts)[:-1]]
+    split = sequences.per_user_split(user)  # of the whole problem: decides cold-item draws
+    item = self._draw_items(rng, interests, user, split)
+    ref = _unit(self.centroids[interests[:, 0]] + self.centroids[interests[:, 1]])[user]
+    logit = (config.topic_weight * np.einsum("nd,nd->n", self.latent[item], ref)
+             + config.popularity_weight * self.popularity[item]
+             + config.user_bias_weight * bias[user]
+             + config.noise * rng.standard_normal(len(user), dtype=np.float32) - self.offset)
+    label = (rng.random(len(user)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int32)
+    gaps = rng.integers(1, 1000, len(user))
+    elapsed = np.cumsum(gaps)
+    ts = elapsed - np.repeat(elapsed[start] - gaps[start], counts) + 10_000  # per user
+    order = np.lexsort((item, ts, user))  # already by user; ties of (ts) by item
+    user, item, ts, label, split = user[order], item[order], ts[order], label[order], split[order]
+    if self.window != Window():
+      keep = (item < self.num_items) & ((ts < self.window.end) if self.window.end else True)
+      user, item, ts, label = user[keep], item[keep], ts[keep], label[keep]
+      split = sequences.per_user_split(user)
+    hist, hist_len = sequences.strict_histories(user, item, ts, label, config.seq_len)
+    user_ids = (hashing.raw_ids(users.tolist()) if config.user_id_hash_buckets
+                else users.astype(np.int32))
+    return {"user/user_id": user_ids[user], "user/group": group[user], "item_id": item.astype(np.int32),
+            "timestamp": ts.astype(np.int64), "label": label.astype(np.float32),
+            "hist_item_id": hist, "hist_len": hist_len, "split": split}
+
+  def _draw_items(self, rng, interests, user, split):
+    """Per event: an item of one of the user's two topics (interest_share of the time) or any
+    item; cold items only in validation and test events."""
+    config, n = self.config, len(user)
+    held_out = split > 0
+    topic = interests[user, rng.integers(0, 2, n)]
+    lo = np.where(held_out, self.topic_start[topic], self.warm_topic_start[topic])
+    hi = np.where(held_out, self.topic_start[topic + 1], self.warm_topic_start[topic + 1])
+    pick = lo + (rng.random(n) * np.maximum(hi - lo, 1)).astype(np.int64)
+    by_topic = np.where(held_out, self.by_topic[np.minimum(pick, len(self.by_topic) - 1)],
+                        self.warm_by_topic[np.minimum(pick, len(self.warm_by_topic) - 1)])
+    anywhere = np.where(held_out, rng.integers(0, config.num_items, n),
+                        self.warm_items[rng.integers(0, len(self.warm_items), n)])
+    use_topic = (rng.random(n) < config.interest_share) & (hi > lo)
+    return np.where(use_topic, by_topic, anywhere).astype(np.int32)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dmf_jax.core import checks
-from dmf_jax.core.catalog import CatalogTables, ItemCatalog
+from dmf_jax.core.catalog import VECTOR_DTYPES, CatalogTables, ItemCatalog
 from dmf_jax.core.rows import Rows, item_rows
 from dmf_jax.core.schema import FeatureSchema
 from dmf_jax.core.sharding import NO_SHARDING, ShardingRules, merge_leading, split_leading
@@ -54,6 +54,9 @@ class ModelConfig:
   dropout: float = checks.field(0.0, "fraction")
   # Modalities the model sees (empty: all the dataset's); the experiment restricts the schema.
   modalities: tuple[str, ...] = checks.field((), "names")
+  # How the catalog holds the frozen vectors on the devices ('bfloat16': half the memory;
+  # lookups return float32 either way).
+  vector_dtype: str = checks.field("float32", tuple(VECTOR_DTYPES))
 
   def __post_init__(self):
     problems = checks.check_fields(self) + self.cross_field_problems()
@@ -109,7 +112,8 @@ class ItemEncoder(nnx.Module):
   """Item id -> e = [id embedding ; side-field embeddings]: int [...] -> float32 [..., d].
 
   Fields are concatenated in schema order (kept in `names`: an nnx.Dict's iteration order is
-  not preserved by split/merge). Id V (one past the catalog) is the id table's OOV row.
+  not preserved by split/merge). Id V (one past the catalog) is the id table's OOV row; a
+  hashed id table (`FeatureSchema.item_id_hash_buckets`) is read at the catalog's hashed rows.
   """
 
   def __init__(self, schema: FeatureSchema, *, rngs: nnx.Rngs, sharding: ShardingRules):
@@ -119,9 +123,15 @@ class ItemEncoder(nnx.Module):
         {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.item_features}
     )
 
+  def id_embedding(self, catalog: CatalogTables, item_ids: jax.Array) -> jax.Array:
+    """The item-id part: int [...] -> [..., item_id_dim]. Items past the trained vocabulary
+    (added to the catalog at serving) read the OOV row, or their hashed rows."""
+    if catalog.hashed_ids:  # the item's hashed rows, from its raw id in the catalog
+      return self.item_id(catalog.id_rows(item_ids))
+    return self.item_id.table.lookup(self.item_id.table.safe_ids(item_ids))
+
   def __call__(self, catalog: CatalogTables, item_ids: jax.Array) -> jax.Array:
-    ids = self.item_id.table.safe_ids(item_ids)  # id V: the OOV row, checked by the caller
-    parts = [self.item_id.table.lookup(ids)]
+    parts = [self.id_embedding(catalog, item_ids)]
     for name in self.names:
       parts.append(self.fields[name](catalog.side_values(name, item_ids)))
     return jnp.concatenate(parts, axis=-1)
@@ -209,7 +219,8 @@ class CTRModel(nnx.Module):
                 and schema.num_items <= config.pairwise_similarity_max_items)
     self.schema = schema
     self.config = config
-    self.catalog = CatalogTables(schema, catalog, sharding, pairwise=pairwise)
+    self.catalog = CatalogTables(schema, catalog, sharding, pairwise=pairwise,
+                                 vector_dtype=config.vector_dtype)
     self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
     self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
     self.similarity = TargetAwareSimilarity(
@@ -227,11 +238,12 @@ class CTRModel(nnx.Module):
 
   def item_rows(self, item_ids: jax.Array, positions: int | None = None) -> Rows:
     """The distinct items of `item_ids` (int [...]) as Rows of ids (`core.rows.item_rows`;
-    positions: all the item positions of the batch). Eagerly, out-of-range ids raise (under
-    jit they read the id table's OOV row and the last item's catalog entry)."""
+    positions: all the item positions of the batch). Ids index the catalog (the trained items,
+    plus any added at serving). Eagerly, out-of-range ids raise (under jit they read the id
+    table's OOV row and the last item's catalog entry)."""
     checks.check_integer(self.items.item_id.table.name, item_ids)
-    checks.check_ids_in_range(self.items.item_id.table.name, item_ids, self.schema.num_items)
-    return item_rows(item_ids, self.schema.num_items, positions)
+    checks.check_ids_in_range(self.items.item_id.table.name, item_ids, self.catalog.num_items)
+    return item_rows(item_ids, self.catalog.num_items, positions)
 
   def modality_vectors(self, item_ids: jax.Array) -> list[jax.Array]:
     """K arrays [..., D_k] of frozen vectors, in schema order."""

@@ -87,7 +87,7 @@ class ContentEncoder(nnx.Module):
     def embeddings(ids):
       content = self(model.modality_vectors(ids), train=train, rngs=rngs)
       return (l2_normalize(self.content_head(content)),
-              l2_normalize(self.id_head(model.items.item_id(ids))))
+              l2_normalize(self.id_head(model.items.id_embedding(model.catalog, ids))))
 
     content, ids = embeddings(item_ids)
     if cfg.contrastive_negatives == "in_batch":

@@ -5,7 +5,8 @@ size and width, the number of items and the behaviour length L. It checks a requ
 the same way in both places:
 
   user/<field>   an integer id in [0, vocab) (single-valued: a scalar) or M ids in [-1, vocab)
-                 (multi-valued: shape [M], -1 = empty slot)
+                 (multi-valued: shape [M], -1 = empty slot); for a hashed field any raw id,
+                 an integer or a string, seen in training or not (hashed here, numpy only)
   hist_item_id   a list of item ids in [0, num_items), any length (the last L are kept)
   item ids       a list of N candidate ids in [0, num_items)
 
@@ -21,6 +22,8 @@ import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from dmf_jax.core import hashing
 
 DEFAULT_BUCKETS = (16, 128, 1024, 4096)
 
@@ -64,10 +67,27 @@ class UserField:
   vocab_size: int
   max_values: int = 1
   multi_valued: bool = False
+  hash_buckets: int = 0  # > 0: a hashed field (`FeatureSpec`): any raw id is valid
+  num_hashes: int = 1
+  hash_seed: int = 0
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return (self.max_values,) if self.multi_valued else ()
+    return (self.max_values,) if self.multi_valued and not self.hash_buckets else ()
+
+  def hashed_rows(self, value) -> np.ndarray:
+    """A hashed field's raw id (an int, or a str) -> its rows int32 [] or [num_hashes]."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+      value = value.item()
+    if isinstance(value, float) and value.is_integer():
+      value = int(value)
+    try:
+      raw = hashing.raw_id(value)
+    except ValueError:
+      raise ValueError(f"{self.key}: a hashed field takes one raw id (an integer or a string), "
+                       f"got {value!r}") from None
+    return hashing.hash_rows(np.int64(raw), self.hash_buckets, seed=self.hash_seed,
+                             num_hashes=self.num_hashes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +98,8 @@ class RequestLayout:
 
   @classmethod
   def from_schema(cls, schema) -> "RequestLayout":
-    return cls(tuple(UserField(f"user/{f.name}", f.vocab_size, f.max_values, f.multi_valued)
+    return cls(tuple(UserField(f"user/{f.name}", f.vocab_size, f.max_values, f.multi_valued,
+                               f.hash_buckets, f.num_hashes, f.hash_seed)
                      for f in schema.user_features), schema.num_items, schema.seq_len)
 
   def to_json(self) -> dict:
@@ -98,6 +119,9 @@ class RequestLayout:
       if field.key not in user:
         raise MissingFeatureError(f"user features miss {field.key!r}; expected "
                                   f"{[f.key for f in self.user_fields]} and hist_item_id")
+      if field.hash_buckets:
+        out[field.key] = field.hashed_rows(user[field.key])
+        continue
       value = integer_ids(field.key, user[field.key], len(field.shape))
       if value.shape != field.shape:
         raise ValueError(f"{field.key}: expected shape {field.shape}, got {value.shape}")
@@ -118,7 +142,7 @@ class RequestLayout:
 
   def example_user(self) -> dict:
     """A valid request (every field 0 or empty, no history), e.g. for tracing."""
-    return {f.key: np.zeros(f.shape, np.int32) for f in self.user_fields}
+    return {f.key: 0 if f.hash_buckets else np.zeros(f.shape, np.int32) for f in self.user_fields}
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ same file); `dmf_jax.serve.exported.ExportedScorer` runs them in a process witho
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dmf_jax.core import hashing
+from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.serve.request import DEFAULT_BUCKETS, RequestLayout, check_buckets, chunks
 from dmf_jax.train import loop
 
@@ -56,12 +59,53 @@ class Server:
   def __init__(self, model: nnx.Module, buckets: Sequence[int] = DEFAULT_BUCKETS):
     """`model`: a CTR model (`schema`, `encode_user(batch)`, `score(state, candidates)`)."""
     self.schema = model.schema
-    self.layout = RequestLayout.from_schema(model.schema)
     self.buckets = check_buckets(buckets)
+    self.step = None  # the checkpoint step, when served from a workdir
+    self._set_model(model)
+
+  def _set_model(self, model: nnx.Module) -> None:
+    # Item ids index the model's catalog: the trained items and any added since.
+    self.layout = dataclasses.replace(RequestLayout.from_schema(model.schema),
+                                      num_items=model.catalog.num_items)
     self.graphdef, self.params = nnx.split(model)
     # The jitted pure functions of (params, ...) (`make_serving_fns`): for export and timing.
     self.encode_fn, self.score_fn = make_serving_fns(self.graphdef)
-    self.step = None  # the checkpoint step, when served from a workdir
+
+  @property
+  def num_items(self) -> int:
+    """Items that can be scored (and appear in histories): ids [0, num_items)."""
+    return self.layout.num_items
+
+  def add_items(self, side: Mapping[str, Sequence] | None = None,
+                vectors: Mapping[str, np.ndarray] | None = None,
+                raw_ids: Sequence | None = None) -> np.ndarray:
+    """Adds n items unseen in training; returns their ids int64 [n] = [num_items, num_items + n).
+
+    side: every item side field of the schema, n values each (vocabulary fields: ids in
+      [0, vocab), multi-valued [n, M] padded with -1; hashed fields: raw values, strings or
+      integers). vectors: every modality, float [n, D_k] (an all-zero row: missing).
+    raw_ids: the items' raw ids (strings or integers), needed when item ids are hashed (the
+      id embedding is then the hashed rows' trained one; otherwise the new items share the
+      id table's out-of-vocabulary row). Items are then scored from their side fields and
+      vectors: the target-aware similarities and SimTier treat them like trained items.
+    Recompiles on the next request; export afterwards to ship them (`export`).
+    """
+    schema = self.schema
+    side = dict(side or {})
+    for spec in schema.item_features:
+      if spec.hashed and spec.name in side:
+        side[spec.name] = hashing.raw_ids(side[spec.name])
+    if raw_ids is not None:
+      raw_ids = hashing.raw_ids(raw_ids)
+    elif schema.item_id_spec.hashed:
+      raise ValueError("add_items: the schema hashes item ids; give the new items' raw_ids")
+    new = ItemCatalog({k: np.asarray(v) for k, v in side.items()},
+                      {k: np.asarray(v) for k, v in (vectors or {}).items()}, raw_ids)
+    model = nnx.merge(self.graphdef, self.params)
+    start = model.catalog.num_items
+    model.catalog = model.catalog.extended(schema, new)
+    self._set_model(model)
+    return np.arange(start, model.catalog.num_items, dtype=np.int64)
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,

@@ -11,6 +11,13 @@ or garbled arrays, an empty or unreadable bookkeeping record) is corrupt: it is 
 `<directory>/corrupt/<step>-<time>` with one warning line, and the previous step is tried. A
 step that reads fine but holds a differently shaped state (another model or config) is not
 corrupt: `CheckpointMismatchError` names the first differing arrays and nothing is moved.
+
+The frozen item catalog (the model's `catalog` variables: side fields, vectors) is data, not
+training state: checkpoints leave it out and record its fingerprint (`ItemCatalog.fingerprint`)
+instead. `restore` puts the caller's catalog (loaded from the dataset) back into the state,
+and refuses a checkpoint whose fingerprint differs (`CatalogMismatchError`). Checkpoints
+written before this (with the catalog inside) still restore; their catalog is replaced by the
+caller's.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections.abc import Callable
 import jax
 from absl import logging
 from etils import epath
+from flax import nnx
 from orbax.checkpoint import v1 as ocp
 
 from dmf_jax.core.errors import UserError, WorkdirError
@@ -45,6 +53,31 @@ def _record_is_readable(step_dir: epath.Path) -> bool:
 
 class CheckpointMismatchError(UserError):
   """A readable checkpoint whose state does not have the structure of the current model."""
+
+
+class CatalogMismatchError(UserError):
+  """A checkpoint trained with another item catalog than the one given to restore it."""
+
+
+CATALOG_KEY = "catalog"  # the model attribute holding the frozen catalog (`CatalogTables`)
+FINGERPRINT_KEY = "catalog_fingerprint"  # in each step's custom metadata
+
+
+def without_catalog(state):
+  """The TrainState with the frozen catalog left out of `rest`."""
+  rest = {k: v for k, v in state.rest.raw_mapping.items() if k != CATALOG_KEY}
+  return dataclasses.replace(state, rest=nnx.State(rest))
+
+
+def with_catalog(state, catalog):
+  """The TrainState with `catalog` (the model's catalog variables) put into `rest`."""
+  rest = {k: v for k, v in state.rest.raw_mapping.items() if k != CATALOG_KEY}
+  return dataclasses.replace(state, rest=nnx.State({**rest, CATALOG_KEY: catalog}))
+
+
+def catalog_of(state):
+  """The catalog variables of a TrainState (a nested mapping, to pass to `restore`)."""
+  return state.rest.raw_mapping[CATALOG_KEY]
 
 
 def _key_name(key) -> str:
@@ -82,9 +115,12 @@ class CheckpointManager:
   """Saves every `every_steps` steps (and when forced); keeps the latest `keep` and the best."""
 
   def __init__(self, directory: epath.PathLike, *, every_steps: int, keep: int = 2,
-               repair: bool = False, log: Callable[[str], None] = print):
+               repair: bool = False, log: Callable[[str], None] = print,
+               catalog_fingerprint: str | None = None):
     """repair: move steps whose checkpoint record is unreadable aside before Orbax scans them
-    (training does; evaluation and export only read)."""
+    (training does; evaluation and export only read). catalog_fingerprint: the catalog the
+    states belong to (recorded when saving, checked when restoring; None: not checked)."""
+    self.catalog_fingerprint = catalog_fingerprint
     if every_steps < 1 or keep < 1:
       raise ValueError(f"checkpoint every_steps ({every_steps}) and keep ({keep}) must be >= 1")
     self.directory = epath.Path(directory)
@@ -111,8 +147,10 @@ class CheckpointManager:
   def save(self, step: int, state, iterator, bookkeeping: dict, *, metrics: dict | None = None,
            force: bool = False) -> bool:
     """Saves if the policy says so (or `force`); blocks until the step is on disk."""
+    if self.catalog_fingerprint is not None:
+      bookkeeping = {**bookkeeping, FINGERPRINT_KEY: self.catalog_fingerprint}
     saved = self._checkpointer.save_checkpointables(
-        step, {"state": state, "dataset": iterator},
+        step, {"state": without_catalog(state), "dataset": iterator},
         metrics=metrics, custom_metadata=bookkeeping, force=force,
     )
     self._checkpointer.wait()
@@ -140,13 +178,28 @@ class CheckpointManager:
       raise WorkdirError(f"no checkpoint for step {step} in {self.directory}; kept: {self.steps}")
     return step
 
-  def restore(self, step: int, abstract_state, iterator=None) -> Restored:
-    wanted = {"state": abstract_state}
+  def check_catalog(self, step: int) -> None:
+    """Raises `CatalogMismatchError` when the step was saved with another catalog."""
+    saved = dict(self._checkpointer.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
+    if saved is not None and self.catalog_fingerprint not in (None, saved):
+      raise CatalogMismatchError(
+          f"the checkpoint at step {step} in {self.directory} was trained with another item "
+          f"catalog (fingerprint {saved[:12]}, the dataset's is {self.catalog_fingerprint[:12]}):"
+          f" the dataset build changed since; train again or restore with the original build")
+
+  def restore(self, step: int, abstract_state, iterator=None, *, catalog) -> Restored:
+    """The state at `step` (abstract_state: the full TrainState's structure) with `catalog`
+    (`catalog_of(a live state)`: the dataset's catalog variables) put into it."""
+    self.check_catalog(step)
+    legacy = any(k.startswith(f"rest/{CATALOG_KEY}/") for k in _shapes(self._saved_structure(step)))
+    wanted = {"state": abstract_state if legacy else without_catalog(abstract_state)}
     if iterator is not None:
       wanted["dataset"] = iterator
     loaded = self._checkpointer.load_checkpointables(step, wanted)
     metadata = self._checkpointer.metadata(step)
-    return Restored(step, loaded["state"], dict(metadata.custom_metadata or {}))
+    bookkeeping = {k: v for k, v in dict(metadata.custom_metadata or {}).items()
+                   if k != FINGERPRINT_KEY}
+    return Restored(step, with_catalog(loaded["state"], catalog), bookkeeping)
 
   def _saved_structure(self, step: int):
     """The saved state's tree of array metadata; raises if it cannot be read."""
@@ -176,10 +229,11 @@ class CheckpointManager:
     self._checkpointer.reload()
     return target
 
-  def restore_latest(self, abstract_state, iterator_factory: Callable[[], object], *,
+  def restore_latest(self, abstract_state, iterator_factory: Callable[[], object], *, catalog,
                      parse_bookkeeping: Callable[[dict], object] = lambda b: b,
                      log: Callable[[str], None] = print):
-    """(Restored, iterator) from the newest readable step, or (None, fresh iterator).
+    """(Restored, iterator) from the newest readable step, or (None, fresh iterator); `catalog`
+    as for `restore`.
 
     Corrupt steps are moved aside (one `log` line each); `parse_bookkeeping` turns the
     bookkeeping record into the returned `Restored.bookkeeping` and raises on one that is
@@ -193,15 +247,18 @@ class CheckpointManager:
       except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt)
         saved, error = None, e
       if saved is not None:
-        differences = structure_differences(saved, abstract_state)
+        legacy = any(k.startswith(f"rest/{CATALOG_KEY}/") for k in _shapes(saved))
+        differences = structure_differences(
+            saved, abstract_state if legacy else without_catalog(abstract_state))
         if differences:
           raise CheckpointMismatchError(
               f"the checkpoint at step {step} in {self.directory} holds a state of another "
               f"shape than the current model (it is intact, not corrupt):\n  "
               + "\n  ".join(differences))
+        self.check_catalog(step)  # a readable step of another catalog: refused, not moved
         iterator = iterator_factory()
         try:
-          restored = self.restore(step, abstract_state, iterator)
+          restored = self.restore(step, abstract_state, iterator, catalog=catalog)
           restored = dataclasses.replace(
               restored, bookkeeping=parse_bookkeeping(restored.bookkeeping))
           return restored, iterator

@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Start afresh in a workdir that holds a run: its files are moved to <workdir>.replaced-<time>
   # (never deleted). Without it, a workdir resumes, and refuses a run of another config.
   c.overwrite = False
+  # Start from another run's best checkpoint (the daily-update flow: a newer build with more
+  # users and items; see README "Scale"): its workdir, and whether to carry its optimizer state.
+  c.init_from = ""
+  c.init_from_optimizer = False
   return c
 
 
@@ -114,8 +118,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
         problems.append(f"{field}={value} is not divisible by the mesh's data axis ({data_size})")
       if value % num_processes:
         problems.append(f"{field}={value} is not divisible by the {num_processes} processes")
-  if not isinstance(config.get("overwrite", False), bool):
-    problems.append(f"overwrite: must be True or False, got {config.overwrite!r}")
+  for field in ("overwrite", "init_from_optimizer"):
+    if not isinstance(config.get(field, False), bool):
+      problems.append(f"{field}: must be True or False, got {config[field]!r}")
+  init_from = config.get("init_from", "")
+  if init_from and not (epath.Path(init_from).expanduser() / "config.json").exists():
+    problems.append(f"init_from: {init_from} is not a training workdir (no config.json)")
   if config.dataset not in DATASETS:
     problems.append(f"dataset: unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}")
   elif config.dataset != "byod_ctr" and config.dataset_config not in data.config_names(

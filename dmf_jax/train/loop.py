@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,9 +37,9 @@ from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline as ip
 from dmf_jax.models.registry import build_model
 from dmf_jax.train import config as config_lib
-from dmf_jax.train import metrics, optimizers, runs, writers
+from dmf_jax.train import memory, metrics, optimizers, runs, writers
 from dmf_jax.train import steps as training
-from dmf_jax.train.checkpointing import CheckpointManager
+from dmf_jax.train.checkpointing import CheckpointManager, catalog_of
 from dmf_jax.train.partitioner import Partitioner
 
 
@@ -79,6 +80,11 @@ class Experiment:
       raise ValueError(f"unknown split {split!r}; the dataset has {list(self.dataset.sources)}")
     return data_format.raw_records(self.dataset.sources[split])
 
+  @functools.cached_property
+  def catalog_fingerprint(self) -> str:
+    """The fingerprint of the catalog the model sees (recorded in its checkpoints)."""
+    return self.dataset.catalog.fingerprint()
+
   @property
   def parser(self) -> data_format.RecordParser:
     return data_format.RecordParser(self.dataset.schema)
@@ -103,8 +109,9 @@ class Experiment:
     workers = 0 if self.train_in_memory else self.config.worker_count
     return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch)
 
-  def to_model_batch(self, local: dict) -> dict:
-    keys = self.dataset.schema.batch_keys()
+  def to_model_batch(self, local: dict, extra: tuple[str, ...] = ()) -> dict:
+    """The model's keys of a parsed local batch (plus `extra` ones), split over the mesh."""
+    keys = self.dataset.schema.batch_keys() + extra
     return self.partitioner.shard_batch({k: local[k] for k in keys})
 
 
@@ -177,6 +184,88 @@ def count_params(state) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
 
 
+def warm_start(exp: Experiment, source_workdir: str, *, optimizer_state: bool, log=print):
+  """The experiment's initial state with the weights (and optionally the optimizer state) of
+  another run's best checkpoint: the daily-update flow, a newer build with more users/items.
+
+  Arrays are matched by their path in the state. Same shape: copied. An embedding table whose
+  vocabulary grew (or shrank) keeps the rows of the ids both builds know and its OOV row;
+  new ids keep this run's initialisation. Rows are matched by raw id where both catalogs hold
+  raw ids (item ids), else by index (ids that a later build only appends, as generated data
+  and append-only id maps do; BYOD sorts its vocabularies, so hash its growing fields).
+  Hashed tables have a fixed size and are copied whole. Any other shape change (other model
+  dimensions) raises a `ConfigError` naming the arrays. With optimizer_state, the optimizer
+  state (moments, step count: the learning-rate schedule continues) is carried the same way.
+  """
+  source = restore_run(source_workdir)
+  if source.config.model != exp.config.model:
+    raise config_lib.ConfigError(
+        f"invalid config:\n  - init_from: {source_workdir} trained model "
+        f"{source.config.model!r}, this run trains {exp.config.model!r}")
+  schema, old_schema = exp.dataset.schema, source.dataset.schema
+  specs = {("items", "item_id", "table", "embedding"): (schema.item_id_spec,
+                                                       old_schema.item_id_spec)}
+  for group, attr in (("item_features", "items"), ("user_features", "users")):
+    old = {f.name: f for f in getattr(old_schema, group)}
+    for f in getattr(schema, group):
+      if f.name in old:
+        specs[(attr, "fields", f.name, "table", "embedding")] = (f, old[f.name])
+  item_map = None
+  if exp.dataset.catalog.raw_ids is not None and source.dataset.catalog.raw_ids is not None:
+    old_row = {int(r): i for i, r in enumerate(source.dataset.catalog.raw_ids)}
+    item_map = np.array([old_row.get(int(r), -1) for r in exp.dataset.catalog.raw_ids])
+
+  def row_map(table_path, new_spec, old_spec):
+    if table_path[:2] == ("items", "item_id") and item_map is not None:
+      return item_map
+    known = min(new_spec.vocab_size, old_spec.vocab_size)
+    return np.where(np.arange(new_spec.vocab_size) < known, np.arange(new_spec.vocab_size), -1)
+
+  old_leaves = {training.param_path_names(k): v
+                for k, v in jax.tree_util.tree_leaves_with_path(source.state)}
+  problems, grown = [], []
+
+  def carry(group, keypath, new):
+    path = (group, *training.param_path_names(keypath))
+    old = old_leaves.get(path)
+    if old is None:
+      return new
+    old = np.asarray(old)
+    if old.shape == new.shape:
+      return old.astype(new.dtype)
+    table = next((t for t in specs if path[-len(t):] == t), None)
+    if table is None or old.ndim != 2 or old.shape[1] != new.shape[1] or (
+        specs[table][0].hashed or specs[table][1].hashed):
+      problems.append(f"{'/'.join(path)}: {old.shape} in {source_workdir}, {new.shape} here")
+      return new
+    new_spec, old_spec = specs[table]
+    mapping = row_map(table, new_spec, old_spec)
+    out = np.array(new)
+    have = mapping >= 0
+    out[:new_spec.vocab_size][have] = old[mapping[have]]
+    out[new_spec.vocab_size] = old[old_spec.vocab_size]  # the OOV row
+    grown.append(f"{'/'.join(path)}: {int(have.sum())} of {new_spec.vocab_size} rows carried")
+    return out.astype(new.dtype)
+
+  state = exp.state
+  params = jax.tree_util.tree_map_with_path(functools.partial(carry, "params"),
+                                            jax.device_get(state.params))
+  opt_state = state.opt_state
+  if optimizer_state:
+    opt_state = jax.tree_util.tree_map_with_path(functools.partial(carry, "opt_state"),
+                                                 jax.device_get(state.opt_state))
+  if problems:
+    raise config_lib.ConfigError(
+        f"invalid config:\n  - init_from: {source_workdir}'s state does not fit this model "
+        f"(other dimensions?):\n    " + "\n    ".join(problems[:8]))
+  log(f"initialised from {source_workdir} (step {source.step}): weights"
+      + (" and optimizer state" if optimizer_state else "")
+      + ("; " + "; ".join(sorted(set(grown))) if grown else ""))
+  return dataclasses.replace(
+      state, params=jax.device_put(params, exp.shardings.params),
+      opt_state=jax.device_put(opt_state, exp.shardings.opt_state))
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +283,9 @@ def evaluate_split(exp: Experiment, predict, state, split: str,
   acc, cold = metrics.EvalAccumulator(), metrics.EvalAccumulator()
   gather = exp.partitioner.gather
   for local in ip.to_iterator(ds, prefetch=exp.config.prefetch):
-    batch = exp.to_model_batch(local)
+    batch = exp.to_model_batch(local, extra=("group",))
     logits = gather(predict(state, batch))
-    users, labels, weights = (gather(batch[k]) for k in ("user/user_id", "label", "weight"))
+    users, labels, weights = (gather(batch[k]) for k in ("group", "label", "weight"))
     acc.update(users, labels, logits, weights)
     if cold_items is not None:
       cold.update(users, labels, logits, weights * cold_items[gather(batch["item_id"])])
@@ -283,7 +372,8 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   writer = writers.MetricWriter(workdir, enabled=is_main)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                            keep=config.keep_checkpoints, repair=is_main,
-                           log=_log if is_main else (lambda m: None))
+                           log=_log if is_main else (lambda m: None),
+                           catalog_fingerprint=exp.catalog_fingerprint)
   train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
                  for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
@@ -291,15 +381,23 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   new_iterator = lambda: exp.train_iterator(train_ds)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   restored, iterator = ckpt.restore_latest(
-      abstract, new_iterator, parse_bookkeeping=Bookkeeping.from_json,
+      abstract, new_iterator, catalog=catalog_of(exp.state),
+      parse_bookkeeping=Bookkeeping.from_json,
       log=_log if is_main else (lambda m: None))
   state, book, step = exp.state, Bookkeeping(), 0
   if restored is not None:
     state, book, step = restored.state, restored.bookkeeping, restored.step
     if is_main:
       _log(f"resumed from step {step} ({ckpt.directory})")
+  elif config.get("init_from"):
+    state = warm_start(exp, config.init_from, optimizer_state=config.init_from_optimizer,
+                       log=_log if is_main else (lambda m: None))
   progress = writers.Progress(exp.total_steps, step, config.batch_size,
                               enabled=is_main and config.progress)
+  held = memory.per_device_summary(state)
+  if is_main:
+    _log("per device: " + ", ".join(f"{part} {memory.format_bytes(held[part])}"
+                                    for part in (*memory.PARTS, "total") if held[part]))
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []
   # Logged throughput: training steps only (the window restarts after evaluations, saves and
@@ -363,7 +461,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   best = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
   if best is None:
     raise RuntimeError(f"no checkpoint in {ckpt.directory} to evaluate")
-  best_state = ckpt.restore(best, abstract).state
+  best_state = ckpt.restore(best, abstract, catalog=catalog_of(state)).state
   cold_items = train_item_counts(exp) < COLD_ITEM_MAX_TRAIN_EXAMPLES
   results = {
       "model": config.model,
@@ -373,6 +471,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
       "stopped_early": book.stopped_early,
       "train_seconds": round(book.train_seconds, 2),
       "params": count_params(best_state),
+      "device_bytes": held,  # the largest per-device bytes of each part of the train state
       "validation": evaluate_split(exp, predict, best_state, "validation"),
       "test": evaluate_split(exp, predict, best_state, "test", cold_items),
       "cold_item_definition": f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} training "
@@ -403,10 +502,11 @@ def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> di
   config = read_run_config(workdir)
   exp = build_experiment(config)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                           keep=config.keep_checkpoints)
+                           keep=config.keep_checkpoints,
+                           catalog_fingerprint=exp.catalog_fingerprint)
   step = ckpt.best_or_latest(step)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
-  state = ckpt.restore(step, abstract).state
+  state = ckpt.restore(step, abstract, catalog=catalog_of(exp.state)).state
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
   result = {"step": step, "split": split, **evaluate_split(exp, predict, state, split)}
   ckpt.close()
@@ -414,10 +514,24 @@ def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> di
   return result
 
 
-def load_model(workdir: str, step: int | None = None):
-  """(model, schema, step): the best (or a given) checkpoint of a workdir's run as one
-  single-device model in inference mode, whatever mesh it was trained on (the tables keep
-  the row padding of its `mesh.model`)."""
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+  """A run's checkpoint restored on one device (see `restore_run`)."""
+
+  config: ml_collections.ConfigDict
+  dataset: data_format.BuiltDataset
+  graphdef: object
+  state: training.TrainState
+  step: int
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+
+
+def restore_run(workdir, step: int | None = None) -> RestoredRun:
+  """The best (or a given) checkpoint of a workdir's run as one single-device train state,
+  whatever mesh it was trained on (the tables keep the row padding of its `mesh.model`),
+  with the catalog of its dataset (which must be available, and unchanged)."""
   workdir = epath.Path(workdir).expanduser()
   config = read_run_config(workdir)
   local = copy.deepcopy(config)
@@ -433,8 +547,16 @@ def load_model(workdir: str, step: int | None = None):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                           keep=config.keep_checkpoints)
+                           keep=config.keep_checkpoints,
+                           catalog_fingerprint=dataset.catalog.fingerprint())
   step = ckpt.best_or_latest(step)
-  state = ckpt.restore(step, abstract).state
+  state = ckpt.restore(step, abstract, catalog=catalog_of(like)).state
   ckpt.close()
-  return nnx.merge(graphdef, state.params, state.rest), dataset.schema, step
+  return RestoredRun(config, dataset, graphdef, state, step)
+
+
+def load_model(workdir: str, step: int | None = None):
+  """(model, schema, step): the best (or a given) checkpoint of a workdir's run as one
+  single-device model in inference mode (`restore_run`)."""
+  run = restore_run(workdir, step)
+  return run.model(), run.dataset.schema, run.step

@@ -38,6 +38,10 @@ RESUMABLE_FIELDS = (
     "dataset_config", "overwrite", "mesh.data",
 )
 _RETIRED = tuple(f"model_config.{name}" for name in RETIRED_FIELDS)  # not identity: ignored
+# Fields added after runs were recorded: at these values (their defaults, the behaviour of
+# before) they are left out of the identity, so that older runs still resume.
+ADDED_FIELDS = {"init_from": "", "init_from_optimizer": False,
+                "model_config.vector_dtype": "float32"}
 MAX_LISTED = 8
 
 
@@ -58,7 +62,7 @@ def _identity_fields(config_json: dict) -> dict:
   """The flattened config without the fields that may change on resume."""
   return {k: v for k, v in _flatten(config_json).items()
           if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_FIELDS)
-          and k not in _RETIRED}
+          and k not in _RETIRED and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 def identity(config: ml_collections.ConfigDict, dataset) -> dict:

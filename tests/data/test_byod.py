@@ -252,3 +252,47 @@ def test_bad_interaction_values(tmp_path, row, message):
 def test_string_typed_vectors(tmp_path):
   assert_fails_cleanly(tmp_path, r"text.npy: vectors must be numbers \(float\), got dtype <U",
                        exc=DataError, vectors=np.array([["a"] * 4] * 4))
+
+
+def test_hashed_fields_keep_raw_ids_and_hash_when_read(tmp_path):
+  """`hash` in dataset.json: raw ids in the records and catalog, rows when parsed."""
+  from dmf_jax.core import hashing
+  from dmf_jax.data import format as data_format
+
+  raw = write_example(tmp_path / "raw")
+  write_config(raw, hash={"user": 50, "item": 40, "items.category": 30, "num_hashes": 2,
+                          "seed": 5})
+  built = build(raw, tmp_path / "out")
+  schema = built.schema
+  user_id, country = schema.user_features
+  assert user_id.hashed and (user_id.hash_buckets, user_id.num_hashes, user_id.hash_seed) == (
+      50, 2, 5)
+  assert not country.hashed
+  assert schema.item_id_spec.hashed and schema.item_id_spec.vocab_size == 40
+  category = {f.name: f for f in schema.item_features}["category"]
+  assert category.hashed and category.vocab_size == 30
+  np.testing.assert_array_equal(built.catalog.raw_ids, hashing.raw_ids(["i0", "i1", "i2", "i3"]))
+  np.testing.assert_array_equal(built.catalog.side["category"],
+                                hashing.raw_ids(["drama", "comedy", "drama", "action"]))
+  records = data_format.raw_records(built.sources["train"])
+  batch = data_format.RecordParser(schema)(records.read(range(len(records))))
+  raw_users = hashing.raw_ids(["u0", "u1", "u2"])
+  assert batch["user/user_id"].shape == (len(records), 2)
+  assert {tuple(r) for r in batch["user/user_id"]} == {tuple(r) for r in user_id.rows(raw_users)}
+  assert set(batch["group"].tolist()) == set(hashing.fold32(raw_users).tolist())
+
+
+def test_bad_hash_settings(tmp_path):
+  raw = write_example(tmp_path / "raw")
+  for value, message in (
+      ({"users.age": 0}, r"'hash' 'users.age' must be an integer in \[1"),
+      ({"user": 10, "num_hashes": 5}, r"'hash' 'num_hashes' must be an integer in \[1, 4\]"),
+      ({"colour": 10}, r"'hash' key 'colour' is not"),
+      ({"items.brand": 10}, r"items.csv: 'hash' names 'items.brand', not a column"),
+  ):
+    write_config(raw, hash=value)
+    with pytest.raises(DataError, match=message):
+      build(raw, tmp_path / "out")
+  write_config(raw, hash={"items.tags": 10}, multi_valued={"items": ["tags"]})
+  with pytest.raises(DataError, match="a hashed field must be single-valued"):
+    build(raw, tmp_path / "out")

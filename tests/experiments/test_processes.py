@@ -58,7 +58,7 @@ def final_state(workdir, data_dir, step):
   exp = train_lib.build_experiment(config)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   manager = checkpointing.CheckpointManager(pathlib.Path(workdir) / "checkpoints", every_steps=10)
-  return manager.restore(step, abstract).state
+  return manager.restore(step, abstract, catalog=checkpointing.catalog_of(exp.state)).state
 
 
 def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):

@@ -252,3 +252,87 @@ def test_a_damaged_export_is_one_value_error_naming_the_file(exported, tmp_path,
     ExportedScorer(str(dst))
   assert type(err.value) is ValueError
   assert str(dst) in str(err.value) and message in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def hashed_run(tmp_path_factory):
+  """A tiny run on generated data with hashed user and item ids (2 hashes each)."""
+  from dmf_jax.train import loop as train_lib
+  from helpers import tiny_train_config
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  workdir = tmp_path_factory.mktemp("hashed_run")
+  config = tiny_train_config(data_dir, dataset_config="tiny_hashed", num_train_steps=120,
+                             eval_every_steps=40, checkpoint_every_steps=40)
+  train_lib.train_and_evaluate(config, str(workdir))
+  from dmf_jax import data
+  return workdir, data.prepare("generated_ctr", "tiny_hashed", str(data_dir))
+
+
+def test_hashed_fields_take_ids_never_seen_in_training(hashed_run):
+  workdir, built = hashed_run
+  server = serving.Server.from_workdir(str(workdir), buckets=(8, 64))
+  ids = np.arange(0, 120, 7)
+  scores = {}
+  for user_id in (3, 10**15, "a-user-never-seen", np.int64(-5)):
+    user = {"user/user_id": user_id, "user/group": 2, "hist_item_id": [3, 50, 17]}
+    scores[str(user_id)] = server.score(server.encode_user(user), ids)
+    assert np.isfinite(scores[str(user_id)]).all()
+    again = server.score(server.encode_user(dict(user)), ids)
+    np.testing.assert_array_equal(again, scores[str(user_id)])  # deterministic
+  assert not np.allclose(scores["3"], scores["a-user-never-seen"])  # the id matters
+  # A vocabulary field still refuses out-of-range values; a hashed one refuses non-ids.
+  with pytest.raises(ValueError, match=r"user/group: value out of range \[0, 8\)"):
+    server.encode_user({"user/user_id": 3, "user/group": 99})
+  with pytest.raises(ValueError, match="user/user_id: a hashed field takes one raw id"):
+    server.encode_user({"user/user_id": 1.5, "user/group": 2})
+  with pytest.raises(ValueError, match=r"item id 120 is out of range \[0, 120\)"):
+    server.score(server.encode_user({"user/user_id": 3, "user/group": 2}), [120])
+
+
+def test_new_items_are_scored_from_their_side_fields_and_vectors(hashed_run, tmp_path):
+  """An item added at serving with a trained item's side fields and vectors (a new raw id)
+  scores close to it: far closer than two different trained items do."""
+  from dmf_jax.serve.exported import ExportedScorer
+
+  workdir, built = hashed_run
+  server = serving.Server.from_workdir(str(workdir), buckets=(8, 64))
+  catalog = built.catalog
+  twins_of = np.arange(0, 120, 5)
+  users = [{"user/user_id": u, "user/group": u % 8, "hist_item_id": [(u * 7 + k) % 120
+                                                                     for k in range(u % 6)]}
+           for u in range(12)]
+  before = [server.score(server.encode_user(u), np.arange(120)) for u in users]
+  new = server.add_items(side={k: v[twins_of] for k, v in catalog.side.items()},
+                         vectors={k: v[twins_of] for k, v in catalog.modalities.items()},
+                         raw_ids=[f"new-item-{i}" for i in twins_of])
+  np.testing.assert_array_equal(new, np.arange(120, 120 + len(twins_of)))
+  assert server.num_items == 120 + len(twins_of)
+  twin_gap, other_gap = [], []
+  for user, old in zip(users, before):
+    state = server.encode_user(dict(user, hist_item_id=list(user["hist_item_id"]) + [int(new[0])]))
+    now = server.score(server.encode_user(user), np.r_[np.arange(120), new])
+    np.testing.assert_allclose(now[:120], old, rtol=1e-5, atol=1e-6)  # trained items unchanged
+    twin_gap.append(np.abs(now[120:] - old[twins_of]))
+    other_gap.append(np.abs(old[twins_of] - old[(twins_of + 1) % 120]))
+    assert np.isfinite(server.score(state, new)).all()  # a new item in the history works too
+  twin_gap, other_gap = np.mean(twin_gap), np.mean(other_gap)
+  assert twin_gap < 0.5 * other_gap, (twin_gap, other_gap)
+
+  # Bad new items are refused, naming the array; the served catalog is unchanged.
+  bad = {k: v[:2].copy() for k, v in catalog.modalities.items()}
+  bad["text"][1, 0] = np.nan
+  with pytest.raises(ValueError, match=r"catalog.modalities\['text'\]: 1 non-finite"):
+    server.add_items(side={k: v[:2] for k, v in catalog.side.items()}, vectors=bad,
+                     raw_ids=["x", "y"])
+  with pytest.raises(ValueError, match="give the new items' raw_ids"):
+    server.add_items(side={k: v[:2] for k, v in catalog.side.items()},
+                     vectors={k: v[:2] for k, v in catalog.modalities.items()})
+  assert server.num_items == 120 + len(twins_of)
+
+  # Exported afterwards, the scorer serves the new items too.
+  export(server, tmp_path / "model.dmfx")
+  scorer = ExportedScorer(str(tmp_path / "model.dmfx"))
+  user = users[3]
+  np.testing.assert_allclose(scorer.score(scorer.encode_user(user), new),
+                             server.score(server.encode_user(user), new), rtol=1e-5, atol=1e-5)

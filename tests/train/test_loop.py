@@ -73,7 +73,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, caps
   for path in (workdir / "checkpoints" / str(latest) / "state").rglob("*"):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(b"garbage")
-  restored, _ = manager.restore_latest(abstract, lambda: None)
+  restored, _ = manager.restore_latest(abstract, lambda: None,
+                                       catalog=checkpointing.catalog_of(exp.state))
   assert restored.step == previous
   assert f"checkpoint at step {latest}" in capsys.readouterr().out
 
@@ -176,7 +177,8 @@ def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):
   exp = train_lib.build_experiment(tiny_train_config(data_dir))
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
   state = manager.restore(results["best_step"],
-                          exp.partitioner.abstract_state(exp.shardings, exp.state)).state
+                          exp.partitioner.abstract_state(exp.shardings, exp.state),
+                          catalog=checkpointing.catalog_of(exp.state)).state
   server = serving.Server(train_lib.serving_model(exp, state), buckets=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
@@ -235,3 +237,45 @@ def test_every_model_trains_on_a_sharded_mesh(name):
       assert np.isfinite(float(out["loss"])), (name, phase)
   logits = partitioner.predict_step(graphdef, shardings)(state, batch)
   assert logits.shape == (32,)
+
+
+def test_checkpoints_hold_a_catalog_fingerprint_not_the_catalog(finished_run, tmp_path):
+  """The frozen catalog is data: left out of checkpoints (its fingerprint is kept), put back
+  from the dataset on restore; another catalog is refused; a checkpoint from before (catalog
+  inside) still restores."""
+  data_dir, original, results = finished_run
+  exp = train_lib.build_experiment(tiny_train_config(data_dir))
+  abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
+  catalog = checkpointing.catalog_of(exp.state)
+  manager = checkpointing.CheckpointManager(original / "checkpoints", every_steps=10,
+                                            catalog_fingerprint=exp.catalog_fingerprint)
+  best = results["best_step"]
+  saved = checkpointing._shapes(manager._saved_structure(best))
+  assert saved and not [k for k in saved if "catalog" in k]
+  assert any(k.startswith("params/items/item_id") for k in saved)
+  metadata = manager._checkpointer.metadata(best).custom_metadata
+  assert metadata["catalog_fingerprint"] == exp.catalog_fingerprint == (
+      exp.dataset.catalog.fingerprint())
+  restored = manager.restore(best, abstract, catalog=catalog)
+  assert "catalog_fingerprint" not in restored.bookkeeping
+  vectors = restored.state.rest["catalog"]["modalities"]["text"][...]
+  np.testing.assert_array_equal(np.asarray(vectors)[:120], exp.dataset.catalog.modalities["text"])
+
+  workdir = tmp_path / "copy"
+  shutil.copytree(original, workdir)
+  other = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10,
+                                          catalog_fingerprint="0" * 64)
+  with pytest.raises(checkpointing.CatalogMismatchError, match="another item catalog"):
+    other.restore(best, abstract, catalog=catalog)
+  with pytest.raises(checkpointing.CatalogMismatchError, match="the dataset build changed"):
+    other.restore_latest(abstract, lambda: None, catalog=catalog)
+  assert other.steps == manager.steps and not (workdir / "checkpoints" / "corrupt").exists()
+
+  # A checkpoint written with the catalog inside the state (before it was left out).
+  legacy = checkpointing.CheckpointManager(tmp_path / "legacy", every_steps=1)
+  legacy._checkpointer.save_checkpointables(1, {"state": restored.state}, force=True)
+  legacy._checkpointer.wait()
+  assert any("catalog" in k for k in checkpointing._shapes(legacy._saved_structure(1)))
+  again = legacy.restore(1, abstract, catalog=catalog).state
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(restored.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

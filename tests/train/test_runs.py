@@ -247,7 +247,8 @@ def test_server_from_workdir_serves_a_model_sharded_run(data_dir, tmp_path):
   exp = train_lib.build_experiment(config)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=4)
   state = manager.restore(server.step,
-                          exp.partitioner.abstract_state(exp.shardings, exp.state)).state
+                          exp.partitioner.abstract_state(exp.shardings, exp.state),
+                          catalog=checkpointing.catalog_of(exp.state)).state
   reference = serving.Server(train_lib.serving_model(exp, state), buckets=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)

@@ -1,0 +1,157 @@
+r"""Scale benchmark: the DMF train step over catalogs of 1,000 to 1,000,000 items, and the
+streamed build (and input pipeline) of generated_ctr/large.
+
+  python -m experiments.benchmark_scale --data_dir=~/dmf_data --output_json=/tmp/scale.json
+
+writes
+  {"catalog": [{"num_items": N, "model": "dmf", "seq_len": L, "train_examples_per_s": x,
+                "device_bytes": b, ...}, ...],
+   "build": {"dataset": "generated_ctr/large", "records": R, "seconds": s,
+             "peak_rss_bytes": m},
+   "pipeline": {"workers": {"0": x, "2": y}, ...}}
+
+Catalog rows: DMF with experiments/configs/movielens.py's model dimensions, MovieLens's
+schema (text 384-d and image 1280-d vectors per item, random; genres, year, user fields),
+batch 512, random batches, Adam; N = 1,000 / 10,000 / 100,000 / 1,000,000 at L = 50, plus one
+row at L = 500 (`--long_seq_items` items). device_bytes: the train state's bytes on the
+device (parameters, optimizer state, catalog). The build runs `python -m data.build` in a
+child process (peak RSS: the child's maximum resident set); a data_dir that already holds the
+build reuses the figures recorded when it was made. Defaults take about 30 minutes on 2 CPU
+cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from etils import epath
+from flax import nnx
+
+from dmf_jax import data
+from dmf_jax.models import registry as models
+from dmf_jax.train import memory
+from experiments import bench_utils, cli
+from experiments.configs import movielens
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir for generated_ctr/large.",
+                                required=True)
+_OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the figures.", required=True)
+_SIZES = flags.DEFINE_list("num_items", ["1000", "10000", "100000", "1000000"],
+                           "Catalog sizes of the L = 50 rows.")
+_LONG_ITEMS = flags.DEFINE_integer("long_seq_items", 100_000,
+                                   "Catalog size of the L = 500 row (0: no such row).")
+_STEPS = flags.DEFINE_integer("steps", 15, "Timed train steps per row.")
+_BATCH = flags.DEFINE_integer("batch_size", 512, "Examples per step.")
+_VECTOR_DTYPE = flags.DEFINE_enum("vector_dtype", "float32", ["float32", "bfloat16"],
+                                  "How the catalog holds the vectors.")
+_BUILD = flags.DEFINE_string("build_config", "large",
+                             "generated_ctr config to build ('' to skip the build).")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 60,
+                                         "Batches timed per pipeline setting.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Input worker processes to time.")
+
+BUILD_RECORD = "benchmark_scale_build.json"  # beside the build: the figures of its making
+
+
+def catalog_row(num_items: int, seq_len: int) -> dict:
+  """Examples/s of the jitted DMF train step over a random catalog of `num_items` items."""
+  rng = np.random.default_rng(0)
+  schema = bench_utils.movielens_like_schema(seq_len, num_items)
+  catalog = bench_utils.random_catalog(schema, rng)
+  config = bench_utils.model_config(movielens.get_config(), "dmf")
+  config = dataclasses.replace(config, vector_dtype=_VECTOR_DTYPE.value)
+  model = models.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  del catalog  # the model holds its own (device) copy
+  state, step = bench_utils.train_setup(model)
+  del model
+  held = memory.per_device_summary(state)
+  batches = [bench_utils.random_batch(schema, _BATCH.value, rng) for _ in range(4)]
+  holder = {"state": state, "i": 0}
+
+  def one():
+    holder["state"], out = step(holder["state"], batches[holder["i"] % 4])
+    holder["i"] += 1
+    return out
+
+  start = time.perf_counter()
+  times = bench_utils.time_calls(one, min_seconds=0.0, min_reps=_STEPS.value,
+                                 max_reps=_STEPS.value, warmup=2)
+  row = {"num_items": num_items, "model": "dmf", "seq_len": seq_len,
+         "train_examples_per_s": round(_BATCH.value / float(np.median(times)), 1),
+         "device_bytes": int(held["total"]),
+         "device_bytes_by_part": {k: int(v) for k, v in held.items() if k != "total"},
+         "step_ms_median": round(1e3 * float(np.median(times)), 2),
+         "pairwise_matrix": num_items <= config.pairwise_similarity_max_items,
+         "vector_dtype": _VECTOR_DTYPE.value,
+         "seconds_with_compile": round(time.perf_counter() - start, 1)}
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def build_row(data_dir: str, config: str) -> dict:
+  """Builds generated_ctr/<config> in a child process (wall time, peak RSS) unless built."""
+  builder_dir = epath.Path(data_dir).expanduser() / "generated_ctr" / config
+  record = builder_dir / BUILD_RECORD
+  if not record.exists():
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "data.build", "--dataset=generated_ctr",
+                    f"--config={config}", f"--data_dir={data_dir}"], check=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    built = data.prepare("generated_ctr", config, data_dir)
+    figures = {"dataset": f"generated_ctr/{config}",
+               "records": int(sum(len(s) for s in built.sources.values())),
+               "records_by_split": {k: len(v) for k, v in built.sources.items()},
+               "seconds": round(seconds, 1), "peak_rss_bytes": int(peak),
+               "measured": time.strftime("%Y-%m-%d %H:%M")}
+    record.write_text(json.dumps(figures, indent=2))
+  figures = json.loads(record.read_text())
+  print(json.dumps(figures), flush=True)
+  return figures
+
+
+def pipeline_row(data_dir: str, config: str) -> dict:
+  """Examples/s of the streamed training pipeline (read + parse per batch) by worker count,
+  against the DMF step's examples/s on that dataset's schema."""
+  built = data.prepare("generated_ctr", config, data_dir)
+  rates = {w: round(bench_utils.pipeline_rate(built, _BATCH.value, _PIPELINE_BATCHES.value,
+                                              workers=int(w)), 1) for w in _WORKERS.value}
+  model_config = dataclasses.replace(bench_utils.model_config(movielens.get_config(), "dmf"),
+                                     vector_dtype=_VECTOR_DTYPE.value)
+  step = bench_utils.train_step_times(built, _BATCH.value, _STEPS.value, model_config)
+  row = {"dataset": built.full_name, "batch_size": _BATCH.value, "workers": rates,
+         "train_step_examples_per_s": round(_BATCH.value / float(np.median(step)), 1)}
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def main(argv):
+  del argv
+  out = {"machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
+         "catalog": []}
+  if _BUILD.value:
+    out["build"] = build_row(_DATA_DIR.value, _BUILD.value)
+  for n in (int(s) for s in _SIZES.value):
+    out["catalog"].append(catalog_row(n, 50))
+  if _LONG_ITEMS.value:
+    out["catalog"].append(catalog_row(_LONG_ITEMS.value, 500))
+  if _BUILD.value:
+    out["pipeline"] = pipeline_row(_DATA_DIR.value, _BUILD.value)
+  base = next((r for r in out["catalog"] if r["num_items"] == 1000 and r["seq_len"] == 50), None)
+  if base:
+    for r in out["catalog"]:
+      r["vs_1000_items"] = round(r["train_examples_per_s"] / base["train_examples_per_s"], 3)
+  epath.Path(_OUTPUT.value).write_text(json.dumps(out, indent=2))
+  print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
