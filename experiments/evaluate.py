@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import cli, distributed
 

@@ -71,3 +71,14 @@ def tiny_train_config(data_dir, **overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+def tiny_run(tmp_path_factory, dataset_config, **overrides):
+  """(data_dir, workdir) of a finished tiny training run on generated_ctr/<dataset_config>."""
+  from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  workdir = tmp_path_factory.mktemp(f"{dataset_config}_run")
+  config = tiny_train_config(data_dir, dataset_config=dataset_config, **overrides)
+  loop.train_and_evaluate(config, str(workdir))
+  return data_dir, workdir

@@ -107,6 +107,18 @@ class ItemCatalog:
     return digest.hexdigest()
 
 
+NORM_EPS = 1e-8  # as dmf_jax.nn.similarity.l2_normalize
+
+
+def inverse_norms(vectors: np.ndarray) -> np.ndarray:
+  """1 / max(|v|, eps) per row: [V, D] -> float32 [V] (computed in chunks, float64)."""
+  out = np.empty(len(vectors), np.float32)
+  for start in range(0, len(vectors), 65536):
+    chunk = np.asarray(vectors[start:start + 65536], np.float64)
+    out[start:start + 65536] = 1.0 / np.maximum(np.sqrt(np.sum(chunk * chunk, axis=1)), NORM_EPS)
+  return out
+
+
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
   """All-pairs cosine of item vectors: [V, D] -> float32 [V, V] (zero vectors give 0)."""
   v = np.asarray(vectors, np.float64)
@@ -177,6 +189,10 @@ class CatalogTables(nnx.Module):
                           if k.startswith("side/")})
     self.modalities = nnx.Dict({k[9:]: self._variable(v) for k, v in tables.items()
                                 if k.startswith("modality/")})
+    # 1 / max(|m|, eps) per item (0-vectors: 1/eps, their products are 0): the frozen cosine
+    # is then one product of stored vectors, with no normalised copy per position.
+    self.inv_norms = nnx.Dict({k[9:]: self._variable(v, float32=True) for k, v in tables.items()
+                               if k.startswith("inv_norm/")})
     if self.hashed_ids:
       self.item_id_rows = self._variable(tables["id_rows"])
     self.cosine_ranges = nnx.Dict(
@@ -184,20 +200,24 @@ class CatalogTables(nnx.Module):
     )
 
   def _tables(self, schema: FeatureSchema, catalog: ItemCatalog) -> dict[str, np.ndarray]:
-    """The stored per-item tables (hashed fields as rows), rows padded for the shards."""
+    """The stored per-item tables by key (side/<field> with hashed fields as rows,
+    modality/<name>, inv_norm/<name>, id_rows), unpadded."""
     tables = {}
     for spec in schema.item_features:
       value = np.asarray(catalog.side[spec.name])
       tables[f"side/{spec.name}"] = spec.rows(value) if spec.hashed else value.astype(np.int32)
     for name, value in catalog.modalities.items():
       tables[f"modality/{name}"] = np.asarray(value, np.float32)
+      tables[f"inv_norm/{name}"] = inverse_norms(value)
     if self.hashed_ids:
       tables["id_rows"] = schema.item_id_spec.rows(catalog.raw_ids)
     return tables
 
-  def _variable(self, value: np.ndarray) -> CatalogTable:
+  def _variable(self, value: np.ndarray, float32: bool = False) -> CatalogTable:
+    """A padded, row-sharded variable; float arrays in `vector_dtype` unless `float32`."""
     value = self._padded(value)
-    dtype = VECTOR_DTYPES[self.vector_dtype] if value.dtype == np.float32 else jnp.int32
+    dtype = jnp.int32 if value.dtype != np.float32 else (
+        jnp.float32 if float32 else VECTOR_DTYPES[self.vector_dtype])
     value = jnp.asarray(value, dtype)
     if self.sharding.table_axis is None:
       return CatalogTable(value)
@@ -206,13 +226,15 @@ class CatalogTables(nnx.Module):
   def _padded(self, value: np.ndarray) -> np.ndarray:
     """Rows padded with zeros to a multiple of the shard count."""
     extra = self.sharding.padded_rows(self.num_items) - len(value)
+    if not extra:
+      return value  # no copy (a catalog of millions of vectors)
     return np.pad(value, [(0, extra)] + [(0, 0)] * (value.ndim - 1))
 
   def _stored(self, key: str) -> CatalogTable:
     """The variable of a `_tables` key: side/<field>, modality/<name> or id_rows."""
     kind, _, name = key.partition("/")
-    return {"side": self.side, "modality": self.modalities}[kind][name] if name else (
-        self.item_id_rows)
+    return {"side": self.side, "modality": self.modalities, "inv_norm": self.inv_norms}[kind][
+        name] if name else self.item_id_rows
 
   def load(self, schema: FeatureSchema, catalog: ItemCatalog) -> None:
     """Replaces the values in place after validating them (keeps each variable's sharding)."""
@@ -277,7 +299,15 @@ class CatalogTables(nnx.Module):
 
   def vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> float32 [..., D_k]."""
-    return self._rows(self.modalities[name][...], item_ids).astype(jnp.float32)
+    return self.stored_vectors(name, item_ids).astype(jnp.float32)
+
+  def stored_vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
+    """int [...] -> [..., D_k] in the stored dtype (`vector_dtype`)."""
+    return self._rows(self.modalities[name][...], item_ids)
+
+  def inverse_norms(self, name: str, item_ids: jax.Array) -> jax.Array:
+    """1 / max(|m|, eps) of the items' vectors: int [...] -> float32 [...]."""
+    return self._rows(self.inv_norms[name][...], item_ids)
 
   def calibrate(self, name: str, similarity: jax.Array) -> jax.Array:
     """Maps the catalog's typical cosine range [low, high] (random pairs, 0.5-99.5 percentiles)

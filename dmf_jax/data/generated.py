@@ -75,6 +75,11 @@ class GeneratedCtr(CtrBuilder):
                       synthetic=TINY_HASHED, streamed=True, chunk_users=40),
       GeneratedConfig(name="large", description="1M items, 1M users, ~10M impressions, "
                       "streamed (benchmark_scale).", synthetic=LARGE, streamed=True),
+      GeneratedConfig(name="tiny_window1", description="Tests of warm starts.",
+                      synthetic=TINY, streamed=True, chunk_users=60,
+                      window=Window(users=90, items=100, end=16_000)),
+      GeneratedConfig(name="tiny_window2", description="Tests of warm starts.",
+                      synthetic=TINY, streamed=True, chunk_users=60),
       GeneratedConfig(name="window1", description="The first window of the two-window "
                       "incremental-training experiment.", synthetic=WINDOWS, streamed=True,
                       window=synthetic.Window(users=14_000, items=4_000, end=16_000)),

@@ -279,22 +279,36 @@ class CTRModel(nnx.Module):
 
   def encode_similarities(self, rows: Rows) -> dict[str, Any]:
     """The target-agnostic side of s_tj for the history Rows of ids: the ids (pairwise
-    matrix) or each modality's prepared unit vectors [B, L, D'_k] (prepared on the rows)."""
+    matrix); frozen cosines: each modality's stored vectors [B, L, D_k] and inverse norms
+    [B, L] (the cosine is then one product, with no normalised copy of the vectors);
+    projected: the prepared unit vectors [B, L, D'_k] (prepared on the rows)."""
     if self.similarity is None:
       raise ValueError(f"model {self.config.name!r} was built without similarities")
     if self.catalog.has_pairwise:
       return {"history": rows.take()}
+    names = self.schema.modality_names
+    if self.config.similarity == "frozen":
+      return {"vectors": [rows.map(lambda ids, n=n: self.catalog.stored_vectors(n, ids)).take()
+                          for n in names],
+              "inv_norms": [rows.map(lambda ids, n=n: self.catalog.inverse_norms(n, ids)).take()
+                            for n in names]}
     vectors = [rows.map(lambda ids, k=k, name=name: self.similarity.prepare(
-        k, self.catalog.vectors(name, ids))).take()
-               for k, name in enumerate(self.schema.modality_names)]
+        k, self.catalog.vectors(name, ids))).take() for k, name in enumerate(names)]
     return {"vectors": vectors}
 
   def candidate_similarities(self, state: Mapping, candidates: jax.Array, mask: jax.Array
                              ) -> jax.Array:
     """Target-aware similarities s [B, N, L, K] of candidates int [B, N] (0 where masked)."""
+    names = self.schema.modality_names
     if self.catalog.has_pairwise:
       sims = [self.catalog.pairwise_similarity(name, candidates, state["history"][:, None])
-              for name in self.schema.modality_names]
+              for name in names]
+    elif "inv_norms" in state:  # frozen: cos = (t . h) / (|t| |h|)
+      sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.catalog.stored_vectors(name, candidates),
+                                  h, preferred_element_type=jnp.float32)
+                       * self.catalog.inverse_norms(name, candidates)[..., None]
+                       * inv[:, None, :], -1.0, 1.0)
+              for name, h, inv in zip(names, state["vectors"], state["inv_norms"])]
     else:
       sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.similarity.prepare(k, t), h), -1.0, 1.0)
               for k, (t, h) in enumerate(zip(self.modality_vectors(candidates),

@@ -2,7 +2,6 @@
 a build tied to its sources (a changed MovieLens encoder cache is refused, then replaced on
 request; never reused silently)."""
 
-import os
 import pathlib
 import shutil
 import subprocess
@@ -89,3 +88,31 @@ def test_a_changed_movielens_encoder_cache_is_refused_then_replaced(tmp_path, en
   np.testing.assert_allclose(  # the old build, intact
       np.load(kept[0] / "dmf_catalog.npz")["modality/text"][0], -vectors[row], rtol=1e-6)
   assert "moved the stale build" in capfd.readouterr().err
+
+
+def test_a_streamed_build_writes_the_generator_chunks_in_order(tmp_path):
+  """generated_ctr/tiny_streamed: the records are the StreamedProblem's chunks, split by split
+  in generation order (no TFDS shuffle), hashed user ids kept raw and hashed when parsed."""
+  from dmf_jax.core import hashing
+  from dmf_jax.data import format as data_format
+  from dmf_jax.data import generated, synthetic
+
+  built = data.prepare("generated_ctr", "tiny_streamed", str(tmp_path))
+  config = next(c for c in generated.GeneratedCtr.BUILDER_CONFIGS if c.name == "tiny_streamed")
+  problem = synthetic.StreamedProblem(config.synthetic, config.chunk_users)
+  chunks = [problem.chunk(c) for c in range(problem.num_chunks)]
+  spec = built.schema.user_features[0]
+  assert spec.hashed and built.catalog.raw_ids is not None
+  for index, split in enumerate(("train", "validation", "test")):
+    want = {k: np.concatenate([c[k][c["split"] == index] for c in chunks]) for k in chunks[0]}
+    records = data_format.raw_records(built.sources[split])
+    got = data_format.RecordParser(built.schema)(records.read(range(len(records))))
+    assert len(records) == len(want["label"])
+    for key in ("item_id", "timestamp", "label", "user/group"):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{split} {key}")
+    np.testing.assert_array_equal(got["user/user_id"], spec.rows(want["user/user_id"]))
+    np.testing.assert_array_equal(got["group"], hashing.fold32(want["user/user_id"]))
+    lengths = got["hist_mask"].sum(axis=1)
+    np.testing.assert_array_equal(lengths, np.minimum(want["hist_len"], built.schema.seq_len))
+    np.testing.assert_array_equal(np.where(got["hist_mask"], got["hist_item_id"], 0),
+                                  want["hist_item_id"][:, :built.schema.seq_len])

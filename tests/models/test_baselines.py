@@ -1,7 +1,6 @@
 """Baselines: what each one feeds its attention, MAKE's phases, modality selection."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from dmf_jax.serve.export import export
 from dmf_jax.train import steps as training
 from dmf_jax.nn.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
 from dmf_jax.nn.similarity import bucketize
-from helpers import jitted, tiny_problem
+from helpers import jitted, tiny_problem, tiny_run
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
@@ -78,10 +77,13 @@ def test_served_logits_equal_the_model(name, pairwise):
       if pairwise:
         sims = [model.catalog.pairwise_similarity(k, ids_j, state["similarity"]["history"][0])
                 for k in model.schema.modality_names]
-      else:
-        sims = [np.asarray(model.similarity.prepare(k, t)) @ np.asarray(h[0]).T
-                for k, (t, h) in enumerate(zip(model.modality_vectors(ids_j),
-                                               state["similarity"]["vectors"]))]
+      else:  # frozen cosines: stored vectors and inverse norms of the history
+        hist = state["similarity"]
+        sims = [(np.asarray(model.catalog.vectors(k, ids_j)) @ np.asarray(h[0], np.float32).T)
+                * np.asarray(model.catalog.inverse_norms(k, ids_j))[:, None]
+                * np.asarray(inv[0])[None, :]
+                for k, h, inv in zip(model.schema.modality_names, hist["vectors"],
+                                     hist["inv_norms"])]
       served = jnp.clip(jnp.stack(sims, -1), -1, 1) * batch["hist_mask"][..., None]
       np.testing.assert_array_equal(bucketize(served, 8), bucketize(s, 8))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -257,15 +259,10 @@ def test_a_damaged_export_is_one_value_error_naming_the_file(exported, tmp_path,
 @pytest.fixture(scope="module")
 def hashed_run(tmp_path_factory):
   """A tiny run on generated data with hashed user and item ids (2 hashes each)."""
-  from dmf_jax.train import loop as train_lib
-  from helpers import tiny_train_config
-
-  data_dir = tmp_path_factory.mktemp("tfds")
-  workdir = tmp_path_factory.mktemp("hashed_run")
-  config = tiny_train_config(data_dir, dataset_config="tiny_hashed", num_train_steps=120,
-                             eval_every_steps=40, checkpoint_every_steps=40)
-  train_lib.train_and_evaluate(config, str(workdir))
   from dmf_jax import data
+
+  data_dir, workdir = tiny_run(tmp_path_factory, "tiny_hashed", num_train_steps=120,
+                               eval_every_steps=40, checkpoint_every_steps=40)
   return workdir, data.prepare("generated_ctr", "tiny_hashed", str(data_dir))
 
 
