@@ -62,7 +62,7 @@ def _identity_fields(config_json: dict) -> dict:
   """The flattened config without the fields that may change on resume."""
   return {k: v for k, v in _flatten(config_json).items()
           if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_FIELDS)
-          and k not in _RETIRED and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+          and k not in _RETIRED and not _at_default(k, v)}
 
 
 def identity(config: ml_collections.ConfigDict, dataset) -> dict:
@@ -89,7 +89,16 @@ def _recorded_identity(workdir: epath.Path) -> dict | None:
   return None
 
 
+def _at_default(key: str, value) -> bool:
+  """A field added after runs were recorded, at the value that means the old behaviour."""
+  return key in ADDED_FIELDS and value == ADDED_FIELDS[key]
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
+  """Lines naming the identity fields that differ (an added field at its default and the same
+  field absent are the same)."""
+  recorded = {k: v for k, v in recorded.items() if not _at_default(k, v)}
+  current = {k: v for k, v in current.items() if not _at_default(k, v)}
   lines = []
   for key in sorted(set(recorded) | set(current)):
     if key.startswith("dataset.") and key not in recorded:

@@ -263,3 +263,17 @@ def test_metrics_label_both_throughputs(finished):
            if json.loads(l)["kind"] == "train"]
   assert train and all(r["examples_per_s"] > 0 and r["wall_examples_per_s"] > 0 for r in train)
   assert (workdir / "curves.png").exists() and results["dataset"] == "generated_ctr/tiny"
+
+
+def test_fields_added_later_at_their_defaults_do_not_change_a_run_identity():
+  """A run recorded before `init_from` / `vector_dtype` existed (or by a version that wrote
+  them at their defaults) resumes; a non-default value is a difference."""
+  base = {"model": "dmf", "seed": 0}
+  for recorded, current in ((base, {**base, "model_config.vector_dtype": "float32"}),
+                            ({**base, "model_config.vector_dtype": "float32", "init_from": ""},
+                             base)):
+    assert runs.differences(recorded, current) == []
+  assert runs.differences(base, {**base, "init_from": "/runs/yesterday"}) == [
+      "init_from: '<unset>' in the workdir, '/runs/yesterday' now"]
+  assert runs.differences({**base, "model_config.vector_dtype": "float32"},
+                          {**base, "model_config.vector_dtype": "bfloat16"}) != []
