@@ -32,7 +32,8 @@ class ItemCatalog:
     pad); for a hashed field (`FeatureSpec.hashed`) the raw int64 ids [num_items].
   modalities: modality name -> float32 [num_items, D_k]; an all-zero row marks a missing vector.
   raw_ids: int64 [num_items], each item's raw id (`dmf_jax.core.hashing`); required when the
-    schema hashes item ids, else optional.
+    schema hashes item ids, else optional (BYOD builds always hold them: warm starts match
+    item rows across builds by them).
   """
 
   side: Mapping[str, np.ndarray]

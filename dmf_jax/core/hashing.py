@@ -80,3 +80,14 @@ def fold32(raw: np.ndarray) -> np.ndarray:
   user for GAUC when the user id is hashed)."""
   raw = np.asarray(raw, np.int64)
   return (raw ^ (raw >> 32)).astype(np.int32)
+
+
+def match_raw_ids(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+  """For each raw id of `new` [n], its position in `old` [m] (-1 when absent): int64 [n]
+  (e.g. an item's row in an earlier build's catalog, whatever order each build sorted in)."""
+  new, old = np.asarray(new, np.int64), np.asarray(old, np.int64)
+  if not len(old):
+    return np.full(len(new), -1, np.int64)
+  order = np.argsort(old, kind="stable")
+  at = np.minimum(np.searchsorted(old[order], new), len(old) - 1)
+  return np.where(old[order][at] == new, order[at], -1)

@@ -481,8 +481,8 @@ class ByodCtr(CtrBuilder):
         item_id_num_hashes=item_id_spec.num_hashes if item_id_spec else 1,
         item_id_hash_seed=item_id_spec.hash_seed if item_id_spec else 0,
     )
-    catalog = ItemCatalog(items_side, modalities,
-                          hashing.raw_ids(sorted(item_index)) if item_id_spec else None)
+    # Raw item ids always: a later build (new items sort in between) maps rows by them.
+    catalog = ItemCatalog(items_side, modalities, hashing.raw_ids(sorted(item_index)))
     splits = sequences.examples_from_events(
         user, item, timestamp, label.astype(np.int32), user_table, seq_len,
         split=config.get("split", "per_user"),

@@ -181,6 +181,24 @@ class RawRecords:
     return self.read([index])[0]
 
 
+def model_user_fields(schema: FeatureSchema, raw: dict[str, np.ndarray], n: int
+                      ) -> dict[str, np.ndarray]:
+  """User fields as read ({user/<name>: [n] or [n, M]}, a hashed field's raw int64 ids) -> as
+  the model takes them (a hashed field's rows), plus `group` int32 [n]: the user of each
+  example for GAUC (the user_id field, or a hashed user_id's raw id folded to 32 bits)."""
+  out = {}
+  for spec in schema.user_features:
+    key = f"user/{spec.name}"
+    out[key] = spec.rows(raw[key]) if spec.hashed else raw[key]
+  if "user/user_id" not in raw:
+    out["group"] = np.zeros(n, np.int32)
+  else:
+    user_id = raw["user/user_id"]
+    hashed = next(f for f in schema.user_features if f.name == "user_id").hashed
+    out["group"] = hashing.fold32(user_id) if hashed else user_id
+  return out
+
+
 class RecordParser:
   """Serialized impression records -> one batch of numpy arrays padded to `seq_len`.
 
@@ -216,19 +234,15 @@ class RecordParser:
     ts = np.array([f["timestamp"].int64_list.value[0] for f in features], np.int64)
     label = np.array([f["label"].float_list.value[0] for f in features], np.float32)
     hist, lengths = self._histories([f["hist_item_id"].bytes_list.value[0] for f in features])
-    out = {}
+    raw = {}
     for spec, start in self._user_slices:
       values = users[:, start:start + spec.raw_width]
       if spec.hashed:
-        raw = np.ascontiguousarray(values).view(np.int64)[:, 0]
-        values = spec.rows(raw)
-        if spec.name == "user_id":
-          out["group"] = hashing.fold32(raw)
+        values = np.ascontiguousarray(values).view(np.int64)[:, 0]
       elif not spec.multi_valued:
         values = values[:, 0]
-      out[f"user/{spec.name}"] = values
-    if "group" not in out:
-      out["group"] = out["user/user_id"] if "user/user_id" in out else np.zeros(n, np.int32)
+      raw[f"user/{spec.name}"] = values
+    out = model_user_fields(self.schema, raw, n)
     out.update(
         item_id=item, timestamp=ts, label=label, hist_item_id=hist,
         hist_mask=np.arange(seq_len)[None, :] < lengths[:, None],

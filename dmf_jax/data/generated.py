@@ -82,7 +82,7 @@ class GeneratedCtr(CtrBuilder):
                       synthetic=TINY, streamed=True, chunk_users=60),
       GeneratedConfig(name="window1", description="The first window of the two-window "
                       "incremental-training experiment.", synthetic=WINDOWS, streamed=True,
-                      window=synthetic.Window(users=14_000, items=4_000, end=16_000)),
+                      window=Window(users=14_000, items=4_000, end=16_000)),
       GeneratedConfig(name="window2", description="All of it: more users, items, events.",
                       synthetic=WINDOWS, streamed=True),
   ]

@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from dmf_jax.core import hashing
+from dmf_jax.data import format as data_format
 from dmf_jax.data import sequences
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
@@ -180,11 +181,7 @@ def make_examples(config: SyntheticConfig):
   schema = schema_for(config)
   out = {k: sequences.to_batch(v) for k, v in splits.items()}
   for batch in out.values():  # what the record parser makes of them: hashed fields as rows
-    user_id = batch["user/user_id"]
-    batch["group"] = hashing.fold32(user_id) if config.user_id_hash_buckets else user_id
-    for spec in schema.user_features:
-      if spec.hashed:
-        batch[f"user/{spec.name}"] = spec.rows(batch[f"user/{spec.name}"])
+    batch.update(data_format.model_user_fields(schema, batch, len(batch["label"])))
   return schema, catalog, out
 
 

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from dmf_jax import data
+from dmf_jax.core import hashing
 from dmf_jax.core.errors import WorkdirError
 from dmf_jax.core.sharding import ShardingRules
 from dmf_jax.data import format as data_format
@@ -190,9 +191,10 @@ def warm_start(exp: Experiment, source_workdir: str, *, optimizer_state: bool, l
 
   Arrays are matched by their path in the state. Same shape: copied. An embedding table whose
   vocabulary grew (or shrank) keeps the rows of the ids both builds know and its OOV row;
-  new ids keep this run's initialisation. Rows are matched by raw id where both catalogs hold
-  raw ids (item ids), else by index (ids that a later build only appends, as generated data
-  and append-only id maps do; BYOD sorts its vocabularies, so hash its growing fields).
+  new ids keep this run's initialisation. Item rows are matched by raw id where both catalogs
+  hold raw ids (BYOD builds do), other fields by index (ids that a later build only appends,
+  as generated data and append-only id maps do; BYOD sorts its user and side-field
+  vocabularies, so hash those that grow).
   Hashed tables have a fixed size and are copied whole. Any other shape change (other model
   dimensions) raises a `ConfigError` naming the arrays. With optimizer_state, the optimizer
   state (moments, step count: the learning-rate schedule continues) is carried the same way.
@@ -210,10 +212,10 @@ def warm_start(exp: Experiment, source_workdir: str, *, optimizer_state: bool, l
     for f in getattr(schema, group):
       if f.name in old:
         specs[(attr, "fields", f.name, "table", "embedding")] = (f, old[f.name])
-  item_map = None
-  if exp.dataset.catalog.raw_ids is not None and source.dataset.catalog.raw_ids is not None:
-    old_row = {int(r): i for i, r in enumerate(source.dataset.catalog.raw_ids)}
-    item_map = np.array([old_row.get(int(r), -1) for r in exp.dataset.catalog.raw_ids])
+  item_map = None  # new item row -> old item row (-1: new), by raw id
+  new_raw, old_raw = exp.dataset.catalog.raw_ids, source.dataset.catalog.raw_ids
+  if new_raw is not None and old_raw is not None:
+    item_map = hashing.match_raw_ids(new_raw, old_raw)
 
   def row_map(table_path, new_spec, old_spec):
     if table_path[:2] == ("items", "item_id") and item_map is not None:

@@ -82,3 +82,12 @@ def test_hashed_spec_rules():
     FeatureSpec("user_id", 10, 8, hash_buckets=1000)
   with pytest.raises(ValueError, match="num_hashes: only for hashed fields"):
     FeatureSpec("user_id", 10, 8, num_hashes=2)
+
+
+def test_raw_ids_are_matched_across_builds_in_any_order():
+  """Warm starts map an item's row in a newer build to its row in the older one by raw id
+  (BYOD sorts its ids, so a new id shifts the rows after it)."""
+  old = hashing.raw_ids(["i0", "i1", "i3"])
+  new = hashing.raw_ids(["i0", "i0a", "i1", "i2", "i3"])
+  np.testing.assert_array_equal(hashing.match_raw_ids(new, old), [0, -1, 1, -1, 2])
+  np.testing.assert_array_equal(hashing.match_raw_ids(new, old[:0]), [-1] * 5)

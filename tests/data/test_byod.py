@@ -49,6 +49,8 @@ def test_documented_example_builds(tmp_path):
   assert sum(len(s) for s in built.sources.values()) == 36
   assert {k: len(v) for k, v in built.sources.items()} == {"train": 30, "validation": 3, "test": 3}
   np.testing.assert_array_equal(built.catalog.modalities["text"][1], [5, 6, 7, 8])
+  from dmf_jax.core import hashing
+  np.testing.assert_array_equal(built.catalog.raw_ids, hashing.raw_ids(["i0", "i1", "i2", "i3"]))
 
 
 def assert_fails_cleanly(tmp_path, match, exc=ValueError, **changes):
