@@ -49,18 +49,39 @@ def config_names(name: str) -> tuple[str, ...]:
 
 
 def get_builder(name: str, config: str | None, data_dir: str,
-                manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+                manual_dir: str | None = None, *, beam: bool = False) -> tfds.core.DatasetBuilder:
   """The builder of dataset `name` / `config` in `data_dir` (byod_ctr: the build of the files
-  in `manual_dir`, or the only build in `data_dir`)."""
+  in `manual_dir`, or the only build in `data_dir`); `beam`: it builds as a Beam pipeline."""
   if name not in BUILDERS:
     raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(sorted(BUILDERS))}")
   cls = BUILDERS[name]
   if cls is ByodCtr:
-    return ByodCtr(config=ByodCtr.resolve_config(config, data_dir, manual_dir), data_dir=data_dir)
+    return ByodCtr(config=ByodCtr.resolve_config(config, data_dir, manual_dir), data_dir=data_dir,
+                   beam=beam)
   valid = config_names(name)
   if config is not None and config not in valid:
     raise ConfigError(f"dataset {name!r} has no config {config!r}; valid: {', '.join(valid)}")
-  return cls(config=config, data_dir=data_dir)
+  return cls(config=config, data_dir=data_dir, beam=beam)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSettings:
+  """Build as an Apache Beam pipeline (`pip install -e ".[beam]"`): `runner` is a Beam runner
+  name (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner; None: Beam's default, the
+  DirectRunner) and `options` its pipeline arguments, e.g. ["--project=p", "--region=r",
+  "--temp_location=gs://b/tmp"] (README "Scale")."""
+
+  runner: str | None = None
+  options: tuple[str, ...] = ()
+
+  def download_config(self, manual_dir: str | None) -> tfds.download.DownloadConfig:
+    try:
+      import apache_beam as beam  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ConfigError('a Beam build needs Apache Beam: pip install -e ".[beam]"') from None
+    return tfds.download.DownloadConfig(
+        manual_dir=manual_dir, beam_runner=self.runner,
+        beam_options=beam.options.pipeline_options.PipelineOptions(list(self.options)))
 
 
 def _log(message: str) -> None:
@@ -81,10 +102,11 @@ def _quiet_tfds():
     logger.setLevel(level)
 
 
-def _builder(name, config, data_dir, manual_dir) -> tuple[tfds.core.DatasetBuilder, bool]:
+def _builder(name, config, data_dir, manual_dir,
+             beam: bool = False) -> tuple[tfds.core.DatasetBuilder, bool]:
   """(the builder, whether it is built)."""
   with _quiet_tfds():
-    builder = get_builder(name, config, data_dir, manual_dir)
+    builder = get_builder(name, config, data_dir, manual_dir, beam=beam)
     return builder, builder.is_prepared()
 
 
@@ -126,8 +148,11 @@ def check_sources(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> 
 
 
 def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None = None, *,
-            replace_stale: bool = False) -> data_format.BuiltDataset:
-  """Builds the dataset if it is not built yet (one process at a time), then opens it."""
+            replace_stale: bool = False,
+            beam: BeamSettings | None = None) -> data_format.BuiltDataset:
+  """Builds the dataset if it is not built yet (one process at a time), then opens it.
+
+  beam: build it as an Apache Beam pipeline (the same records as the local build)."""
   data_dir_path = epath.Path(data_dir).expanduser()
   builder, prepared = _builder(name, config, str(data_dir_path), manual_dir)
   lock_name = f"{builder.name}-{config_name(builder) or ''}"
@@ -148,10 +173,13 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
     with lock:
       _log(f"moved the stale build {where} to {_move_aside(data_dir_path, builder)}")
   with lock:
-    builder, prepared = _builder(name, config, str(data_dir_path), manual_dir)
+    builder, prepared = _builder(name, config, str(data_dir_path), manual_dir, beam is not None)
     if not prepared:  # another process may have built it while this one waited
       _remove_dead_incomplete_builds(builder)
-      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+      if beam is not None:
+        download_config = beam.download_config(manual_dir)
+      else:
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
       builder.download_and_prepare(download_config=download_config)
   return _open(builder)
 

@@ -36,24 +36,28 @@ changed files give a new build and never a stale one.
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
+import functools
 import json
 import math
 import re
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import tensorflow_datasets as tfds
 from etils import epath
 
 from dmf_jax.core import hashing
-from dmf_jax.data import sequences
 from dmf_jax.core.catalog import ItemCatalog
-from dmf_jax.data import sources
-from dmf_jax.data.common import CtrBuilder
 from dmf_jax.core.errors import ConfigError, DataError, MissingFileError
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.data import columnar
+from dmf_jax.data import partitions
+from dmf_jax.data import sequences
+from dmf_jax.data import sources
+from dmf_jax.data.common import CtrBuilder, Parts
 
 CONFIG_FILE = "dataset.json"
 MULTI_SEPARATOR = "|"
@@ -64,7 +68,6 @@ BUILD_NAME = re.compile(r"^src-[0-9a-f]{12}$")
 # A single-valued field with a distinct value on every row, and at least this many rows, is
 # probably an id or free text (a title): reported, since it only adds a second id embedding.
 UNIQUE_FIELD_MIN_ROWS = 100
-CSV_FIELD_LIMIT = 1 << 20  # bytes per CSV field (csv's default is 128 KiB)
 
 
 def _require(root: epath.Path, name, what: str) -> epath.Path:
@@ -172,73 +175,6 @@ def _decode(path: epath.Path) -> str:
                     f"as UTF-8") from None
 
 
-def read_table(path: epath.Path, required: list[str]) -> tuple[list[str], list[list[str]], list[int]]:
-  """(header, rows as strings, source line numbers) of a CSV or Parquet file."""
-  if path.suffix == ".parquet":
-    try:
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-      table = pq.read_table(str(path)).to_pydict()
-    except Exception as e:  # pylint: disable=broad-except  (pyarrow's errors have no common base)
-      raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    header = list(table)
-    rows = [["" if v is None else str(v) for v in values] for values in zip(*table.values())]
-    lines = list(range(1, len(rows) + 1))  # Parquet: row numbers
-  else:
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
-    rows, lines = [], []
-    try:
-      header = next(reader, None)
-      if header is None:
-        raise DataError(f"{path}: empty file (needs a header row)")
-      for row in reader:
-        if not row:
-          continue
-        if len(row) != len(header):
-          raise DataError(f"{path}:{reader.line_num}: malformed row: {len(row)} fields, "
-                          f"header has {len(header)}")
-        rows.append(row)
-        lines.append(reader.line_num)
-    except csv.Error as e:
-      raise DataError(f"{path}:{reader.line_num}: {e} (fields are limited to "
-                      f"{CSV_FIELD_LIMIT} bytes)") from None
-  missing = [c for c in required if c not in header]
-  if missing:
-    raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
-  return header, rows, lines
-
-
-def _number_column(path, rows, lines, col, name, *, integer: bool) -> np.ndarray:
-  """Column `col` as int64 (`integer`: plain integers that fit in 64 bits) or as finite
-  float64 values; the first bad value raises naming file, line and what was expected."""
-  out = np.empty(len(rows), np.int64 if integer else np.float64)
-  expected = "an integer" if integer else "a number"
-  for k, (row, line) in enumerate(zip(rows, lines)):
-    try:
-      out[k] = int(row[col]) if integer else float(row[col])
-    except ValueError:
-      raise DataError(f"{path}:{line}: {name} {row[col]!r} is not {expected}") from None
-    except OverflowError:
-      raise DataError(f"{path}:{line}: {name} {row[col]!r} does not fit in 64 bits") from None
-    if not integer and not math.isfinite(out[k]):
-      raise DataError(f"{path}:{line}: {name} {row[col]!r} is not a finite number")
-  return out
-
-
-def _id_index(path, rows, lines, col, what) -> dict[str, int]:
-  seen: dict[str, int] = {}
-  for row, line in zip(rows, lines):
-    key = row[col]
-    if not key:
-      raise DataError(f"{path}:{line}: empty {what} id")
-    if key in seen:
-      raise DataError(f"{path}:{line}: duplicate {what} id {key!r} (first at line {seen[key]})")
-    seen[key] = line
-  return {key: i for i, key in enumerate(sorted(seen))}
-
 
 def _warn(message: str) -> None:
   print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -252,56 +188,209 @@ def _hash_spec(hashed: dict, key: str, name: str, dim: int) -> FeatureSpec | Non
                                   seed=hashed.get("seed", 0))
 
 
-def _categorical(path, header, rows, lines, id_col, index, id_name, dim, declared_multi=None,
-                 hashed=None, table=""):
-  """Encodes every non-id column: specs and int32 arrays indexed by the dense id.
+def _check_ids(table: columnar.Chunk, column: str, what: str) -> None:
+  """Every id non-empty and distinct (errors name the line, and a duplicate's first line)."""
+  ids = table.strings(column)
+  table.first(pc.equal(ids, ""), f"empty {what} id")
+  order = pc.sort_indices(ids).to_numpy()
+  sorted_ids = ids.take(pa.array(order))
+  if len(order) > 1:
+    repeat = pc.equal(sorted_ids[1:], sorted_ids[:-1]).to_numpy(zero_copy_only=False)
+    if repeat.any():
+      # The first row (in file order) whose id an earlier row holds.
+      row = int(np.maximum(order[1:], order[:-1])[repeat].min())
+      key = ids[row].as_py()
+      first = int(np.flatnonzero(pc.equal(ids, key).to_numpy(zero_copy_only=False))[0])
+      raise DataError(f"{table.reader.location(row)}: duplicate {what} id {key!r} (first at "
+                      f"line {table.reader.line(first)})")
 
-  declared_multi: the fields declared multi-valued (None: inferred, multi-valued when some
-  value holds '|'). Single-valued fields: an empty value is the value "" ("missing", its own
-  row). Multi-valued fields: an empty value is no values (all slots -1). Fields that `hashed`
-  names as '<table>.<field>' are raw int64 ids of their values (`hashing.raw_id`).
+
+def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_ids: int,
+                 id_name: str, dim: int, declared_multi=None, hashed=None, table_name=""):
+  """Encodes every non-id column of a side table: specs and arrays indexed by the dense id.
+
+  dense: each row's dense id. declared_multi: the fields declared multi-valued (None:
+  inferred, multi-valued when some value holds '|'). Single-valued fields: an empty value is
+  the value "" ("missing", its own row). Multi-valued fields: an empty value is no values (all
+  slots -1). Fields that `hashed` names as '<table>.<field>' are raw int64 ids of their values
+  (`hashing.raw_id`). Vocabularies are the sorted distinct values.
   """
+  path, header = table.reader.path, table.reader.header
   hashed = hashed or {}
   for key in hashed:
-    if key.startswith(f"{table}.") and key.partition(".")[2] not in header:
+    if key.startswith(f"{table_name}.") and key.partition(".")[2] not in header:
       raise DataError(f"{path}: 'hash' names {key!r}, not a column; header is {header}")
   if declared_multi is not None:
-    unknown = sorted(set(declared_multi) - set(header) - {header[id_col]})
+    unknown = sorted(set(declared_multi) - set(header) - {id_column})
     if unknown:
       raise DataError(f"{path}: multi_valued names field(s) {unknown} that are not columns; "
                       f"header is {header}")
   specs, arrays = [], {}
-  for col, field in enumerate(header):
-    if col == id_col:
+  for field in header:
+    if field == id_column:
       continue
-    spec = _hash_spec(hashed, f"{table}.{field}", field, dim)
+    text = table.strings(field)
+    spec = _hash_spec(hashed, f"{table_name}.{field}", field, dim)
     if spec is not None:
-      arr = np.full(len(index), hashing.raw_id(""), np.int64)  # no row: the missing value
-      arr[[index[row[id_col]] for row in rows]] = hashing.raw_ids(row[col] for row in rows)
+      arr = np.full(num_ids, hashing.raw_id(""), np.int64)  # no row: the missing value
+      arr[dense] = hashing.raw_ids(text.to_pylist())
       specs.append(spec)
       arrays[field] = arr
       continue
     multi = (field in declared_multi if declared_multi is not None
-             else any(MULTI_SEPARATOR in row[col] for row in rows))
-    values = ([row[col].split(MULTI_SEPARATOR) if row[col] else [] for row in rows] if multi
-              else [[row[col]] for row in rows])
-    vocab = {v: i for i, v in enumerate(sorted({v for vs in values for v in vs}))}
-    # A multi-valued field has at least 2 slots (FeatureSpec: max_values > 1), -1 padded.
-    width = max(2 if multi else 1, max((len(vs) for vs in values), default=1))
-    arr = np.full((len(index), width) if multi else (len(index),), -1 if multi else 0, np.int32)
-    for row, vs in zip(rows, values):
-      ids = [vocab[v] for v in vs]
-      if multi:
-        arr[index[row[id_col]], :len(ids)] = ids
-      else:
-        arr[index[row[id_col]]] = ids[0]
-    if not multi and len(rows) >= UNIQUE_FIELD_MIN_ROWS and len(vocab) == len(rows):
-      _warn(f"{path}: column {field!r} has a distinct value on every one of its {len(rows)} "
-            f"rows: as a categorical field it is a second {id_name} id (free text such as a "
-            f"title belongs in a modality); drop the column unless that is intended")
-    specs.append(FeatureSpec(field, max(1, len(vocab)), dim, max_values=width if multi else 1))
+             else bool(len(text)) and pc.any(pc.match_substring(text, MULTI_SEPARATOR)).as_py())
+    if multi:
+      arr, vocab_size = _multi_valued(text, dense, num_ids)
+    else:
+      vocab = columnar.sorted_unique(text)
+      arr = np.zeros(num_ids, np.int32)
+      arr[dense] = columnar.lookup(text, vocab)
+      vocab_size = len(vocab)
+      if len(text) >= UNIQUE_FIELD_MIN_ROWS and vocab_size == len(text):
+        _warn(f"{path}: column {field!r} has a distinct value on every one of its {len(text)} "
+              f"rows: as a categorical field it is a second {id_name} id (free text such as a "
+              f"title belongs in a modality); drop the column unless that is intended")
+    width = arr.shape[1] if multi else 1
+    specs.append(FeatureSpec(field, max(1, vocab_size), dim, max_values=width))
     arrays[field] = arr
   return specs, arrays
+
+
+def _multi_valued(text: pa.Array, dense: np.ndarray, num_ids: int) -> tuple[np.ndarray, int]:
+  """'a|b' values as int32 [num_ids, width] vocabulary indices, -1 padded (width >= 2: a
+  multi-valued FeatureSpec has max_values > 1); and the vocabulary size."""
+  empty = pc.equal(text, "").to_numpy(zero_copy_only=False)
+  lists = pc.split_pattern(text, MULTI_SEPARATOR)
+  lengths = np.where(empty, 0, pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+  flat = pc.list_flatten(lists)
+  keep = np.repeat(~empty, pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+  values = flat.filter(pa.array(keep))
+  vocab = columnar.sorted_unique(values)
+  codes = columnar.lookup(values, vocab).astype(np.int32)
+  width = max(2, int(lengths.max(initial=1)))
+  row = np.repeat(np.arange(len(text)), lengths)
+  slot = np.arange(len(codes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  arr = np.full((num_ids, width), -1, np.int32)
+  arr[dense[row], slot] = codes
+  return arr, len(vocab)
+
+
+def _labels(chunk: columnar.Chunk, config: dict) -> np.ndarray:
+  """The chunk's 0/1 labels (the label column, or rating >= threshold), checked."""
+  if "label" in config:
+    label = chunk.numbers(config["label"], "label")
+    chunk.first(~np.isin(label, (0.0, 1.0)), "label must be 0 or 1")
+    return label.astype(np.int8)
+  ratings = chunk.numbers(config["rating"]["column"], "rating")
+  return (ratings >= float(config["rating"]["threshold"])).astype(np.int8)
+
+
+@dataclasses.dataclass
+class _Scan:
+  """What the first pass over the interactions finds: users (sorted) with their event
+  counts, and the items they name (sorted; used when there is no item table)."""
+
+  users: pa.Array
+  user_counts: np.ndarray
+  items: pa.Array
+  num_events: int
+
+
+def _scan(reader: columnar.TableReader, config: dict, item_vocab: pa.Array | None) -> _Scan:
+  """Pass 1: checks every interaction (one chunk at a time) and counts events per user."""
+  counts, items, num_events = [], [], 0
+  for chunk in reader.chunks():
+    chunk.integers("timestamp", "timestamp")
+    _labels(chunk, config)
+    item = chunk.strings("item")
+    if item_vocab is not None:
+      unknown = columnar.lookup(item, item_vocab) < 0
+      if unknown.any():
+        row = int(np.argmax(unknown))
+        raise chunk.reader.error(chunk.first_row + row, f"unknown item id {item[row].as_py()!r} "
+                                 f"(not in {config['items']})")
+    else:
+      items.append(pc.unique(item))
+    user = chunk.strings("user")
+    chunk.first(pc.equal(user, ""), "empty user id")
+    counts.append(pa.table({"user": user}).group_by("user").aggregate([("user", "count")]))
+    num_events += chunk.num_rows
+    if len(counts) >= 16:  # keep the partial counts compact
+      counts = [_sum_counts(counts)]
+  if not num_events:
+    raise DataError(f"{reader.path}: no interactions")
+  table = _sum_counts(counts).sort_by("user")
+  users = table.column("user").combine_chunks()
+  all_items = (columnar.sorted_unique(pa.chunked_array(items).combine_chunks()) if items
+               else item_vocab)
+  return _Scan(users, table.column("user_count").to_numpy().astype(np.int64), all_items,
+               num_events)
+
+
+def _sum_counts(tables: list[pa.Table]) -> pa.Table:
+  table = pa.concat_tables(tables)
+  if len(tables) == 1:
+    return table
+  return table.group_by("user").aggregate([("user_count", "sum")]).rename_columns(
+      ["user", "user_count"])
+
+
+def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field_dim: int):
+  """(user specs, user fields by dense user index): the id, then users.csv's fields."""
+  hashed = config.get("hash", {})
+  user_id_spec = _hash_spec(hashed, "user", "user_id", dim)
+  if user_id_spec is None:
+    table = {"user_id": np.arange(len(users), dtype=np.int32)}
+    specs = [FeatureSpec("user_id", len(users), dim)]
+  else:  # raw ids, in the dense (sorted) order
+    table = {"user_id": hashing.raw_ids(users.to_pylist())}
+    specs = [user_id_spec]
+  if config.get("users"):
+    upath = _require(root, config["users"], "users")
+    rows = columnar.TableReader(upath, ["user"]).read_all()
+    _check_ids(rows, "user", "user")
+    dense = columnar.lookup(rows.strings("user"), users)
+    known = dense >= 0
+    covered = np.zeros(len(users), bool)
+    covered[dense[known]] = True
+    if not covered.all():
+      missing = users.filter(pa.array(~covered))[:5].to_pylist()
+      raise DataError(f"{upath}: no row for user id(s) {missing} of the interactions")
+    rows = columnar.Chunk(rows.reader, rows.batch.filter(pa.array(known)), 0)
+    more_specs, arrays = _categorical(rows, "user", dense[known], len(users), "user",
+                                      field_dim, config.get("multi_valued", {}).get("users"),
+                                      hashed, "users")
+    specs += more_specs
+    table |= arrays
+  return specs, table
+
+
+def _modality(root: epath.Path, name: str, files: dict, items: pa.Array) -> np.ndarray:
+  """float32 [num_items, D] vectors of one modality by dense item index (zeros where the
+  ids file has no row)."""
+  vec_path = _require(root, files["vectors"], f"{name} vectors")
+  ids_path = _require(root, files["ids"], f"{name} ids")
+  vectors = _vectors(vec_path)
+  ids = read_ids_file(ids_path)
+  if vectors.ndim != 2 or len(vectors) != len(ids):
+    raise DataError(f"{vec_path}: shape {vectors.shape} does not match the {len(ids)} ids "
+                    f"in {ids_path}")
+  finite = np.isfinite(vectors).all(axis=1)
+  if not finite.all():
+    row = int(np.argmax(~finite))
+    raise DataError(f"{vec_path}: row {row} (item {ids[row]!r}) has NaN/inf")
+  seen: dict[str, int] = {}
+  for row, key in enumerate(ids):
+    if key in seen:
+      raise DataError(f"{ids_path}:{row + 1}: duplicate item id {key!r}")
+    seen[key] = row
+  index = columnar.lookup(pa.array(ids, pa.string()), items)
+  if (index < 0).any():
+    row = int(np.argmax(index < 0))
+    raise DataError(f"{ids_path}:{row + 1}: unknown item id {ids[row]!r}")
+  table = np.zeros((len(items), vectors.shape[1]), np.float32)
+  table[index] = vectors
+  return table
 
 
 def read_ids_file(path: epath.Path) -> list[str]:
@@ -384,97 +473,31 @@ class ByodCtr(CtrBuilder):
     config = read_config(root)
     seq_len = int(config.get("seq_len", 50))
     dim, field_dim = int(config.get("embedding_dim", 32)), int(config.get("field_dim", 8))
-    multi = config.get("multi_valued", {})
     hashed = config.get("hash", {})
 
     path = _require(root, config["interactions"], "interactions")
     label_col = config.get("label") or config["rating"]["column"]
-    header, rows, lines = read_table(path, ["user", "item", "timestamp", label_col])
-    col = {h: i for i, h in enumerate(header)}
-    if not rows:
-      raise DataError(f"{path}: no interactions")
-    timestamp = _number_column(path, rows, lines, col["timestamp"], "timestamp", integer=True)
-    if "label" in config:
-      label = _number_column(path, rows, lines, col[label_col], "label", integer=False)
-      bad = ~np.isin(label, (0.0, 1.0))
-      if bad.any():
-        raise DataError(f"{path}:{lines[int(np.argmax(bad))]}: label must be 0 or 1")
-    else:
-      ratings = _number_column(path, rows, lines, col[label_col], "rating", integer=False)
-      label = ratings >= float(config["rating"]["threshold"])
+    interactions = columnar.TableReader(path, ["user", "item", "timestamp", label_col])
 
     # Items: the item table defines the vocabulary when given; otherwise the interactions do.
-    items_side, item_specs = {}, []
+    items_side, item_specs, item_vocab = {}, [], None
     if config.get("items"):
       ipath = _require(root, config["items"], "items")
-      iheader, irows, ilines = read_table(ipath, ["item"])
-      item_index = _id_index(ipath, irows, ilines, iheader.index("item"), "item")
-      item_specs, items_side = _categorical(ipath, iheader, irows, ilines, iheader.index("item"),
-                                            item_index, "item", field_dim, multi.get("items"),
-                                            hashed, "items")
-    else:
-      item_index = {v: i for i, v in enumerate(sorted({row[col["item"]] for row in rows}))}
-    item = np.empty(len(rows), np.int32)
-    for k, (row, line) in enumerate(zip(rows, lines)):
-      try:
-        item[k] = item_index[row[col["item"]]]
-      except KeyError:
-        raise DataError(f"{path}:{line}: unknown item id {row[col['item']]!r} "
-                         f"(not in {config['items']})") from None
-
-    for row, line in zip(rows, lines):
-      if not row[col["user"]]:
-        raise DataError(f"{path}:{line}: empty user id")
-    user_index = {v: i for i, v in enumerate(sorted({row[col["user"]] for row in rows}))}
-    user = np.asarray([user_index[row[col["user"]]] for row in rows], np.int32)
-    user_id_spec = _hash_spec(hashed, "user", "user_id", dim)
-    if user_id_spec is None:
-      user_table = {"user_id": np.arange(len(user_index), dtype=np.int32)}
-      user_specs = [FeatureSpec("user_id", len(user_index), dim)]
-    else:  # raw ids, in the dense (sorted) order
-      user_table = {"user_id": hashing.raw_ids(sorted(user_index))}
-      user_specs = [user_id_spec]
-    if config.get("users"):
-      upath = _require(root, config["users"], "users")
-      uheader, urows, ulines = read_table(upath, ["user"])
-      uid = uheader.index("user")
-      _id_index(upath, urows, ulines, uid, "user")  # duplicate check
-      known = [(r, l) for r, l in zip(urows, ulines) if r[uid] in user_index]
-      missing = sorted(set(user_index) - {r[uid] for r, _ in known})
-      if missing:
-        raise DataError(f"{upath}: no row for user id(s) {missing[:5]} of the interactions")
-      specs, arrays = _categorical(upath, uheader, [r for r, _ in known], [l for _, l in known],
-                                   uid, user_index, "user", field_dim, multi.get("users"),
-                                   hashed, "users")
-      user_specs += specs
-      user_table |= arrays
-
-    modalities = {}
-    for name, files in (config.get("modalities") or {}).items():
-      vec_path = _require(root, files["vectors"], f"{name} vectors")
-      ids_path = _require(root, files["ids"], f"{name} ids")
-      vectors = _vectors(vec_path)
-      ids = read_ids_file(ids_path)
-      if vectors.ndim != 2 or len(vectors) != len(ids):
-        raise DataError(f"{vec_path}: shape {vectors.shape} does not match the {len(ids)} ids "
-                         f"in {ids_path}")
-      if not np.isfinite(vectors).all():
-        row = int(np.argmax(~np.isfinite(vectors).all(axis=1)))
-        raise DataError(f"{vec_path}: row {row} (item {ids[row]!r}) has NaN/inf")
-      table = np.zeros((len(item_index), vectors.shape[1]), np.float32)
-      seen: dict[str, int] = {}
-      for row, key in enumerate(ids):
-        if key in seen:
-          raise DataError(f"{ids_path}:{row + 1}: duplicate item id {key!r}")
-        seen[key] = row
-        if key not in item_index:
-          raise DataError(f"{ids_path}:{row + 1}: unknown item id {key!r}")
-        table[item_index[key]] = vectors[row]
-      modalities[name] = table
+      items = columnar.TableReader(ipath, ["item"]).read_all()
+      _check_ids(items, "item", "item")
+      item_vocab = columnar.sorted_unique(items.strings("item"))
+      item_specs, items_side = _categorical(
+          items, "item", columnar.lookup(items.strings("item"), item_vocab), len(item_vocab),
+          "item", field_dim, config.get("multi_valued", {}).get("items"), hashed, "items")
+    scan = _scan(interactions, config, item_vocab)
+    item_vocab = scan.items
+    user_specs, user_table = _user_table(root, config, scan.users, dim, field_dim)
+    modalities = {name: _modality(root, name, files, item_vocab)
+                  for name, files in (config.get("modalities") or {}).items()}
 
     item_id_spec = _hash_spec(hashed, "item", "item_id", dim)
     schema = FeatureSchema(
-        num_items=len(item_index), item_id_dim=dim, seq_len=seq_len,
+        num_items=len(item_vocab), item_id_dim=dim, seq_len=seq_len,
         item_features=tuple(item_specs), user_features=tuple(user_specs),
         modalities=tuple(ModalitySpec(k, v.shape[1]) for k, v in modalities.items()),
         item_id_hash_buckets=item_id_spec.hash_buckets if item_id_spec else 0,
@@ -482,9 +505,60 @@ class ByodCtr(CtrBuilder):
         item_id_hash_seed=item_id_spec.hash_seed if item_id_spec else 0,
     )
     # Raw item ids always: a later build (new items sort in between) maps rows by them.
-    catalog = ItemCatalog(items_side, modalities, hashing.raw_ids(sorted(item_index)))
-    splits = sequences.examples_from_events(
-        user, item, timestamp, label.astype(np.int32), user_table, seq_len,
-        split=config.get("split", "per_user"),
-    )
+    catalog = ItemCatalog(items_side, modalities, hashing.raw_ids(item_vocab.to_pylist()))
+
+    # Pass 2: the events by user range on disk, then per partition the examples.
+    events = partitions.SpilledEvents(
+        str(self.scratch_dir() / "events"),
+        tuple(partitions.user_ranges(scan.user_counts, self.partition_events).tolist()))
+    for index, chunk in enumerate(interactions.chunks()):
+      events.write_chunk(index, columnar.lookup(chunk.strings("user"), scan.users),
+                         columnar.lookup(chunk.strings("item"), item_vocab),
+                         chunk.integers("timestamp", "timestamp"), _labels(chunk, config))
+    examples = _PartitionExamples(events, user_table, seq_len, config.get("split", "per_user"))
+    if examples.split == "global_time":
+      examples.cuts = partitions.linear_quantiles(
+          scan.num_events, sequences.cut_quantiles(),
+          lambda ks: partitions.kth_smallest(events.timestamps, ks))
+    offsets = examples.offsets(scan.user_counts)
+    splits = {name: Parts(events.num_partitions, functools.partial(examples, split=index),
+                          offsets[index])
+              for index, name in enumerate(sequences.SPLITS)}
     return schema, catalog, splits
+
+
+@dataclasses.dataclass
+class _PartitionExamples:
+  """Examples of one split from one partition of the spilled events (picklable: a Beam
+  build runs it on its workers)."""
+
+  events: partitions.SpilledEvents
+  user_table: dict[str, np.ndarray]
+  seq_len: int
+  split: str  # 'per_user' | 'global_time'
+  cuts: np.ndarray | None = None  # global_time: the cut times of all events
+
+  def __call__(self, partition: int, split: int) -> dict[str, np.ndarray]:
+    e = self.events.load(partition)
+    split_of = (self.split if self.split == "per_user"
+                else sequences.global_time_split(e["timestamp"], cuts=self.cuts))
+    return sequences.examples_from_events(
+        e["user"], e["item"], e["timestamp"], e["label"], self.user_table, self.seq_len,
+        split=split_of)[sequences.SPLITS[split]]
+
+  def offsets(self, user_counts: np.ndarray) -> list[tuple[int, ...]]:
+    """Per split, each partition's first key: the number of that split's events in the
+    partitions before it (the keys a build of all events at once gives)."""
+    starts = np.asarray(self.events.starts)
+    if self.split == "per_user":
+      n_test = np.minimum(np.maximum(1, np.round(0.1 * user_counts)), user_counts)
+      n_val = np.minimum(np.maximum(1, np.round(0.1 * user_counts)), user_counts - n_test)
+      per_user = np.stack([user_counts - n_test - n_val, n_val, n_test]).astype(np.int64)
+      sizes = np.add.reduceat(per_user, starts[:-1], axis=1) if len(starts) > 1 else (
+          np.zeros((3, 0), np.int64))
+    else:
+      sizes = np.zeros((3, self.events.num_partitions), np.int64)
+      for p in range(self.events.num_partitions):
+        split = sequences.global_time_split(self.events.load(p)["timestamp"], cuts=self.cuts)
+        sizes[:, p] = np.bincount(split, minlength=3)
+    return [tuple(np.r_[0, np.cumsum(s)[:-1]].astype(int).tolist()) for s in sizes]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -14,17 +16,63 @@ from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.data import sources
 from dmf_jax.core.schema import FeatureSchema
 
+SCRATCH_DIR = "scratch"  # in the build's (incomplete) folder; removed once the records exist
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """A split's examples as `count` independent parts (a streamed build).
+
+  rows(p): part p's examples, a dict as from `sequences.examples_from_events`.
+  offsets: each part's first key, so that keys equal those of one sequential pass (builds
+  that TFDS shuffles by key); None: key (p << 32) + i (ordered builds, `disable_shuffling`,
+  where only the keys' order matters). Parts run in order locally, or in parallel as an
+  Apache Beam pipeline (`CtrBuilder(beam=True)`) with the same keys, hence the same records
+  in the same order.
+  """
+
+  count: int
+  rows: Callable[[int], dict]
+  offsets: tuple[int, ...] | None = None
+
+  def key(self, part: int, index: int) -> int:
+    return (self.offsets[part] if self.offsets is not None else part << 32) + index
+
+
+def examples(schema: FeatureSchema, rows: dict):
+  """The TFDS examples of a dict of rows, in order."""
+  for i in range(len(rows["label"])):
+    length = int(rows["hist_len"][i])
+    yield {
+        "user_features": data_format.pack_user_features(schema, rows, i),
+        "item_id": int(rows["item_id"][i]),
+        "timestamp": int(rows["timestamp"][i]),
+        "hist_item_id": np.ascontiguousarray(rows["hist_item_id"][i, :length], np.int32),
+        "label": float(rows["label"][i]),
+    }
+
+
+def part_examples(part: int, schema: FeatureSchema, parts: Parts):
+  """(key, example) of one part (a Beam worker's unit of work)."""
+  for i, example in enumerate(examples(schema, parts.rows(part))):
+    yield parts.key(part, i), example
+
 
 class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
   """Subclasses implement `_prepare`.
 
   `_prepare` returns (schema, catalog, {split: examples}) with examples as produced by
-  `dmf_jax.data.sequences.examples_from_events`, or (streamed builds, bounded memory) a
-  callable yielding them chunk by chunk. The base writes the schema, the catalog and the
-  build record (`sources.BUILD_FILE`: fingerprints of `source_files` and `build_parameters`)
-  into the (still incomplete) dataset directory, then yields the records; TFDS moves
-  everything into place only when the whole build succeeded.
+  `dmf_jax.data.sequences.examples_from_events`, or (streamed builds, bounded memory) as
+  `Parts`. The base writes the schema, the catalog and the build record (`sources.BUILD_FILE`:
+  fingerprints of `source_files` and `build_parameters`) into the (still incomplete) dataset
+  directory, then yields the records; TFDS moves everything into place only when the whole
+  build succeeded. `beam=True`: the records are made and written by an Apache Beam pipeline
+  (TFDS's Beam support; the runner and options come from the DownloadConfig), with exactly
+  the records of the local build. Scratch files (`scratch_dir`) live in the incomplete folder
+  and are removed before TFDS moves it into place.
   """
+
+  partition_events = 500_000  # streamed builds: events per part held in memory at once
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -32,8 +80,23 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     """Nothing is downloaded (data is generated or read from `manual_dir`): no checksums file."""
     return None
 
-  def __init__(self, *args, file_format="array_record", **kwargs):
+  def __init__(self, *args, file_format="array_record", beam: bool = False, **kwargs):
     super().__init__(*args, file_format=file_format, **kwargs)
+    self.beam = beam
+
+  def scratch_dir(self) -> epath.Path:
+    """A folder for intermediate files of the build in progress."""
+    path = epath.Path(self.data_path) / SCRATCH_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    try:
+      return super()._download_and_prepare(dl_manager, download_config)
+    finally:
+      scratch = epath.Path(self.data_path) / SCRATCH_DIR
+      if scratch.exists():
+        scratch.rmtree()
 
   def source_files(self, manual_dir: epath.Path | None) -> dict[str, epath.Path]:
     """The raw files a build reads, by role (fingerprinted into the build record)."""
@@ -67,17 +130,33 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
     return {name: self._generate_examples(schema, rows) for name, rows in splits.items()}
 
   def _generate_examples(self, schema: FeatureSchema, rows):
-    """rows: one dict of a split's examples, or (a streamed build) a callable returning an
-    iterator of such dicts, chunk by chunk."""
+    """rows: one dict of a split's examples, or `Parts`. Locally a generator of (key,
+    example); with `beam`, a PTransform making the same (key, example) pairs part by part."""
+    if self.beam:
+      beam = tfds.core.lazy_imports.apache_beam
+      parts = rows if isinstance(rows, Parts) else Parts(1, _Constant(rows), (0,))
+      return (beam.Create(list(range(parts.count)))
+              | beam.Reshuffle()  # spread the parts over the workers
+              | beam.FlatMap(part_examples, schema, parts))
+    return self._local_examples(schema, rows)
+
+  def _local_examples(self, schema: FeatureSchema, rows):
+    if not isinstance(rows, Parts):
+      yield from enumerate(examples(schema, rows))
+      return
     key = 0
-    for chunk in (rows() if callable(rows) else [rows]):
-      for i in range(len(chunk["label"])):
-        length = int(chunk["hist_len"][i])
-        yield key, {
-            "user_features": data_format.pack_user_features(schema, chunk, i),
-            "item_id": int(chunk["item_id"][i]),
-            "timestamp": int(chunk["timestamp"][i]),
-            "hist_item_id": np.ascontiguousarray(chunk["hist_item_id"][i, :length], np.int32),
-            "label": float(chunk["label"][i]),
-        }
+    for part in range(rows.count):
+      for example in examples(schema, rows.rows(part)):
+        yield key, example
         key += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Constant:
+  """Parts of one in-memory dict (a non-streamed build run as a Beam pipeline)."""
+
+  rows: dict
+
+  def __call__(self, part: int) -> dict:
+    del part
+    return self.rows

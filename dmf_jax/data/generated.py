@@ -7,10 +7,11 @@ for tests. Any size: `GeneratedCtr(config=GeneratedConfig(name=..., synthetic=Sy
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import tensorflow_datasets as tfds
 
-from dmf_jax.data.common import CtrBuilder
+from dmf_jax.data.common import CtrBuilder, Parts
 from dmf_jax.data import sequences
 from dmf_jax.data import synthetic
 from dmf_jax.data.synthetic import Window
@@ -99,16 +100,8 @@ class GeneratedCtr(CtrBuilder):
     if self.builder_config.streamed:
       problem = synthetic.StreamedProblem(config, self.builder_config.chunk_users,
                                           self.builder_config.window)
-
-      def split_rows(index):
-        def chunks():
-          for c in range(problem.num_chunks):
-            rows = problem.chunk(c)
-            keep = rows.pop("split") == index
-            yield {k: v[keep] for k, v in rows.items()}
-        return chunks
-
-      splits = {name: split_rows(i) for i, name in enumerate(sequences.SPLITS)}
+      splits = {name: Parts(problem.num_chunks, functools.partial(_chunk_split, problem, i))
+                for i, name in enumerate(sequences.SPLITS)}
       return problem.schema(), problem.catalog(), splits
     catalog, users, events = synthetic.generate(config)
     splits = sequences.examples_from_events(
@@ -116,3 +109,10 @@ class GeneratedCtr(CtrBuilder):
         config.seq_len, split=events["split"],
     )
     return synthetic.schema_for(config), catalog, splits
+
+
+def _chunk_split(problem: synthetic.StreamedProblem, split: int, chunk: int) -> dict:
+  """One split's rows of one chunk of users."""
+  rows = problem.chunk(chunk)
+  keep = rows.pop("split") == split
+  return {k: v[keep] for k, v in rows.items()}

@@ -105,9 +105,24 @@ def split_sizes(n: int) -> tuple[int, int]:
   return n_test, n_val
 
 
-def global_time_split(timestamp: np.ndarray, fractions=(0.8, 0.1)) -> np.ndarray:
-  """Split index per event by a global time cut at the given quantiles (cold-start report)."""
-  cuts = np.quantile(timestamp, [fractions[0], fractions[0] + fractions[1]])
+GLOBAL_TIME_FRACTIONS = (0.8, 0.1)
+
+
+def cut_quantiles(fractions=GLOBAL_TIME_FRACTIONS) -> list[float]:
+  """The quantiles of the global-time split's two cuts: fractions[0] and their sum."""
+  return [fractions[0], fractions[0] + fractions[1]]
+
+
+def global_time_cuts(timestamp: np.ndarray, fractions=GLOBAL_TIME_FRACTIONS) -> np.ndarray:
+  """The two cut times of the global-time split."""
+  return np.quantile(timestamp, cut_quantiles(fractions))
+
+
+def global_time_split(timestamp: np.ndarray, fractions=GLOBAL_TIME_FRACTIONS,
+                      cuts: np.ndarray | None = None) -> np.ndarray:
+  """Split index per event by a global time cut at the given quantiles (cold-start report);
+  `cuts` (from `global_time_cuts` of all events) when `timestamp` is a part of them."""
+  cuts = global_time_cuts(timestamp, fractions) if cuts is None else cuts
   return np.where(timestamp < cuts[0], 0, np.where(timestamp < cuts[1], 1, 2)).astype(np.int8)
 
 
@@ -136,7 +151,7 @@ def examples_from_events(
   """
   order = order_events(user, item, timestamp)
   user, item, ts, label = user[order], item[order], timestamp[order], label[order]
-  hist, hist_len, _ = build_histories(user, item, ts, label, seq_len)
+  hist, hist_len = strict_histories(user, item, ts, label, seq_len)
   if isinstance(split, str):
     if split == "per_user":
       split = per_user_split(user)
