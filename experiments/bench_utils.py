@@ -7,7 +7,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from dmf_jax.data.movielens import FIELD_DIM, ID_DIM, USER_FIELDS
@@ -15,6 +14,7 @@ from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline as ip
 from dmf_jax.models import registry as models
 from dmf_jax.train import loop as train_lib
+from dmf_jax.train import optimizers
 from dmf_jax.train import steps as training
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
@@ -25,9 +25,11 @@ def model_config(config, name: str):
   return models.model_config({"name": name, **config.model_config.to_dict()})
 
 
-def train_setup(model, *, jit: bool = True):
-  """(train state, train step) of `model` with Adam(1e-3), as every benchmark times it."""
-  tx = optax.adam(1e-3)
+def train_setup(model, *, jit: bool = True, sparse_min_rows: int = 0):
+  """(train state, train step) of `model` with Adam(1e-3), as every benchmark times it; with
+  sparse_min_rows > 0 the tables of at least that many rows get lazy row-sparse Adam."""
+  tx = optimizers.make_optimizer(
+      optimizers.OptimizerConfig(learning_rate=1e-3, sparse_min_rows=sparse_min_rows), 1)
   graphdef, state = training.create_train_state(model, tx)
   return state, training.make_train_step(graphdef, tx, jit=jit)
 

@@ -56,6 +56,9 @@ _BUILD = flags.DEFINE_string("build_config", "large",
                              "generated_ctr config to build ('' to skip the build).")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 60,
                                          "Batches timed per pipeline setting.")
+_SPARSE = flags.DEFINE_integer(
+    "sparse_min_rows", 0, "Row-sparse (lazy) Adam for the tables of at least this many rows "
+    "(optimizer.sparse_min_rows; 0: dense Adam, as training's default).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Input worker processes to time.")
 
 BUILD_RECORD = "benchmark_scale_build.json"  # beside the build: the figures of its making
@@ -70,7 +73,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   config = dataclasses.replace(config, vector_dtype=_VECTOR_DTYPE.value)
   model = models.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
   del catalog  # the model holds its own (device) copy
-  state, step = bench_utils.train_setup(model)
+  state, step = bench_utils.train_setup(model, sparse_min_rows=_SPARSE.value)
   del model
   held = memory.per_device_summary(state)
   batches = [bench_utils.random_batch(schema, _BATCH.value, rng) for _ in range(4)]
@@ -90,7 +93,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
          "device_bytes_by_part": {k: int(v) for k, v in held.items() if k != "total"},
          "step_ms_median": round(1e3 * float(np.median(times)), 2),
          "pairwise_matrix": num_items <= config.pairwise_similarity_max_items,
-         "vector_dtype": _VECTOR_DTYPE.value,
+         "vector_dtype": _VECTOR_DTYPE.value, "sparse_min_rows": _SPARSE.value,
          "seconds_with_compile": round(time.perf_counter() - start, 1)}
   print(json.dumps(row), flush=True)
   return row

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -66,7 +70,45 @@ class EmbeddingTable(nnx.Module):
 
   def lookup(self, rows: jax.Array) -> jax.Array:
     """Rows already in [0, vocab_size] (the OOV row included), unchecked: int [...] -> [..., dim]."""
+    probes = _ROW_PROBES.get()
+    if probes is not None and id(self) in probes.tables:
+      return probes.lookup(self, rows)
     return gather_rows(self.embedding[...], rows, self.sharding)
+
+
+@dataclasses.dataclass
+class RowProbes:
+  """Row-sparse gradients of chosen tables (`dmf_jax.train.sparse`), active in `row_probes`.
+
+  A chosen table's lookup k returns stop_gradient(table)[rows] + probes[k] with probes[k] a zero
+  array of the lookup's shape [..., dim]: the loss's gradient w.r.t. probes[k] is its gradient
+  w.r.t. the rows looked up, and the table itself gets none. `calls` records (table name,
+  rows) per lookup, in call order; with `probes=None` (a shape-finding trace) lookups are
+  plain.
+  """
+
+  tables: dict[int, str]  # id(EmbeddingTable) -> its name (parameter path)
+  probes: list[jax.Array] | None = None
+  calls: list[tuple[str, jax.Array]] = dataclasses.field(default_factory=list)
+
+  def lookup(self, table: EmbeddingTable, rows: jax.Array) -> jax.Array:
+    k = len(self.calls)
+    self.calls.append((self.tables[id(table)], rows))
+    out = gather_rows(jax.lax.stop_gradient(table.embedding[...]), rows, table.sharding)
+    return out if self.probes is None else out + self.probes[k]
+
+
+_ROW_PROBES: contextvars.ContextVar[RowProbes | None] = contextvars.ContextVar(
+    "row_probes", default=None)
+
+
+@contextlib.contextmanager
+def row_probes(probes: RowProbes):
+  token = _ROW_PROBES.set(probes)
+  try:
+    yield probes
+  finally:
+    _ROW_PROBES.reset(token)
 
 
 class FeatureEmbedding(nnx.Module):

@@ -3,7 +3,8 @@
 Config fields (all in `OptimizerConfig`): name, learning_rate, schedule ('constant', 'cosine',
 'warmup_cosine'), warmup_steps, weight_decay (AdamW when > 0), grad_clip_norm (0 = off), and an
 optional separate optimizer for embedding tables (embedding_name, embedding_learning_rate),
-applied through `optax.multi_transform` to every `EmbeddingTable`'s rows.
+applied through `optax.multi_transform` to every `EmbeddingTable`'s rows, and row-sparse
+updates of the tables of at least `sparse_min_rows` rows (`dmf_jax.train.sparse`; 0 = off).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import optax
 from flax import nnx
 
 from dmf_jax.core import checks
+from dmf_jax.train import sparse
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
@@ -31,6 +33,9 @@ class OptimizerConfig:
   grad_clip_norm: float = 0.0
   embedding_name: str | None = None
   embedding_learning_rate: float | None = None
+  # Tables of at least this many rows get lazy row-sparse updates with the embedding optimizer
+  # (dmf_jax.train.sparse): O(rows looked up) per step instead of O(rows). 0: off.
+  sparse_min_rows: int = 0
 
   def __post_init__(self):
     problems = []  # every problem is reported at once
@@ -44,6 +49,10 @@ class OptimizerConfig:
       problems.append(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
     if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
       problems.append("optimizer.embedding_learning_rate must be > 0")
+    if isinstance(self.sparse_min_rows, bool) or not isinstance(self.sparse_min_rows, int) or (
+        self.sparse_min_rows < 0):
+      problems.append(f"optimizer.sparse_min_rows must be an integer >= 0, got "
+                      f"{self.sparse_min_rows!r}")
     if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
       problems.append("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
     if problems:
@@ -83,23 +92,29 @@ def param_labels(params: nnx.State) -> nnx.State:
   """'embedding' or 'dense' for every Param (the groups of `multi_transform`)."""
 
   def label(path, _):
-    keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
-    return "embedding" if is_embedding_table(keys) else "dense"
+    return "embedding" if is_embedding_table(sparse.path_names(path)) else "dense"
 
   return jax.tree_util.tree_map_with_path(
       label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """The optax transformation of `config`; with sparse_min_rows > 0 a `sparse.RowSparse` (the
+  transformation for the other parameters, and lazy updates of the large tables)."""
   dense = _base(config.name, schedule(config, config.learning_rate, total_steps),
                 config.weight_decay)
+  emb_lr = schedule(config, config.embedding_learning_rate or config.learning_rate, total_steps)
+  emb_name = config.embedding_name or config.name
+  groups = {"dense": dense}
   if config.embedding_name is not None or config.embedding_learning_rate is not None:
-    emb_lr = config.embedding_learning_rate or config.learning_rate
-    embedding = _base(config.embedding_name or config.name,
-                      schedule(config, emb_lr, total_steps), 0.0)
-    tx = optax.multi_transform({"dense": dense, "embedding": embedding}, param_labels)
+    groups["embedding"] = _base(emb_name, emb_lr, 0.0)
+  if len(groups) > 1:
+    groups.setdefault("embedding", dense)
+    tx = optax.multi_transform(groups, param_labels)
   else:
     tx = dense
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.sparse_min_rows:
+    tx = sparse.RowSparse(tx, config.sparse_min_rows, emb_name, emb_lr)
   return tx

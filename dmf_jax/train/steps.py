@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dmf_jax.nn.embedding import EmbeddingTable, RowProbes, row_probes
+from dmf_jax.train import sparse
 
 
 @jax.tree_util.register_dataclass
@@ -48,14 +50,7 @@ def create_train_state(
   return graphdef, state
 
 
-def param_path_names(keypath) -> tuple[str, ...]:
-  """A pytree key path into an nnx.State -> the attribute names from the model root."""
-  names = []
-  for key in keypath:
-    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
-    if name is not None and name != "value":
-      names.append(str(name))
-  return tuple(names)
+param_path_names = sparse.path_names  # a pytree key path -> the attribute names
 
 
 def freeze_updates(model: nnx.Module, phase: str, updates: nnx.State) -> nnx.State:
@@ -78,20 +73,54 @@ def make_train_step(
   included). Dropout keys are fold_in(state.rng, step).
   """
 
+  row_sparse = tx if isinstance(tx, sparse.RowSparse) else None
+
   def step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    # Row-sparse tables are inputs, not differentiated: their rows' gradients come from probes.
+    params, tables = (row_sparse.split(state.params) if row_sparse is not None
+                      else (state.params, nnx.State({})))
+    table_names = {"/".join(sparse.path_names(kp)) for kp, _ in
+                   jax.tree_util.tree_flatten_with_path(tables)[0]}
+    traced = []  # the RowProbes of each trace of `loss_fn` (the lookups, recorded when traced)
 
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.rest)
+    def loss_fn(params, probes):
+      model = nnx.merge(graphdef, params, tables, state.rest)
+      names = {id(m): name for path, m in nnx.iter_modules(model)
+               if isinstance(m, EmbeddingTable)
+               and (name := "/".join(map(str, path)) + "/embedding") in table_names}
+      recorder = RowProbes(names, probes)
+      traced.append(recorder)
       # Created inside the differentiated function: nnx.Rngs counters are trace-local.
       rngs = nnx.Rngs(dropout=key, sample=jax.random.fold_in(key, 1))
-      loss, extras = model.training_loss(batch, phase=phase, rngs=rngs)
-      return loss, (extras, nnx.state(model, nnx.Not(nnx.Param)))
+      with row_probes(recorder):
+        loss, extras = model.training_loss(batch, phase=phase, rngs=rngs)
+      rows = [r for _, r in recorder.calls]
+      return loss, (extras, nnx.state(model, nnx.Not(nnx.Param)), rows)
 
-    (loss, (extras, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = freeze_updates(nnx.merge(graphdef, state.params, state.rest), phase, updates)
-    params = optax.apply_updates(state.params, updates)
+    probes = []
+    if table_names:  # a shape-only trace finds the lookups of the row-sparse tables
+      jax.eval_shape(loss_fn, params, None)
+      widths = {"/".join(sparse.path_names(kp)): x.shape[-1]
+                for kp, x in jax.tree_util.tree_flatten_with_path(tables)[0]}
+      probes = [jnp.zeros(rows.shape + (widths[name],), jnp.float32)
+                for name, rows in traced[-1].calls]
+    (loss, (extras, rest, rows)), (grads, probe_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    updates = freeze_updates(model, phase, updates)
+    params = optax.apply_updates(params, updates)
+    if table_names:
+      lookups = {}
+      for (name, _), r, g in zip(traced[-1].calls, rows, probe_grads):
+        ids, grad = lookups.setdefault(name, ([], []))
+        ids.append(r.reshape(-1))
+        grad.append(g.reshape(-1, g.shape[-1]))
+      lookups = {k: (jnp.concatenate(i), jnp.concatenate(g)) for k, (i, g) in lookups.items()}
+      tables, opt_state = row_sparse.apply_rows(
+          tables, opt_state, lookups, lambda path: model.is_trainable(phase, path))
+      params = sparse.join(params, tables)
     new_state = TrainState(state.step + 1, state.rng, params, opt_state, rest)
     return new_state, {"loss": loss, **extras}
 

@@ -70,3 +70,30 @@ def test_training_from_another_run_and_its_errors(window1_run, tmp_path):
   missing = tiny_train_config(data_dir, init_from=str(tmp_path / "nowhere"))
   with pytest.raises(ConfigError, match="init_from: .*nowhere is not a training workdir"):
     config_lib.validate(missing, num_devices=8)
+
+
+def test_row_sparse_moments_carry_with_grown_vocabularies(tmp_path_factory):
+  """Row-sparse tables' moments (opt_state.rows) are matched by table path like optax's."""
+  data_dir, source = tiny_run(tmp_path_factory, "tiny_window1", num_train_steps=10,
+                              eval_every_steps=10, checkpoint_every_steps=10,
+                              optimizer={"sparse_min_rows": 1})
+  run = train_lib.restore_run(source)
+  config = tiny_train_config(data_dir, dataset_config="tiny_window2",
+                             optimizer={"sparse_min_rows": 1})
+  exp = train_lib.build_experiment(config)
+  state = train_lib.warm_start(exp, str(source), optimizer_state=True, log=lambda _: None)
+  for path, (new_vocab, old_vocab) in ((ITEM_TABLE, (120, 100)), (USER_TABLE, (150, 90))):
+    for moment in ("m", "v"):
+      old = np.asarray(_at(run.state.opt_state.rows[moment], path))
+      new = np.asarray(_at(state.opt_state.rows[moment], path))
+      assert new.shape[0] > old.shape[0] and np.abs(old[:old_vocab]).sum() > 0
+      np.testing.assert_array_equal(new[:old_vocab], old[:old_vocab], err_msg=str(path))
+      np.testing.assert_array_equal(new[new_vocab], old[old_vocab])  # the OOV row
+      np.testing.assert_array_equal(new[old_vocab:new_vocab], 0.0)  # new ids: fresh moments
+  assert int(state.opt_state.count) == int(run.state.opt_state.count) == 10
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree[...]
