@@ -551,9 +551,8 @@ class _PartitionExamples:
     partitions before it (the keys a build of all events at once gives)."""
     starts = np.asarray(self.events.starts)
     if self.split == "per_user":
-      n_test = np.minimum(np.maximum(1, np.round(0.1 * user_counts)), user_counts)
-      n_val = np.minimum(np.maximum(1, np.round(0.1 * user_counts)), user_counts - n_test)
-      per_user = np.stack([user_counts - n_test - n_val, n_val, n_test]).astype(np.int64)
+      n_test, n_val = sequences.per_user_split_sizes(user_counts)
+      per_user = np.stack([user_counts - n_test - n_val, n_val, n_test])
       sizes = np.add.reduceat(per_user, starts[:-1], axis=1) if len(starts) > 1 else (
           np.zeros((3, 0), np.int64))
     else:

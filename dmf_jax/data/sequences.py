@@ -90,11 +90,18 @@ def per_user_split(user: np.ndarray) -> np.ndarray:
   counts = np.diff(bounds)
   run = np.repeat(np.arange(len(counts)), counts)
   position = np.arange(len(user)) - bounds[:-1][run]
-  n_test = np.minimum(np.maximum(1, np.round(0.1 * counts)), counts).astype(np.int64)
-  n_val = np.minimum(np.maximum(1, np.round(0.1 * counts)), counts - n_test).astype(np.int64)
+  n_test, n_val = per_user_split_sizes(counts)
   from_end = counts[run] - position  # 1 for a user's last event
   return np.where(from_end <= n_test[run], 2,
                   np.where(from_end <= (n_test + n_val)[run], 1, 0)).astype(np.int8)
+
+
+def per_user_split_sizes(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(n_test, n_validation) per user with counts[u] events: `split_sizes`, vectorised."""
+  counts = np.asarray(counts, np.int64)
+  tenth = np.maximum(1, np.round(0.1 * counts)).astype(np.int64)
+  n_test = np.minimum(tenth, counts)
+  return n_test, np.minimum(tenth, counts - n_test)
 
 
 def split_sizes(n: int) -> tuple[int, int]:

@@ -35,6 +35,9 @@ def test_split_sizes_follow_the_protocol():
   np.testing.assert_array_equal(np.bincount(split[:10]), [8, 1, 1])
   np.testing.assert_array_equal(np.bincount(split[10:]), [24, 3, 3])
   np.testing.assert_array_equal(split[:10], [0] * 8 + [1, 2])
+  counts = np.arange(1, 300)
+  n_test, n_val = sequences.per_user_split_sizes(counts)
+  assert list(zip(n_test.tolist(), n_val.tolist())) == [sequences.split_sizes(n) for n in counts]
 
 
 def test_synthetic_is_deterministic_and_has_cold_items():
