@@ -10,7 +10,7 @@ The public API (imported on first use, so `import dmf_jax.serve.exported` stays 
   modules      EmbeddingTable, FeatureEmbedding, TargetAwareSimilarity,
                SimilarityBucketEmbedding, DinAttention, MultiHeadTargetAttention,
                EarlyFusionTargetAttention, DecoupledTargetAttention, SimTier, CMM, MLP,
-               PredictionHead, FusionQFormer, AdaptableLinear
+               CrossNetwork, PredictionHead, FusionQFormer, AdaptableLinear
   schema       FeatureSpec, ModalitySpec, FeatureSchema, ItemCatalog
   metrics      auc, gauc, logloss, EvalAccumulator
   errors       UserError, ConfigError, DataError
@@ -60,6 +60,7 @@ _API = {
     "SimTier": "dmf_jax.nn.simtier",
     "CMM": "dmf_jax.nn.cmm",
     "MLP": "dmf_jax.nn.layers",
+    "CrossNetwork": "dmf_jax.nn.layers",
     "PredictionHead": "dmf_jax.nn.layers",
     "FusionQFormer": "dmf_jax.nn.qformer",
     "AdaptableLinear": "dmf_jax.nn.lora",

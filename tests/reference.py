@@ -61,3 +61,13 @@ def simtier(s, mask, tiers, normalization):
   elif normalization == "log1p":
     out = np.log1p(out)
   return out
+
+
+def cross_network(x, kernels, biases, downs=()):
+  """DCNv2 cross layers in float64: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l, with W_l = kernels[l]
+  [D, D] or, given downs, the low-rank downs[l] [D, r] @ kernels[l] [r, D] (row vectors)."""
+  x0 = x = np.asarray(x, np.float64)
+  for l, (kernel, bias) in enumerate(zip(kernels, biases)):
+    h = x @ np.asarray(downs[l], np.float64) if len(downs) else x
+    x = x0 * (h @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)) + x
+  return x

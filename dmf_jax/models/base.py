@@ -26,7 +26,7 @@ from dmf_jax.core.rows import Rows, item_rows
 from dmf_jax.core.schema import FeatureSchema
 from dmf_jax.core.sharding import NO_SHARDING, ShardingRules, merge_leading, split_leading
 from dmf_jax.nn.embedding import FeatureEmbedding
-from dmf_jax.nn.layers import ACTIVATIONS
+from dmf_jax.nn.layers import ACTIVATIONS, PredictionHead
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.similarity import SIMILARITY_MODES, TargetAwareSimilarity
 from dmf_jax.nn.simtier import SIMTIER_NORMALIZATIONS
@@ -38,6 +38,9 @@ SIMILARITY_CALIBRATIONS = ("none", "catalog_range")
 # ---------------------------------------------------------------------------------------------
 # Configs: the common part, and the modality-centric part shared by DMF and the baselines
 # ---------------------------------------------------------------------------------------------
+
+
+HEAD_KINDS = ("mlp", "dcnv2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,11 @@ class ModelConfig:
   mlp_hidden: tuple[int, ...] = checks.field((256, 128, 64), "sizes")
   activation: str = checks.field("relu", ACTIVATIONS)
   dropout: float = checks.field(0.0, "fraction")
+  # The head: 'mlp' (the tower only) or 'dcnv2' (`nn.layers.CrossNetwork` of cross_layers
+  # layers, full rank or of rank cross_rank, stacked before the tower).
+  head: str = checks.field("mlp", HEAD_KINDS)
+  cross_layers: int = checks.field(3, "positive_int")
+  cross_rank: int = checks.field(0, "non_negative_int")
   # Modalities the model sees (empty: all the dataset's); the experiment restricts the schema.
   modalities: tuple[str, ...] = checks.field((), "names")
   # How the catalog holds the frozen vectors on the devices ('bfloat16': half the memory;
@@ -76,6 +84,15 @@ class ModelConfig:
   def from_mapping(cls, values: Mapping) -> "ModelConfig":
     """From a dict or ConfigDict; unknown keys are an error that lists the valid ones."""
     return checks.dataclass_from_mapping(cls, values, "model config")
+
+
+def prediction_head(in_dim: int, config: ModelConfig, *, rngs: nnx.Rngs) -> PredictionHead:
+  """The head of `config` over [B, in_dim] features: its tower, and DCNv2's cross layers
+  when config.head == 'dcnv2'."""
+  return PredictionHead(
+      in_dim, config.mlp_hidden, activation=config.activation, dropout=config.dropout,
+      cross_layers=config.cross_layers if config.head == "dcnv2" else 0,
+      cross_rank=config.cross_rank, rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)

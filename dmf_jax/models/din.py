@@ -17,9 +17,8 @@ import jax
 
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import ModelConfig, CTRModel
+from dmf_jax.models.base import ModelConfig, CTRModel, prediction_head
 from dmf_jax.nn.attention import DIN_NORMALIZATIONS, DinAttention
-from dmf_jax.nn.layers import PredictionHead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +47,9 @@ class DIN(CTRModel):
         self.token_dim + self.side_dim, hidden=config.din_hidden,
         normalization=config.din_normalization, side_dim=self.side_dim, rngs=rngs)
     target_dim = self.token_dim if content_in_head else schema.item_dim
-    self.head = PredictionHead(
-        schema.user_dim + target_dim + self.attention.out_dim + self.extra_dim,
-        config.mlp_hidden, activation=config.activation, dropout=config.dropout, rngs=rngs)
+    self.head = prediction_head(
+        schema.user_dim + target_dim + self.attention.out_dim + self.extra_dim, config,
+        rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
     mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])

@@ -15,14 +15,13 @@ import dataclasses
 
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import CTRModel, MultimodalConfig
+from dmf_jax.models.base import CTRModel, MultimodalConfig, prediction_head
 from dmf_jax.nn.attention import (
     DecoupledTargetAttention,
     EarlyFusionTargetAttention,
     MultiHeadTargetAttention,
 )
 from dmf_jax.nn.cmm import CMM, CMM_MODES
-from dmf_jax.nn.layers import PredictionHead
 from dmf_jax.nn.similarity import bucketize
 from dmf_jax.nn.simtier import SimTier
 
@@ -79,10 +78,7 @@ class DMF(CTRModel):
           alpha=config.cmm_alpha, rngs=rngs,
       )
       rep_dim = self.cmm.out_dim
-    self.head = PredictionHead(
-        schema.user_dim + d + rep_dim, config.mlp_hidden, activation=config.activation,
-        dropout=config.dropout, rngs=rngs,
-    )
+    self.head = prediction_head(schema.user_dim + d + rep_dim, config, rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
     """user [B, u]; mask [B, L]; the similarities' history side; the attention's user part

@@ -1,4 +1,5 @@
-"""Dense building blocks: the Dice activation, MLP towers and the prediction head."""
+"""Dense building blocks: the Dice activation, MLP towers, DCNv2's cross network and the
+prediction head."""
 
 from __future__ import annotations
 
@@ -79,8 +80,33 @@ class MLP(nnx.Module):
     return outputs
 
 
+class CrossNetwork(nnx.Module):
+  """DCNv2's cross layers (Wang et al., 2021): [..., D] -> [..., D],
+
+    x_{l+1} = x_0 * (W_l x_l + b_l) + x_l,   l = 0 .. num_layers - 1,
+
+  with W_l a full [D, D] matrix (rank 0) or the paper's low-rank U_l V_l^T (U_l, V_l [D, r]):
+  explicit feature crosses of growing degree, the residual keeping x_l.
+  """
+
+  def __init__(self, dim: int, num_layers: int, *, rank: int = 0, rngs: nnx.Rngs):
+    if num_layers < 1 or rank < 0:
+      raise ValueError(f"CrossNetwork needs num_layers >= 1 and rank >= 0, got {num_layers}, "
+                       f"{rank}")
+    self.down = nnx.List([nnx.Linear(dim, rank, use_bias=False, rngs=rngs)
+                          for _ in range(num_layers)] if rank else [])
+    self.up = nnx.List([nnx.Linear(rank or dim, dim, rngs=rngs) for _ in range(num_layers)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x0 = x
+    for l, up in enumerate(self.up):
+      x = x0 * up(self.down[l](x) if len(self.down) else x) + x
+    return x
+
+
 class PredictionHead(nnx.Module):
-  """MLP tower then one logit: [B, in_dim] -> [B]."""
+  """[B, in_dim] -> [B]: an MLP tower then one logit; with cross_layers > 0 DCNv2's stacked
+  form, `CrossNetwork` (of rank `cross_rank`) before the tower."""
 
   def __init__(
       self,
@@ -89,10 +115,16 @@ class PredictionHead(nnx.Module):
       *,
       activation: str = "relu",
       dropout: float = 0.0,
+      cross_layers: int = 0,
+      cross_rank: int = 0,
       rngs: nnx.Rngs,
   ):
+    self.cross = (CrossNetwork(in_dim, cross_layers, rank=cross_rank, rngs=rngs)
+                  if cross_layers else None)
     self.tower = MLP(in_dim, hidden, activation=activation, dropout=dropout, rngs=rngs)
     self.logit = nnx.Linear(self.tower.out_dim, 1, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    if self.cross is not None:
+      x = self.cross(x)
     return self.logit(self.tower(x, train=train, rngs=rngs))[..., 0]

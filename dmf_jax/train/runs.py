@@ -41,7 +41,9 @@ _RETIRED = tuple(f"model_config.{name}" for name in RETIRED_FIELDS)  # not ident
 # Fields added after runs were recorded: at these values (their defaults, the behaviour of
 # before) they are left out of the identity, so that older runs still resume.
 ADDED_FIELDS = {"init_from": "", "init_from_optimizer": False,
-                "model_config.vector_dtype": "float32", "optimizer.sparse_min_rows": 0}
+                "model_config.vector_dtype": "float32", "optimizer.sparse_min_rows": 0,
+                "model_config.head": "mlp", "model_config.cross_layers": 3,
+                "model_config.cross_rank": 0}
 MAX_LISTED = 8
 
 

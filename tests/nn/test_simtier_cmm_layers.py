@@ -1,5 +1,6 @@
 """SimTier histogram, CMM modes, MLP, Dice and the prediction head against numpy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from flax import nnx
 
 import reference
 from dmf_jax.nn.cmm import CMM
-from dmf_jax.nn.layers import MLP, Dice, PredictionHead
+from dmf_jax.nn.layers import MLP, CrossNetwork, Dice, PredictionHead
 from dmf_jax.nn.simtier import SimTier, simtier_histogram
 
 
@@ -69,6 +70,63 @@ def test_relu_mlp_and_head_match_numpy():
     h = np.maximum(h @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...]), 0)
   want = (h @ np.asarray(head.logit.kernel[...]) + np.asarray(head.logit.bias[...]))[:, 0]
   np.testing.assert_allclose(head(jnp.asarray(x)), want, rtol=1e-5, atol=1e-6)
+
+
+def cross_params(cross):
+  kernels = [np.asarray(layer.kernel[...]) for layer in cross.up]
+  biases = [np.asarray(layer.bias[...]) for layer in cross.up]
+  return kernels, biases, [np.asarray(layer.kernel[...]) for layer in cross.down]
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_cross_network_matches_numpy_with_gradients(rank):
+  """DCNv2's cross layers (full and low rank) against a float64 reference, forward and the
+  gradients w.r.t. the input and a kernel (central differences of the reference)."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(4, 6)).astype(np.float32)
+  r = rng.normal(size=(4, 6))
+  cross = CrossNetwork(6, 3, rank=rank, rngs=nnx.Rngs(1))
+  for layer in cross.up:  # non-zero biases: the reference must place them right
+    layer.bias[...] = jnp.asarray(rng.normal(size=layer.bias.shape) * 0.3, jnp.float32)
+  kernels, biases, downs = cross_params(cross)
+  want = reference.cross_network(x, kernels, biases, downs)
+  np.testing.assert_allclose(cross(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(want, x)
+
+  def loss(model, x):
+    return jnp.sum(model(x) * r)
+
+  grad_model, grad_x = jax.grad(loss, argnums=(0, 1))(cross, jnp.asarray(x))
+  eps = 1e-6
+
+  def numeric(perturb):
+    plus, minus = perturb(eps), perturb(-eps)
+    return (np.sum(plus * r) - np.sum(minus * r)) / (2 * eps)
+
+  for i, j in [(0, 0), (1, 3), (3, 5)]:
+    def at_x(e, i=i, j=j):
+      x64 = x.astype(np.float64)
+      x64[i, j] += e
+      return reference.cross_network(x64, kernels, biases, downs)
+    np.testing.assert_allclose(grad_x[i, j], numeric(at_x), rtol=1e-4, atol=1e-4)
+  kernel_grad = np.asarray(grad_model.up[1].kernel[...])
+  for i, j in [(0, 1), (1, 4)]:
+    def at_kernel(e, i=i, j=j):
+      changed = [k.astype(np.float64) for k in kernels]
+      changed[1][i, j] += e
+      return reference.cross_network(x, changed, biases, downs)
+    np.testing.assert_allclose(kernel_grad[i, j], numeric(at_kernel), rtol=1e-4, atol=1e-4)
+
+
+def test_dcnv2_head_is_the_cross_network_then_the_tower():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  head = PredictionHead(6, (5, 3), cross_layers=2, cross_rank=3, rngs=nnx.Rngs(0))
+  plain = PredictionHead(6, (5, 3), rngs=nnx.Rngs(0))
+  plain.tower, plain.logit = head.tower, head.logit
+  np.testing.assert_allclose(head(x), plain(head.cross(x)), rtol=1e-6)
+  with pytest.raises(ValueError, match="num_layers >= 1"):
+    CrossNetwork(6, 0, rngs=nnx.Rngs(0))
 
 
 def test_dice_uses_batch_statistics_in_training_and_running_ones_otherwise():

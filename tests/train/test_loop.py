@@ -216,13 +216,15 @@ SMALL_MODELS = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtie
                     contrastive_negatives="sampled", contrastive_num_negatives=16)
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_every_model_trains_on_a_sharded_mesh(name):
+@pytest.mark.parametrize("name,head", [(name, "mlp") for name in sorted(models.MODELS)]
+                         + [("din", "dcnv2"), ("dmf", "dcnv2")])
+def test_every_model_trains_on_a_sharded_mesh(name, head):
   """Every registered model compiles and trains on a 4x2 ('data', 'model') mesh with explicit
-  axes (arrays created inside a model must carry the batch's sharding); MAKE both phases."""
+  axes (arrays created inside a model must carry the batch's sharding); MAKE both phases;
+  DIN and DMF with the DCNv2 head too."""
   schema, catalog, splits = synthetic.make_examples(TINY)
-  factory = lambda rules, rngs: models.build_model({"name": name, **SMALL_MODELS}, schema,
-                                                   rngs=rngs, sharding=rules)
+  config = {"name": name, "head": head, "cross_layers": 2, **SMALL_MODELS}
+  factory = lambda rules, rngs: models.build_model(config, schema, rngs=rngs, sharding=rules)
   partitioner = pt.Partitioner(pt.MeshConfig(model=2))
   tx = optax.adam(3e-3)
   graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
@@ -237,6 +239,8 @@ def test_every_model_trains_on_a_sharded_mesh(name):
       assert np.isfinite(float(out["loss"])), (name, phase)
   logits = partitioner.predict_step(graphdef, shardings)(state, batch)
   assert logits.shape == (32,)
+  cross = state.params["head"].get("cross") if "head" in state.params else None
+  assert (cross is not None and len(cross["up"]) == 2) == (head == "dcnv2")
 
 
 def test_checkpoints_hold_a_catalog_fingerprint_not_the_catalog(finished_run, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from dmf_jax.train import checkpointing
 from dmf_jax.core import locking
+from dmf_jax.train import config as config_lib
 from dmf_jax.train import runs
 from dmf_jax.train import loop as train_lib
 from helpers import tiny_train_config
@@ -277,3 +278,12 @@ def test_fields_added_later_at_their_defaults_do_not_change_a_run_identity():
       "init_from: '<unset>' in the workdir, '/runs/yesterday' now"]
   assert runs.differences({**base, "model_config.vector_dtype": "float32"},
                           {**base, "model_config.vector_dtype": "bfloat16"}) != []
+
+
+def test_fields_added_later_are_listed_at_the_defaults_the_config_has():
+  """ADDED_FIELDS must name real config fields at their current defaults, or runs recorded
+  before a field existed would not resume (or would resume under another setting)."""
+  flat = runs._flatten(config_lib.default_config().to_dict())  # pylint: disable=protected-access
+  for key, default in runs.ADDED_FIELDS.items():
+    assert key in flat, key
+    assert flat[key] == default, key
