@@ -71,3 +71,31 @@ def cross_network(x, kernels, biases, downs=()):
     h = x @ np.asarray(downs[l], np.float64) if len(downs) else x
     x = x0 * (h @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)) + x
   return x
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def transformer_layer(x, mask, p, heads):
+  """Post-norm encoder layer in float64 for one sequence: x [T, D], mask bool [T]; p: dict of
+  numpy arrays (q, k, v, o, f1, f2 as (kernel, bias); n1, n2 as (scale, bias))."""
+  x = np.asarray(x, np.float64)
+  lin = lambda y, name: y @ p[name][0] + p[name][1]
+  t, d = x.shape
+  c = d // heads
+  out = np.zeros((t, d))
+  q, k, v = lin(x, "q"), lin(x, "k"), lin(x, "v")
+  for h in range(heads):
+    cols = slice(h * c, (h + 1) * c)
+    scores = q[:, cols] @ k[:, cols].T / np.sqrt(c)
+    scores = np.where(mask[None, :], scores, -np.inf)
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out[:, cols] = w @ v[:, cols]
+  h1 = layer_norm(x + lin(out, "o"), *p["n1"])
+  f = lin(h1, "f1")
+  f = np.where(f > 0, f, 0.01 * f)  # leaky_relu, slope 0.01
+  return layer_norm(h1 + lin(f, "f2"), *p["n2"])

@@ -10,6 +10,7 @@ config; each maps a batch (see `dmf_jax.core.schema`) to logits [B]:
                     (ID-only multi-head target attention) and keeps SimTier.
   dmf_no_mc         ablation: DTA only, no SimTier and no CMM.
   din_mm_concat, simscore, simtier, make   baselines (see `dmf_jax.models.baselines`).
+  bst               ID only: Behavior Sequence Transformer over the sequence and the target.
   em3               Fusion-Q-Former content tokens, LoRA sequence side, Content-ID loss
                     (see `dmf_jax.models.em3`), with a DIN or DMF head.
 
@@ -32,6 +33,7 @@ from dmf_jax.core.schema import FeatureSchema
 from dmf_jax.core.sharding import NO_SHARDING, ShardingRules
 from dmf_jax.models import baselines
 from dmf_jax.models.base import CTRModel, ModelConfig
+from dmf_jax.models.bst import BST, BstConfig
 from dmf_jax.models.din import DIN, DinConfig
 from dmf_jax.models.dmf import DMF, DmfConfig
 from dmf_jax.models.em3 import EM3Config, build_em3
@@ -60,6 +62,7 @@ MODELS: dict[str, ModelEntry] = {
     "simscore": ModelEntry(baselines.SimScore, baselines.BaselineConfig),
     "simtier": ModelEntry(baselines.DinSimTier, baselines.BaselineConfig),
     "make": ModelEntry(baselines.MAKE, baselines.MakeConfig),
+    "bst": ModelEntry(BST, BstConfig),
     "em3": ModelEntry(build_em3, EM3Config),
 }
 

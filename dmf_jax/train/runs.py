@@ -43,7 +43,9 @@ _RETIRED = tuple(f"model_config.{name}" for name in RETIRED_FIELDS)  # not ident
 ADDED_FIELDS = {"init_from": "", "init_from_optimizer": False,
                 "model_config.vector_dtype": "float32", "optimizer.sparse_min_rows": 0,
                 "model_config.head": "mlp", "model_config.cross_layers": 3,
-                "model_config.cross_rank": 0}
+                "model_config.cross_rank": 0, "model_config.bst_dim": 32,
+                "model_config.bst_heads": 2, "model_config.bst_layers": 1,
+                "model_config.bst_ffn_dim": 64}
 MAX_LISTED = 8
 
 

@@ -1,0 +1,85 @@
+"""The Transformer encoder layer against a float64 reference: values, masks, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference
+from dmf_jax.nn.transformer import TransformerLayer
+
+T, D, HEADS = 5, 8, 2
+
+
+def layer_and_params(seed=0):
+  rng = np.random.default_rng(seed)
+  layer = TransformerLayer(D, HEADS, 12, rngs=nnx.Rngs(seed))
+  for norm in (layer.attention_norm, layer.ffn_norm):  # not the identity: placement matters
+    norm.scale[...] = jnp.asarray(1 + 0.3 * rng.normal(size=D), jnp.float32)
+    norm.bias[...] = jnp.asarray(0.3 * rng.normal(size=D), jnp.float32)
+  for lin in (layer.query, layer.key, layer.value, layer.out, layer.ffn_in, layer.ffn_out):
+    lin.bias[...] = jnp.asarray(0.2 * rng.normal(size=lin.bias.shape), jnp.float32)
+  return layer, params_of(layer)
+
+
+def params_of(layer):
+  f = lambda a: np.asarray(a[...], np.float64)
+  lin = lambda m: (f(m.kernel), f(m.bias))
+  return {"q": lin(layer.query), "k": lin(layer.key), "v": lin(layer.value),
+          "o": lin(layer.out), "f1": lin(layer.ffn_in), "f2": lin(layer.ffn_out),
+          "n1": (f(layer.attention_norm.scale), f(layer.attention_norm.bias)),
+          "n2": (f(layer.ffn_norm.scale), f(layer.ffn_norm.bias))}
+
+
+def inputs(seed=1):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(3, T, D)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [0, 0, 0, 1, 1]], bool)
+  return x, mask
+
+
+def test_layer_matches_the_float64_reference_with_masks():
+  layer, p = layer_and_params()
+  x, mask = inputs()
+  got = np.asarray(layer(jnp.asarray(x), jnp.asarray(mask)))
+  for b in range(len(x)):
+    np.testing.assert_allclose(got[b], reference.transformer_layer(x[b], mask[b], p, HEADS),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_masked_positions_do_not_reach_the_valid_outputs():
+  layer, _ = layer_and_params()
+  x, mask = inputs()
+  changed = x.copy()
+  changed[~mask] += 5.0
+  a = np.asarray(layer(jnp.asarray(x), jnp.asarray(mask)))
+  b = np.asarray(layer(jnp.asarray(changed), jnp.asarray(mask)))
+  np.testing.assert_allclose(a[mask], b[mask], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(a[~mask], b[~mask])  # their own rows did change
+
+
+def test_input_gradients_match_central_differences_of_the_reference():
+  layer, p = layer_and_params()
+  x, mask = inputs()
+  r = np.random.default_rng(2).normal(size=(T, D))
+  b = 1
+  grad = jax.grad(lambda x: jnp.sum(layer(x, jnp.asarray(mask[b]))[mask[b]] * r[mask[b]]))(
+      jnp.asarray(x[b]))
+  eps = 1e-6
+
+  def objective(x64):
+    return np.sum(reference.transformer_layer(x64, mask[b], p, HEADS)[mask[b]] * r[mask[b]])
+
+  for i, j in [(0, 0), (2, 5), (4, 7), (1, 3)]:  # (1, 3) is a masked position: gradient 0
+    plus, minus = x[b].astype(np.float64), x[b].astype(np.float64)
+    plus[i, j] += eps
+    minus[i, j] -= eps
+    want = (objective(plus) - objective(minus)) / (2 * eps)
+    np.testing.assert_allclose(grad[i, j], want, rtol=2e-3, atol=2e-4)
+  np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
+
+
+def test_bad_widths_are_refused():
+  with pytest.raises(ValueError, match="not a multiple of num_heads"):
+    TransformerLayer(6, 4, 8, rngs=nnx.Rngs(0))
