@@ -99,3 +99,24 @@ def transformer_layer(x, mask, p, heads):
   f = lin(h1, "f1")
   f = np.where(f > 0, f, 0.01 * f)  # leaky_relu, slope 0.01
   return layer_norm(h1 + lin(f, "f2"), *p["n2"])
+
+
+def gru(x, mask, w_in, b_in, u, attention=None):
+  """float64 GRU / AUGRU over one sequence x [L, D] (see dmf_jax.nn.recurrent.GRU):
+  w_in [D, 3H], b_in [3H], u [H, 3H]; mask bool [L]; attention [L] or None."""
+  x = np.asarray(x, np.float64)
+  hidden = u.shape[0]
+  h = np.zeros(hidden)
+  out = []
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  for t in range(len(x)):
+    xs, hs = x[t] @ w_in + b_in, h @ u
+    r = sig(xs[:hidden] + hs[:hidden])
+    g = sig(xs[hidden:2 * hidden] + hs[hidden:2 * hidden])
+    if attention is not None:
+      g = g * attention[t]
+    c = np.tanh(xs[2 * hidden:] + r * hs[2 * hidden:])
+    if mask[t]:
+      h = (1 - g) * h + g * c
+    out.append(h.copy())
+  return np.stack(out)

@@ -11,6 +11,7 @@ config; each maps a batch (see `dmf_jax.core.schema`) to logits [B]:
   dmf_no_mc         ablation: DTA only, no SimTier and no CMM.
   din_mm_concat, simscore, simtier, make   baselines (see `dmf_jax.models.baselines`).
   bst               ID only: Behavior Sequence Transformer over the sequence and the target.
+  dien              ID only: GRU interests (auxiliary next-behaviour loss) evolved by AUGRU.
   em3               Fusion-Q-Former content tokens, LoRA sequence side, Content-ID loss
                     (see `dmf_jax.models.em3`), with a DIN or DMF head.
 
@@ -34,6 +35,7 @@ from dmf_jax.core.sharding import NO_SHARDING, ShardingRules
 from dmf_jax.models import baselines
 from dmf_jax.models.base import CTRModel, ModelConfig
 from dmf_jax.models.bst import BST, BstConfig
+from dmf_jax.models.dien import DIEN, DienConfig
 from dmf_jax.models.din import DIN, DinConfig
 from dmf_jax.models.dmf import DMF, DmfConfig
 from dmf_jax.models.em3 import EM3Config, build_em3
@@ -63,6 +65,7 @@ MODELS: dict[str, ModelEntry] = {
     "simtier": ModelEntry(baselines.DinSimTier, baselines.BaselineConfig),
     "make": ModelEntry(baselines.MAKE, baselines.MakeConfig),
     "bst": ModelEntry(BST, BstConfig),
+    "dien": ModelEntry(DIEN, DienConfig),
     "em3": ModelEntry(build_em3, EM3Config),
 }
 

@@ -30,8 +30,8 @@ def build(name, **overrides):
 
 def test_registry_lists_models_and_rejects_unknown_names():
   assert set(models.model_names()) >= {"din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
-                                       "din_mm_concat", "simscore", "simtier", "make", "em3", "bst"}
-  with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: bst, din, din_mm_concat, dmf,"):
+                                       "din_mm_concat", "simscore", "simtier", "make", "em3", "bst", "dien"}
+  with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: bst, dien, din, din_mm_concat, dmf,"):
     build("dnn")
   with pytest.raises(ValueError, match="model 'din' is already registered"):
     models.register_model("din", models.DIN)
@@ -101,7 +101,7 @@ def test_dmf_and_early_fusion_compute_the_same_function():
 
 
 @pytest.mark.parametrize("name", ["din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
-                                  "din_mm_concat", "simscore", "simtier", "make", "bst"])
+                                  "din_mm_concat", "simscore", "simtier", "make", "bst", "dien"])
 def test_models_train_and_loss_falls(name):
   _, _, splits = tiny_problem()
   model = build(name)

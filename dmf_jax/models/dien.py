@@ -1,0 +1,99 @@
+"""DIEN, the Deep Interest Evolution Network (Zhou et al., 2019): a GRU interest extractor
+trained with an auxiliary next-behaviour loss, and an attention-update GRU (AUGRU) that
+evolves the interests towards the target.
+
+  h_1..h_L   = GRU(k_1..k_L)                        (interest extractor, H = token width d)
+  a_t        = softmax over valid t of h_t W e_t'   (e_t': the target token)
+  h'_1..h'_L = AUGRU(h_1..h_L; a)                    (interest evolution, per candidate)
+  logit      = head([user ; e_t' ; h'_last])
+
+  L_aux = -mean over t with valid t and t + 1 of
+          [log sigmoid(h_t . k_{t+1}) + log(1 - sigmoid(h_t . k^-_{t+1}))]
+  loss  = BCE + dien_aux_weight * L_aux
+
+The negative k^-_{t+1} is the item (id_{t+1} + o) mod V with one offset o uniform in [1, V)
+per batch (a 'sample' stream draw): every negative differs from its positive, each is uniform
+over the other items, and the ids keep the batch's sharding (no replicated random array
+inside a sharded step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmf_jax.core import checks
+from dmf_jax.core.sharding import NO_SHARDING
+from dmf_jax.models.base import CTRModel, ModelConfig, prediction_head, validate_batch
+from dmf_jax.nn.losses import bce_with_logits
+from dmf_jax.nn.recurrent import GRU
+
+
+@dataclasses.dataclass(frozen=True)
+class DienConfig(ModelConfig):
+  """The auxiliary loss's weight (0: the extractor learns from the CTR loss only)."""
+
+  dien_aux_weight: float = checks.field(1.0, "non_negative")
+
+
+class DIEN(CTRModel):
+  """DIEN over the item tokens [e ; content]."""
+
+  def __init__(self, schema, config: DienConfig, *, rngs, catalog=None, sharding=NO_SHARDING):
+    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding)
+    d = self.token_dim
+    self.extractor = GRU(d, d, rngs=rngs)
+    self.attention = nnx.Linear(d, d, use_bias=False, rngs=rngs)  # W of h_t W e_t'
+    self.evolution = GRU(d, d, rngs=rngs)
+    self.head = prediction_head(schema.user_dim + 2 * d, config, rngs=rngs)
+
+  def encode_user(self, batch, *, train=False, rngs=None):
+    """user [B, u]; mask [B, L]; the behaviour tokens and interest states [B, L, d]."""
+    mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
+    tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs).take()
+    return {"user": self.user_embedding(batch), "mask": mask, "tokens": tokens,
+            "interests": self.extractor(tokens, mask)}
+
+  def score(self, state, candidates, *, train=False, rngs=None):
+    target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
+    interests, mask = state["interests"], state["mask"]  # [B, L, d], [B, L]
+    b, n = candidates.shape
+    scores = jnp.einsum("bld,bnd->bnl", interests, self.attention(target))
+    valid = jnp.broadcast_to(mask[:, None], (b, n, mask.shape[1]))
+    weights = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1) * valid
+    evolved = self.evolution(
+        jnp.broadcast_to(interests[:, None], (b, n, *interests.shape[1:])), valid, weights)
+    return self.predict(state, [target, evolved[:, :, -1]], train=train, rngs=rngs)
+
+  def auxiliary_loss(self, batch, state, rngs=None, offset=None) -> jax.Array:
+    """L_aux (see the module docstring): next-behaviour discrimination by the interests.
+    offset: the negatives' id offset in [1, V) (default: drawn from rngs' 'sample' stream)."""
+    ids, mask = batch["hist_item_id"], state["mask"]
+    num_items = self.catalog.num_items
+    if offset is None:
+      offset = jax.random.randint(rngs.sample(), (), 1, max(num_items, 2))
+    negative_ids = (ids[:, 1:] + offset) % num_items
+    negatives = self.item_tokens(self.item_rows(negative_ids), sequence=True).take()
+    h, positives = state["interests"][:, :-1], state["tokens"][:, 1:]
+    pairs = (mask[:, :-1] & mask[:, 1:]).astype(h.dtype)
+    pos = jnp.sum(h * positives, -1)
+    neg = jnp.sum(h * negatives, -1)
+    per_step = -(jax.nn.log_sigmoid(pos) + jax.nn.log_sigmoid(-neg))
+    return jnp.sum(per_step * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
+
+  def training_loss(self, batch, *, phase="main", rngs=None):
+    """BCE of the logits plus dien_aux_weight x L_aux, from one pass of the extractor."""
+    del phase
+    validate_batch(self.schema, batch)
+    state = self.encode_user(batch, train=True, rngs=rngs)
+    logits = self.score(state, batch["item_id"][:, None], train=True, rngs=rngs)[:, 0]
+    ctr = bce_with_logits(logits, batch["label"], batch.get("weight"))
+    if not self.config.dien_aux_weight:
+      return ctr, {}
+    if rngs is None:
+      raise ValueError("DIEN: the auxiliary loss needs `rngs` with a 'sample' stream")
+    aux = self.auxiliary_loss(batch, state, rngs)
+    return ctr + self.config.dien_aux_weight * aux, {"ctr_loss": ctr, "aux_loss": aux}

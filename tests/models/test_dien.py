@@ -1,0 +1,74 @@
+"""DIEN: the auxiliary loss against numpy, its negatives, padding, and the combined loss."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dmf_jax.models import registry as models
+from dmf_jax.nn.losses import bce_with_logits
+from helpers import jitted, take, tiny_problem
+
+
+def dien_and_batch(**overrides):
+  schema, catalog, splits = tiny_problem()
+  model = models.build_model({"name": "dien", **overrides}, schema, rngs=nnx.Rngs(0),
+                             catalog=catalog)
+  batch = take(splits["validation"], np.arange(32))
+  assert (~batch["hist_mask"]).any() and batch["hist_mask"].any(1).all()
+  return schema, model, batch
+
+
+def test_auxiliary_loss_matches_numpy():
+  schema, model, batch = dien_and_batch()
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  state = model.encode_user(jb)
+  offset = 7
+  got = float(model.auxiliary_loss(jb, state, offset=offset))
+  h = np.asarray(state["interests"], np.float64)
+  tokens = np.asarray(state["tokens"], np.float64)
+  negative_ids = (batch["hist_item_id"][:, 1:] + offset) % schema.num_items
+  negatives = np.asarray(model.item_tokens(model.item_rows(jnp.asarray(negative_ids)),
+                                           sequence=True).take(), np.float64)
+  mask = batch["hist_mask"]
+  log_sigmoid = lambda z: -np.log1p(np.exp(-z))
+  total, count = 0.0, 0
+  for b in range(len(mask)):
+    for t in range(mask.shape[1] - 1):
+      if mask[b, t] and mask[b, t + 1]:
+        total -= log_sigmoid(h[b, t] @ tokens[b, t + 1]) + log_sigmoid(-(h[b, t] @ negatives[b, t]))
+        count += 1
+  assert count > 0
+  np.testing.assert_allclose(got, total / count, rtol=1e-5)
+  assert not np.any(negative_ids == batch["hist_item_id"][:, 1:])  # never the positive
+
+
+def test_padded_history_ids_do_not_matter_and_the_order_does():
+  schema, model, batch = dien_and_batch()
+  call = jitted(model)
+  base = np.asarray(call(batch))
+  rng = np.random.default_rng(0)
+  padded = dict(batch, hist_item_id=np.where(
+      batch["hist_mask"], batch["hist_item_id"],
+      rng.integers(0, schema.num_items, batch["hist_item_id"].shape)).astype(np.int32))
+  np.testing.assert_allclose(np.asarray(call(padded)), base, rtol=1e-5, atol=1e-6)
+  full = np.flatnonzero(batch["hist_mask"].all(1))
+  assert len(full)
+  reversed_ = dict(batch, hist_item_id=batch["hist_item_id"].copy())
+  reversed_["hist_item_id"][full] = batch["hist_item_id"][full, ::-1]
+  assert np.abs(np.asarray(call(reversed_))[full] - base[full]).max() > 1e-5
+
+
+def test_training_loss_adds_the_weighted_auxiliary_loss():
+  _, model, batch = dien_and_batch()
+  jb = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss, extras = model.training_loss(jb, rngs=nnx.Rngs(dropout=0, sample=1))
+  np.testing.assert_allclose(float(loss), float(extras["ctr_loss"] + extras["aux_loss"]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(extras["ctr_loss"]),
+                             float(bce_with_logits(model(jb), jb["label"], jb["weight"])),
+                             rtol=1e-5)
+  _, plain, _ = dien_and_batch(dien_aux_weight=0.0)
+  loss, extras = plain.training_loss(jb)
+  assert extras == {}
+  np.testing.assert_allclose(float(loss), float(bce_with_logits(plain(jb), jb["label"],
+                                                                jb["weight"])), rtol=1e-6)
