@@ -82,3 +82,22 @@ def tiny_run(tmp_path_factory, dataset_config, **overrides):
   config = tiny_train_config(data_dir, dataset_config=dataset_config, **overrides)
   loop.train_and_evaluate(config, str(workdir))
   return data_dir, workdir
+
+
+def check_sequence_model_reads_the_valid_history_in_order(model, batch, num_items):
+  """A sequence model's logits ignore the ids at padded history positions, change with the
+  valid ones, and change when a full history is reversed (the model sees the order)."""
+  call = jitted(model)
+  base = np.asarray(call(batch))
+  rng = np.random.default_rng(0)
+  mask, ids = batch["hist_mask"], batch["hist_item_id"]
+  noise = rng.integers(0, num_items, ids.shape)
+  padded = dict(batch, hist_item_id=np.where(mask, ids, noise).astype(np.int32))
+  np.testing.assert_allclose(np.asarray(call(padded)), base, rtol=1e-5, atol=1e-6)
+  valid = dict(batch, hist_item_id=np.where(mask, noise, ids).astype(np.int32))
+  assert np.abs(np.asarray(call(valid)) - base).max() > 1e-4
+  full = np.flatnonzero(mask.all(1))
+  assert len(full)
+  reversed_ = dict(batch, hist_item_id=ids.copy())
+  reversed_["hist_item_id"][full] = ids[full, ::-1]
+  assert np.abs(np.asarray(call(reversed_))[full] - base[full]).max() > 1e-5

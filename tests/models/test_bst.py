@@ -5,7 +5,8 @@ import pytest
 from flax import nnx
 
 from dmf_jax.models import registry as models
-from helpers import jitted, take, tiny_problem
+from helpers import (check_sequence_model_reads_the_valid_history_in_order, jitted, take,
+                     tiny_problem)
 
 
 def bst_and_batch():
@@ -19,23 +20,7 @@ def bst_and_batch():
 
 def test_padded_history_ids_do_not_matter_and_valid_ones_and_order_do():
   schema, model, batch = bst_and_batch()
-  call = jitted(model)
-  base = np.asarray(call(batch))
-  rng = np.random.default_rng(0)
-  padded = dict(batch, hist_item_id=np.where(
-      batch["hist_mask"], batch["hist_item_id"],
-      rng.integers(0, schema.num_items, batch["hist_item_id"].shape)).astype(np.int32))
-  np.testing.assert_allclose(np.asarray(call(padded)), base, rtol=1e-5, atol=1e-6)
-  valid = dict(batch, hist_item_id=np.where(
-      batch["hist_mask"], rng.integers(0, schema.num_items, batch["hist_item_id"].shape),
-      batch["hist_item_id"]).astype(np.int32))
-  assert np.abs(np.asarray(call(valid)) - base).max() > 1e-4
-  # Positions: reversing the valid part of a full history changes the logits.
-  full = np.flatnonzero(batch["hist_mask"].all(1))
-  assert len(full)
-  reversed_ = dict(batch, hist_item_id=batch["hist_item_id"].copy())
-  reversed_["hist_item_id"][full] = batch["hist_item_id"][full, ::-1]
-  assert np.abs(np.asarray(call(reversed_))[full] - base[full]).max() > 1e-5
+  check_sequence_model_reads_the_valid_history_in_order(model, batch, schema.num_items)
 
 
 def test_the_target_token_reads_the_last_position_embedding():
