@@ -79,6 +79,11 @@ class BeamSettings:
       import apache_beam as beam  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ConfigError('a Beam build needs Apache Beam: pip install -e ".[beam]"') from None
+    if self.runner is not None:  # an unknown name fails here, before anything is built
+      try:
+        beam.runners.create_runner(self.runner)
+      except ValueError as e:
+        raise ConfigError(f"beam_runner: {e}") from None
     return tfds.download.DownloadConfig(
         manual_dir=manual_dir, beam_runner=self.runner,
         beam_options=beam.options.pipeline_options.PipelineOptions(list(self.options)))

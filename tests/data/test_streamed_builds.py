@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 import byod_reference
 from dmf_jax import data
+from dmf_jax.core.errors import ConfigError
 from dmf_jax.data import byod
 from dmf_jax.data import columnar
 from dmf_jax.data import format as data_format
@@ -148,6 +149,13 @@ def test_beam_direct_runner_makes_the_local_records(tmp_path):
   piped = data.prepare("byod_ctr", None, str(tmp_path / "beam"), str(raw), beam=beam)
   assert records(piped) == records(local)
   assert piped.catalog.fingerprint() == local.catalog.fingerprint()
+
+
+def test_an_unknown_beam_runner_is_refused_before_anything_is_built(tmp_path):
+  with pytest.raises(ConfigError, match="beam_runner: Unexpected pipeline runner: NoSuchRunner"):
+    data.prepare("generated_ctr", "tiny", str(tmp_path / "d"),
+                 beam=data.BeamSettings(runner="NoSuchRunner"))
+  assert not (tmp_path / "d" / "generated_ctr" / "tiny" / "1.0.0").exists()
 
 
 # --- A million rows, bounded memory ------------------------------------------------------
