@@ -51,11 +51,13 @@ class DIEN(CTRModel):
     self.head = prediction_head(schema.user_dim + 2 * d, config, rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
-    """user [B, u]; mask [B, L]; the behaviour tokens and interest states [B, L, d]."""
+    """user [B, u]; mask [B, L]; the behaviour tokens and interest states [B, L, d]; the
+    AUGRU's input side of the interests [B, L, 3d] (the same for every candidate)."""
     mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs).take()
+    interests = self.extractor(tokens, mask)
     return {"user": self.user_embedding(batch), "mask": mask, "tokens": tokens,
-            "interests": self.extractor(tokens, mask)}
+            "interests": interests, "evolution_inputs": self.evolution.project(interests)}
 
   def score(self, state, candidates, *, train=False, rngs=None):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
@@ -64,8 +66,9 @@ class DIEN(CTRModel):
     scores = jnp.einsum("bld,bnd->bnl", interests, self.attention(target))
     valid = jnp.broadcast_to(mask[:, None], (b, n, mask.shape[1]))
     weights = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1) * valid
-    evolved = self.evolution(
-        jnp.broadcast_to(interests[:, None], (b, n, *interests.shape[1:])), valid, weights)
+    inputs = state["evolution_inputs"]
+    evolved = self.evolution.recur(
+        jnp.broadcast_to(inputs[:, None], (b, n, *inputs.shape[1:])), valid, weights)
     return self.predict(state, [target, evolved[:, :, -1]], train=train, rngs=rngs)
 
   def auxiliary_loss(self, batch, state, rngs=None, offset=None) -> jax.Array:

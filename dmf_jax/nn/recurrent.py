@@ -26,9 +26,18 @@ class GRU(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array, attention: jax.Array | None = None
                ) -> jax.Array:
-    xs = self.inputs(x)  # [..., L, 3H], all steps at once
+    return self.recur(self.project(x), mask, attention)
+
+  def project(self, x: jax.Array) -> jax.Array:
+    """The input side of every step at once: x [..., L, D_in] -> [W_r x ; W_u x ; W_c x] + b
+    [..., L, 3H] (shared by every candidate when x is)."""
+    return self.inputs(x)
+
+  def recur(self, xs: jax.Array, mask: jax.Array, attention: jax.Array | None = None
+            ) -> jax.Array:
+    """The recurrence over projected inputs xs [..., L, 3H] -> hidden states [..., L, H]."""
     u_kernel = self.recurrent.kernel[...]
-    gate = jnp.ones(mask.shape, x.dtype) if attention is None else attention
+    gate = jnp.ones_like(mask, dtype=xs.dtype) if attention is None else attention
     h0 = jnp.zeros_like(xs[..., 0, : self.hidden])
 
     def step(h, inputs):
