@@ -101,3 +101,30 @@ def check_sequence_model_reads_the_valid_history_in_order(model, batch, num_item
   reversed_ = dict(batch, hist_item_id=ids.copy())
   reversed_["hist_item_id"][full] = ids[full, ::-1]
   assert np.abs(np.asarray(call(reversed_))[full] - base[full]).max() > 1e-5
+
+
+def one_device_and_mesh_runs(make_tx, steps: int = 8, batch_size: int = 64):
+  """DMF trained `steps` steps from the same init on 1 device and on a 4x2 ('data', 'model')
+  mesh: {'1 device' | '4x2 mesh': (partitioner, final state, losses)}; make_tx() -> the tx."""
+  from dmf_jax.models import registry as models  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import partitioner as pt  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  schema, catalog, splits = synthetic.make_examples(TINY)
+  factory = lambda rules, rngs: models.build_model(
+      {"name": "dmf", "num_heads": 2, "head_dim": 8}, schema, rngs=rngs, sharding=rules)
+  runs = {}
+  for name, partitioner in [("1 device", pt.Partitioner(devices=jax.devices()[:1])),
+                            ("4x2 mesh", pt.Partitioner(pt.MeshConfig(model=2)))]:
+    tx = make_tx()
+    graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
+                                                  catalog=catalog)
+    step = partitioner.train_step(graphdef, tx, shardings)
+    losses = []
+    for i in range(steps):
+      batch = partitioner.shard_batch({k: v[i * batch_size:(i + 1) * batch_size]
+                                       for k, v in splits["train"].items()})
+      state, out = step(state, batch)
+      losses.append(float(out["loss"]))
+    runs[name] = (partitioner, state, losses)
+  return runs

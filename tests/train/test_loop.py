@@ -15,7 +15,7 @@ from dmf_jax.models import registry as models
 from dmf_jax.train import partitioner as pt
 from dmf_jax.data import synthetic
 from dmf_jax.train import loop as train_lib
-from helpers import TINY, tiny_train_config
+from helpers import TINY, one_device_and_mesh_runs, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -130,23 +130,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
 
 
 def test_tables_sharded_on_model_axis_match_one_device():
-  schema, catalog, splits = synthetic.make_examples(TINY)
-  factory = lambda rules, rngs: models.build_model(
-      {"name": "dmf", "num_heads": 2, "head_dim": 8}, schema, rngs=rngs, sharding=rules)
-  trajectories = {}
-  for name, partitioner in [("1 device", pt.Partitioner(devices=jax.devices()[:1])),
-                            ("4x2 mesh", pt.Partitioner(pt.MeshConfig(model=2)))]:
-    tx = optax.adam(3e-3)
-    graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
-                                                  catalog=catalog)
-    step = partitioner.train_step(graphdef, tx, shardings)
-    losses = []
-    for i in range(8):
-      batch = partitioner.shard_batch({k: v[i * 64:(i + 1) * 64]
-                                       for k, v in splits["train"].items()})
-      state, out = step(state, batch)
-      losses.append(float(out["loss"]))
-    trajectories[name] = losses
+  runs = one_device_and_mesh_runs(lambda: optax.adam(3e-3))
+  for name, (partitioner, state, _) in runs.items():
     table = state.params["items"]["item_id"]["table"]["embedding"][...]
     if name == "4x2 mesh":
       assert dict(partitioner.mesh.shape) == {"data": 4, "model": 2}
@@ -156,7 +141,7 @@ def test_tables_sharded_on_model_axis_match_one_device():
       assert adam_mu.sharding.spec == table.sharding.spec  # optimizer state follows
     else:
       assert table.sharding.spec == jax.sharding.PartitionSpec()
-  np.testing.assert_allclose(trajectories["4x2 mesh"], trajectories["1 device"], rtol=2e-5)
+  np.testing.assert_allclose(runs["4x2 mesh"][2], runs["1 device"][2], rtol=2e-5)
 
 
 def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):

@@ -11,15 +11,13 @@ import optax
 import pytest
 from flax import nnx
 
-from dmf_jax.data import synthetic
 from dmf_jax.models import registry as models
 from dmf_jax.train import checkpointing
 from dmf_jax.train import loop as train_lib
-from dmf_jax.train import partitioner as pt
 from dmf_jax.train import sparse
 from dmf_jax.train import steps as training
 from dmf_jax.train.optimizers import OptimizerConfig, make_optimizer
-from helpers import TINY, tiny_problem, tiny_train_config
+from helpers import one_device_and_mesh_runs, tiny_problem, tiny_train_config
 
 V, D = 7, 3
 DENSE = {"adam": optax.adam, "adagrad": optax.adagrad,
@@ -139,30 +137,17 @@ def test_sparse_train_step_equals_the_dense_one_on_its_first_step_then_trains():
 
 
 def test_sparse_tables_sharded_on_model_axis_match_one_device():
-  schema, catalog, splits = synthetic.make_examples(TINY)
-  factory = lambda rules, rngs: models.build_model(
-      {"name": "dmf", "num_heads": 2, "head_dim": 8}, schema, rngs=rngs, sharding=rules)
-  trajectories, tables = {}, {}
-  for name, partitioner in [("1 device", pt.Partitioner(devices=jax.devices()[:1])),
-                            ("4x2 mesh", pt.Partitioner(pt.MeshConfig(model=2)))]:
-    tx = make_optimizer(OptimizerConfig(learning_rate=3e-3, sparse_min_rows=1), 8)
-    graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
-                                                  catalog=catalog)
-    step = partitioner.train_step(graphdef, tx, shardings)
-    losses = []
-    for i in range(8):
-      batch = partitioner.shard_batch({k: v[i * 64:(i + 1) * 64]
-                                       for k, v in splits["train"].items()})
-      state, out = step(state, batch)
-      losses.append(float(out["loss"]))
-    trajectories[name] = losses
+  runs = one_device_and_mesh_runs(
+      lambda: make_optimizer(OptimizerConfig(learning_rate=3e-3, sparse_min_rows=1), 8))
+  tables = {}
+  for name, (_, state, _) in runs.items():
     item_table = state.params["items"]["item_id"]["table"]["embedding"][...]
     tables[name] = np.asarray(item_table)
     moment = state.opt_state.rows["v"]["items"]["item_id"]["table"]["embedding"][...]
     assert moment.sharding.spec == item_table.sharding.spec  # moments follow the table
     if name == "4x2 mesh":
       assert item_table.sharding.spec == jax.sharding.PartitionSpec("model", None)
-  np.testing.assert_allclose(trajectories["4x2 mesh"], trajectories["1 device"], rtol=2e-5)
+  np.testing.assert_allclose(runs["4x2 mesh"][2], runs["1 device"][2], rtol=2e-5)
   rows = len(tables["1 device"])  # the mesh pads the rows to a multiple of its 2 shards
   np.testing.assert_allclose(tables["4x2 mesh"][:rows], tables["1 device"], rtol=1e-4, atol=1e-6)
 
