@@ -34,11 +34,13 @@ class ItemCatalog:
   raw_ids: int64 [num_items], each item's raw id (`dmf_jax.core.hashing`); required when the
     schema hashes item ids, else optional (BYOD builds always hold them: warm starts match
     item rows across builds by them).
+  numeric: numeric field name -> float32 [num_items], NaN where the item has no value.
   """
 
   side: Mapping[str, np.ndarray]
   modalities: Mapping[str, np.ndarray]
   raw_ids: np.ndarray | None = None
+  numeric: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def validate(self, schema: FeatureSchema) -> None:
     """Raises a ValueError naming the culprit unless the arrays fit `schema`."""
@@ -62,6 +64,17 @@ class ItemCatalog:
         raise ValueError("catalog.raw_ids: the schema hashes item ids, the catalog has no raw ids")
       checks.check_shape("catalog.raw_ids", self.raw_ids, (n,))
       checks.check_integer("catalog.raw_ids", self.raw_ids)
+    want_numeric = {f.name for f in schema.item_numeric}
+    if set(self.numeric) != want_numeric:
+      raise ValueError(f"catalog numeric fields {sorted(self.numeric)} != schema "
+                       f"{sorted(want_numeric)}")
+    for name, arr in self.numeric.items():
+      arr = np.asarray(arr)
+      checks.check_shape(f"catalog.numeric[{name!r}]", arr, (n,))
+      checks.check_floating(f"catalog.numeric[{name!r}]", arr)
+      if np.isinf(arr).any():
+        raise ValueError(f"catalog.numeric[{name!r}]: item {int(np.argmax(np.isinf(arr)))} is "
+                         f"infinite (NaN marks a missing value; inf is not allowed)")
     want_mod = set(schema.modality_names)
     if set(self.modalities) != want_mod:
       raise ValueError(
@@ -80,6 +93,10 @@ class ItemCatalog:
       raise ValueError(f"catalog has no modalities {missing}; it has {sorted(self.modalities)}")
     return dataclasses.replace(self, modalities={k: self.modalities[k] for k in names})
 
+  def without_numeric(self) -> "ItemCatalog":
+    """The catalog without its numeric fields."""
+    return dataclasses.replace(self, numeric={})
+
   @classmethod
   def zeros(cls, schema: FeatureSchema) -> "ItemCatalog":
     """A placeholder of the right shapes (for abstract init before the real values load)."""
@@ -91,7 +108,8 @@ class ItemCatalog:
     }
     mods = {m.name: np.zeros((n, m.dim), np.float32) for m in schema.modalities}
     raw_ids = np.zeros(n, np.int64) if schema.item_id_spec.hashed else None
-    return cls(side, mods, raw_ids)
+    numeric = {f.name: np.zeros(n, np.float32) for f in schema.item_numeric}
+    return cls(side, mods, raw_ids, numeric)
 
   def fingerprint(self) -> str:
     """SHA-256 of every array (names, dtypes, shapes, bytes): identifies the catalog's content
@@ -99,6 +117,7 @@ class ItemCatalog:
     digest = hashlib.sha256()
     arrays = {f"side/{k}": v for k, v in self.side.items()}
     arrays |= {f"modality/{k}": v for k, v in self.modalities.items()}
+    arrays |= {f"numeric/{k}": v for k, v in self.numeric.items()}
     if self.raw_ids is not None:
       arrays["raw_ids"] = self.raw_ids
     for name in sorted(arrays):
@@ -196,13 +215,15 @@ class CatalogTables(nnx.Module):
                                if k.startswith("inv_norm/")})
     if self.hashed_ids:
       self.item_id_rows = self._variable(tables["id_rows"])
+    self.numeric = nnx.Dict({k[8:]: self._variable(v, float32=True) for k, v in tables.items()
+                             if k.startswith("numeric/")})
     self.cosine_ranges = nnx.Dict(
         {k: CatalogTable(jnp.asarray(cosine_range(v))) for k, v in catalog.modalities.items()}
     )
 
   def _tables(self, schema: FeatureSchema, catalog: ItemCatalog) -> dict[str, np.ndarray]:
     """The stored per-item tables by key (side/<field> with hashed fields as rows,
-    modality/<name>, inv_norm/<name>, id_rows), unpadded."""
+    modality/<name>, inv_norm/<name>, id_rows, numeric/<field>), unpadded."""
     tables = {}
     for spec in schema.item_features:
       value = np.asarray(catalog.side[spec.name])
@@ -212,6 +233,8 @@ class CatalogTables(nnx.Module):
       tables[f"inv_norm/{name}"] = inverse_norms(value)
     if self.hashed_ids:
       tables["id_rows"] = schema.item_id_spec.rows(catalog.raw_ids)
+    for name, value in catalog.numeric.items():
+      tables[f"numeric/{name}"] = np.asarray(value, np.float32)
     return tables
 
   def _variable(self, value: np.ndarray, float32: bool = False) -> CatalogTable:
@@ -234,7 +257,8 @@ class CatalogTables(nnx.Module):
   def _stored(self, key: str) -> CatalogTable:
     """The variable of a `_tables` key: side/<field>, modality/<name> or id_rows."""
     kind, _, name = key.partition("/")
-    return {"side": self.side, "modality": self.modalities, "inv_norm": self.inv_norms}[kind][
+    return {"side": self.side, "modality": self.modalities, "inv_norm": self.inv_norms,
+            "numeric": self.numeric}[kind][
         name] if name else self.item_id_rows
 
   def load(self, schema: FeatureSchema, catalog: ItemCatalog) -> None:
@@ -256,7 +280,7 @@ class CatalogTables(nnx.Module):
     missing one). The catalog's cosine range (calibration) stays the trained one; a pairwise
     matrix is recomputed over all the items. Host-side (not under jit).
     """
-    arrays = [*new.side.values(), *new.modalities.values()] + (
+    arrays = [*new.side.values(), *new.modalities.values(), *new.numeric.values()] + (
         [new.raw_ids] if new.raw_ids is not None else [])
     if not arrays:
       raise ValueError("new items: no side fields, vectors or raw ids given")
@@ -293,6 +317,10 @@ class CatalogTables(nnx.Module):
   def side_values(self, name: str, item_ids: jax.Array) -> jax.Array:
     """int [...] -> int32 [...] or [..., M] (a hashed field: its rows)."""
     return self._rows(self.side[name][...], item_ids)
+
+  def numeric_values(self, name: str, item_ids: jax.Array) -> jax.Array:
+    """An item numeric field: int [...] -> float32 [...] (NaN: missing)."""
+    return self._rows(self.numeric[name][...], item_ids)
 
   def id_rows(self, item_ids: jax.Array) -> jax.Array:
     """The hashed item-id table's rows of the items: int [...] -> int32 [...] or [..., k]."""

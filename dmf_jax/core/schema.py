@@ -12,9 +12,11 @@ Batch layout (B examples, L behaviours):
   label          float32 [B]             1 click / 0 no click
   weight         float32 [B]             example weight (0 for padding rows in eval batches)
 
-Item side fields (category, genres, year, ...) and the frozen multimodal vectors are per-item
-facts: they live in an `ItemCatalog` held by the model and are looked up by item id, so batches
-carry ids only.
+  user/<numeric>  float32 [B]            user numeric fields (`NumericSpec`), NaN = missing
+
+Item side fields (category, genres, year, ...), item numeric fields and the frozen multimodal
+vectors are per-item facts: they live in an `ItemCatalog` held by the model and are looked up
+by item id, so batches carry ids only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from dmf_jax.core import hashing
 
 POOLINGS = ("mean", "sum")
+NORMALIZATIONS = ("standard", "minmax", "log1p", "bucketize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,66 @@ class FeatureSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class NumericSpec:
+  """One numeric (dense) field, with its normalisation fitted on the training split.
+
+  A value x (NaN = missing) becomes, for the scalar normalisations, two model inputs
+  [z ; missing] with z = clip((t(x) - center) / scale, -CLIP, CLIP) (0 when missing):
+    standard  t(x) = x,                      center = mean,  scale = std
+    minmax    t(x) = x,                      center = min,   scale = max - min
+    log1p     t(x) = sign(x) log1p(|x|),     center = mean of t, scale = std of t
+  and for 'bucketize' the embedding [dim] of its bucket: searchsorted(boundaries, x, 'right')
+  in [0, num_buckets), bucket num_buckets for a missing value; the boundaries are the training
+  split's quantiles at 1/num_buckets, ..., (num_buckets-1)/num_buckets (repeats removed, so a
+  field may have fewer buckets than asked).
+
+  Attributes:
+    name: field name; batch key `user/<name>` for user fields.
+    normalization: one of NORMALIZATIONS.
+    num_buckets, dim: the bucketize setting (bucket count asked; embedding width).
+    center, scale, boundaries: the fitted statistics (`dmf_jax.data.numeric.fit`); scale > 0.
+  """
+
+  name: str
+  normalization: str = "standard"
+  num_buckets: int = 10
+  dim: int = 8
+  center: float = 0.0
+  scale: float = 1.0
+  boundaries: tuple[float, ...] = ()
+
+  CLIP = 8.0
+
+  def __post_init__(self):
+    if not self.name or "/" in self.name:
+      raise ValueError(f"NumericSpec.name: invalid name {self.name!r}")
+    if self.normalization not in NORMALIZATIONS:
+      raise ValueError(f"NumericSpec({self.name}).normalization: {self.normalization!r} is not "
+                       f"one of {NORMALIZATIONS}")
+    for field in ("num_buckets", "dim"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"NumericSpec({self.name}).{field}: must be a positive int, got "
+                         f"{value!r}")
+    if not (np.isfinite(self.center) and np.isfinite(self.scale) and self.scale > 0):
+      raise ValueError(f"NumericSpec({self.name}): center and scale must be finite, scale > 0; "
+                       f"got {self.center!r}, {self.scale!r}")
+    bounds = np.asarray(self.boundaries, np.float64)
+    if not np.isfinite(bounds).all() or (np.diff(bounds) <= 0).any():
+      raise ValueError(f"NumericSpec({self.name}).boundaries: must be finite and increasing")
+    object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+
+  @property
+  def bucketized(self) -> bool:
+    return self.normalization == "bucketize"
+
+  @property
+  def width(self) -> int:
+    """Model inputs per value: [z ; missing] (2), or the bucket embedding (dim)."""
+    return self.dim if self.bucketized else 2
+
+
+@dataclasses.dataclass(frozen=True)
 class ModalitySpec:
   """A frozen multimodal vector per item (e.g. text 384-d, image 1280-d)."""
 
@@ -136,6 +199,8 @@ class FeatureSchema:
       trained rows instead of a shared out-of-vocabulary one. 0: one row per catalog item.
     item_features: item side fields, looked up from the catalog by item id.
     user_features: user profile fields, read from the batch.
+    item_numeric: item numeric fields, looked up from the catalog by item id.
+    user_numeric: user numeric fields, read from the batch (`user/<name>` float32 [B]).
     modalities: frozen multimodal vectors per item.
     seq_len: L, the padded behaviour-sequence length.
   """
@@ -149,6 +214,8 @@ class FeatureSchema:
   item_id_hash_buckets: int = 0
   item_id_num_hashes: int = 1
   item_id_hash_seed: int = 0
+  item_numeric: tuple[NumericSpec, ...] = ()
+  user_numeric: tuple[NumericSpec, ...] = ()
 
   def __post_init__(self):
     for field in ("num_items", "item_id_dim", "seq_len"):
@@ -160,6 +227,13 @@ class FeatureSchema:
       dupes = sorted({n for n in names if names.count(n) > 1})
       if dupes:
         raise ValueError(f"FeatureSchema.{group}: duplicate names {dupes}")
+    for side in ("item", "user"):
+      names = [f.name for f in getattr(self, f"{side}_features")]
+      names += [f.name for f in getattr(self, f"{side}_numeric")]
+      dupes = sorted({n for n in names if names.count(n) > 1})
+      if dupes:
+        raise ValueError(f"FeatureSchema: {side} field names {dupes} are used twice (as "
+                         f"categorical and numeric fields, or twice)")
 
   @property
   def item_id_spec(self) -> FeatureSpec:
@@ -171,19 +245,21 @@ class FeatureSchema:
 
   @property
   def item_dim(self) -> int:
-    """Width d of an item's ID-side embedding: item id plus its side fields, concatenated."""
-    return self.item_id_dim + sum(f.dim for f in self.item_features)
+    """Width d of an item's ID-side embedding: item id, side fields and numeric fields,
+    concatenated."""
+    return (self.item_id_dim + sum(f.dim for f in self.item_features)
+            + sum(f.width for f in self.item_numeric))
 
   @property
   def user_dim(self) -> int:
-    return sum(f.dim for f in self.user_features)
+    return sum(f.dim for f in self.user_features) + sum(f.width for f in self.user_numeric)
 
   @property
   def modality_names(self) -> tuple[str, ...]:
     return tuple(m.name for m in self.modalities)
 
   def batch_keys(self) -> tuple[str, ...]:
-    user = tuple(f"user/{f.name}" for f in self.user_features)
+    user = tuple(f"user/{f.name}" for f in (*self.user_features, *self.user_numeric))
     return user + ("item_id", "hist_item_id", "hist_mask", "label", "weight")
 
   def replace(self, **changes) -> "FeatureSchema":

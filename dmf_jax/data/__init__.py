@@ -1,7 +1,8 @@
 """TFDS dataset builders (ArrayRecord, no TensorFlow). Importing registers them with TFDS.
 
   generated_ctr      seeded synthetic data (configs: default, tiny)
-  movielens_100k_mm  MovieLens-100K + TMDB text + posters (configs: text_image, text, ids)
+  movielens_100k_mm  MovieLens-100K + TMDB text + posters (configs: text_image, text, ids,
+                     text_image_tmdb, ids_tmdb)
   byod_ctr           your own files, described by dataset.json in manual_dir; each distinct
                      source gets its own build, named src-<fingerprint of the files>
 

@@ -9,6 +9,9 @@ The manual folder holds a `dataset.json` that names the files (see README "Bring
     "users": "users.csv",                        # optional: user,<field>,...
     "items": "items.csv",                        # optional: item,<field>,... ('a|b' multi-valued)
     "multi_valued": {"items": ["tags"]},         # optional: declares the multi-valued fields
+    "numeric": {"items": ["price"],              # optional: numeric columns of the tables,
+                "users": {"age_years": "log1p",  # with their normalisation (default standard)
+                          "income": {"normalization": "bucketize", "num_buckets": 20}}},
     "modalities": {"text": {"vectors": "text.npy", "ids": "text_ids.txt"}},
     "seq_len": 50,                               # optional, default 50
     "split": "per_user",                         # or "global_time" (cold-start report)
@@ -17,6 +20,11 @@ The manual folder holds a `dataset.json` that names the files (see README "Bring
              "items.brand": 50000,               # for the ids and any single-valued field
              "num_hashes": 2, "seed": 0}         # (<table>.<field>); see dmf_jax.core.hashing
   }
+
+Numeric columns: an empty cell is a missing value (the model sees a missing flag, or the
+bucket of missing values); any other value must be a finite number (NaN/inf are rejected with
+the file and line). Each field's normalisation is fitted on the training split's examples only
+(`dmf_jax.data.numeric`), at build time, and stored in dmf_schema.json.
 
 A hashed field keeps each value's raw 64-bit id in the records and the catalog (hashed when
 read), so ids that a later build or a serving request brings are valid (`FeatureSpec`).
@@ -52,8 +60,9 @@ from etils import epath
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.errors import ConfigError, DataError, MissingFileError
-from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec, NumericSpec
 from dmf_jax.data import columnar
+from dmf_jax.data import numeric as numeric_lib
 from dmf_jax.data import partitions
 from dmf_jax.data import sequences
 from dmf_jax.data import sources
@@ -62,7 +71,7 @@ from dmf_jax.data.common import CtrBuilder, Parts
 CONFIG_FILE = "dataset.json"
 MULTI_SEPARATOR = "|"
 KNOWN_KEYS = {"interactions", "label", "rating", "users", "items", "multi_valued", "modalities",
-              "seq_len", "split", "embedding_dim", "field_dim", "hash"}
+              "seq_len", "split", "embedding_dim", "field_dim", "hash", "numeric"}
 SPLITS = ("per_user", "global_time")
 BUILD_NAME = re.compile(r"^src-[0-9a-f]{12}$")
 # A single-valued field with a distinct value on every row, and at least this many rows, is
@@ -138,12 +147,62 @@ def read_config(root: epath.Path) -> dict:
     if field and field in multi.get(table, []):
       raise DataError(f"{path}: 'hash' {key!r}: a hashed field must be single-valued, "
                       f"'multi_valued' lists it")
+  numeric_specs(path, config)  # checks the 'numeric' entry
   mods = config.get("modalities") or {}
   if not isinstance(mods, dict) or any(
       not isinstance(f, dict) or set(f) != {"vectors", "ids"} for f in mods.values()):
     raise DataError(f"{path}: 'modalities' must map each name to {{\"vectors\": FILE, \"ids\": "
                     f"FILE}}, got {mods!r}")
   return config
+
+
+def numeric_specs(path: epath.Path, config: dict) -> dict[str, dict[str, NumericSpec]]:
+  """The 'numeric' entry as {'items'|'users': {field: unfitted NumericSpec}}, checked."""
+  numeric = config.get("numeric", {})
+  if not isinstance(numeric, dict) or set(numeric) - {"items", "users"}:
+    raise DataError(f"{path}: 'numeric' must map 'items' and/or 'users' to their numeric "
+                    f"columns, got {numeric!r}")
+  out = {}
+  for table, fields in numeric.items():
+    if isinstance(fields, list):
+      fields = {f: {} for f in fields}
+    if not isinstance(fields, dict) or not all(isinstance(f, str) and f for f in fields):
+      raise DataError(f"{path}: 'numeric' {table!r} must be a list of column names or an object "
+                      f"{{column: normalisation}}, got {fields!r}")
+    if not config.get(table):
+      raise DataError(f"{path}: 'numeric' names {table} columns, but there is no {table!r} file")
+    specs = {}
+    for field, setting in fields.items():
+      if isinstance(setting, str):
+        setting = {"normalization": setting}
+      if not isinstance(setting, dict) or set(setting) - {"normalization", "num_buckets", "dim"}:
+        raise DataError(f"{path}: 'numeric' {table}.{field}: expected a normalisation name or "
+                        f"an object with normalization, num_buckets, dim; got {setting!r}")
+      try:
+        specs[field] = NumericSpec(field, **setting)
+      except ValueError as e:
+        raise DataError(f"{path}: 'numeric' {table}.{field}: {e}") from None
+      for other in ("multi_valued", "hash"):
+        listed = config.get(other, {})
+        if field in listed.get(table, []) or f"{table}.{field}" in listed:
+          raise DataError(f"{path}: 'numeric' {table}.{field} is also named in {other!r}")
+    out[table] = specs
+  return out
+
+
+def _numeric_columns(table: columnar.Chunk, specs: dict[str, NumericSpec], dense: np.ndarray,
+                     num_ids: int) -> dict[str, np.ndarray]:
+  """The numeric columns of a side table: float32 [num_ids] by dense id, NaN = missing."""
+  missing = [f for f in specs if f not in table.reader.header]
+  if missing:
+    raise DataError(f"{table.reader.path}: 'numeric' names {missing}, not columns; header is "
+                    f"{table.reader.header}")
+  out = {}
+  for field in specs:
+    values = np.full(num_ids, np.nan, np.float32)
+    values[dense] = table.optional_numbers(field, f"numeric {field}")
+    out[field] = values
+  return out
 
 
 def source_files(root: epath.Path, config: dict) -> dict[str, epath.Path]:
@@ -206,14 +265,16 @@ def _check_ids(table: columnar.Chunk, column: str, what: str) -> None:
 
 
 def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_ids: int,
-                 id_name: str, dim: int, declared_multi=None, hashed=None, table_name=""):
+                 id_name: str, dim: int, declared_multi=None, hashed=None, table_name="",
+                 numeric=()):
   """Encodes every non-id column of a side table: specs and arrays indexed by the dense id.
 
   dense: each row's dense id. declared_multi: the fields declared multi-valued (None:
   inferred, multi-valued when some value holds '|'). Single-valued fields: an empty value is
   the value "" ("missing", its own row). Multi-valued fields: an empty value is no values (all
   slots -1). Fields that `hashed` names as '<table>.<field>' are raw int64 ids of their values
-  (`hashing.raw_id`). Vocabularies are the sorted distinct values.
+  (`hashing.raw_id`). Columns in `numeric` are left out (`_numeric_columns`). Vocabularies
+  are the sorted distinct values.
   """
   path, header = table.reader.path, table.reader.header
   hashed = hashed or {}
@@ -227,7 +288,7 @@ def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_i
                       f"header is {header}")
   specs, arrays = [], {}
   for field in header:
-    if field == id_column:
+    if field == id_column or field in numeric:
       continue
     text = table.strings(field)
     spec = _hash_spec(hashed, f"{table_name}.{field}", field, dim)
@@ -336,7 +397,8 @@ def _sum_counts(tables: list[pa.Table]) -> pa.Table:
 
 
 def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field_dim: int):
-  """(user specs, user fields by dense user index): the id, then users.csv's fields."""
+  """(user specs, user fields by dense user index): the id, then users.csv's fields (its
+  numeric fields as float32, NaN = missing; their specs are `numeric_specs`)."""
   hashed = config.get("hash", {})
   user_id_spec = _hash_spec(hashed, "user", "user_id", dim)
   if user_id_spec is None:
@@ -357,11 +419,13 @@ def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field
       missing = users.filter(pa.array(~covered))[:5].to_pylist()
       raise DataError(f"{upath}: no row for user id(s) {missing} of the interactions")
     rows = columnar.Chunk(rows.reader, rows.batch.filter(pa.array(known)), 0)
+    numeric = numeric_specs(root / CONFIG_FILE, config).get("users", {})
     more_specs, arrays = _categorical(rows, "user", dense[known], len(users), "user",
                                       field_dim, config.get("multi_valued", {}).get("users"),
-                                      hashed, "users")
+                                      hashed, "users", numeric)
     specs += more_specs
     table |= arrays
+    table |= _numeric_columns(rows, numeric, dense[known], len(users))
   return specs, table
 
 
@@ -480,7 +544,8 @@ class ByodCtr(CtrBuilder):
     interactions = columnar.TableReader(path, ["user", "item", "timestamp", label_col])
 
     # Items: the item table defines the vocabulary when given; otherwise the interactions do.
-    items_side, item_specs, item_vocab = {}, [], None
+    numeric = numeric_specs(root / CONFIG_FILE, config)
+    items_side, item_specs, item_vocab, item_numeric = {}, [], None, {}
     if config.get("items"):
       ipath = _require(root, config["items"], "items")
       items = columnar.TableReader(ipath, ["item"]).read_all()
@@ -488,7 +553,11 @@ class ByodCtr(CtrBuilder):
       item_vocab = columnar.sorted_unique(items.strings("item"))
       item_specs, items_side = _categorical(
           items, "item", columnar.lookup(items.strings("item"), item_vocab), len(item_vocab),
-          "item", field_dim, config.get("multi_valued", {}).get("items"), hashed, "items")
+          "item", field_dim, config.get("multi_valued", {}).get("items"), hashed, "items",
+          numeric.get("items", {}))
+      item_numeric = _numeric_columns(items, numeric.get("items", {}),
+                                      columnar.lookup(items.strings("item"), item_vocab),
+                                      len(item_vocab))
     scan = _scan(interactions, config, item_vocab)
     item_vocab = scan.items
     user_specs, user_table = _user_table(root, config, scan.users, dim, field_dim)
@@ -497,6 +566,8 @@ class ByodCtr(CtrBuilder):
 
     item_id_spec = _hash_spec(hashed, "item", "item_id", dim)
     schema = FeatureSchema(
+        item_numeric=tuple(numeric.get("items", {}).values()),
+        user_numeric=tuple(numeric.get("users", {}).values()),
         num_items=len(item_vocab), item_id_dim=dim, seq_len=seq_len,
         item_features=tuple(item_specs), user_features=tuple(user_specs),
         modalities=tuple(ModalitySpec(k, v.shape[1]) for k, v in modalities.items()),
@@ -505,7 +576,8 @@ class ByodCtr(CtrBuilder):
         item_id_hash_seed=item_id_spec.hash_seed if item_id_spec else 0,
     )
     # Raw item ids always: a later build (new items sort in between) maps rows by them.
-    catalog = ItemCatalog(items_side, modalities, hashing.raw_ids(item_vocab.to_pylist()))
+    catalog = ItemCatalog(items_side, modalities, hashing.raw_ids(item_vocab.to_pylist()),
+                          item_numeric)
 
     # Pass 2: the events by user range on disk, then per partition the examples.
     events = partitions.SpilledEvents(
@@ -520,6 +592,13 @@ class ByodCtr(CtrBuilder):
       examples.cuts = partitions.linear_quantiles(
           scan.num_events, sequences.cut_quantiles(),
           lambda ks: partitions.kth_smallest(events.timestamps, ks))
+    if numeric:  # normalisations fitted on the training examples only
+      user_counts, item_counts = examples.train_counts(len(scan.users), len(item_vocab))
+      schema = schema.replace(
+          item_numeric=tuple(numeric_lib.fit(s, item_numeric[s.name], item_counts)
+                             for s in schema.item_numeric),
+          user_numeric=tuple(numeric_lib.fit(s, user_table[s.name], user_counts)
+                             for s in schema.user_numeric))
     offsets = examples.offsets(scan.user_counts)
     splits = {name: Parts(events.num_partitions, functools.partial(examples, split=index),
                           offsets[index])
@@ -545,6 +624,19 @@ class _PartitionExamples:
     return sequences.examples_from_events(
         e["user"], e["item"], e["timestamp"], e["label"], self.user_table, self.seq_len,
         split=split_of)[sequences.SPLITS[split]]
+
+  def train_counts(self, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training examples per user and per item, summed over the partitions."""
+    users, items = np.zeros(num_users, np.int64), np.zeros(num_items, np.int64)
+    for p in range(self.events.num_partitions):
+      e = self.events.load(p)
+      split = (self.split if self.split == "per_user"
+               else sequences.global_time_split(e["timestamp"], cuts=self.cuts))
+      u, i = numeric_lib.train_counts(e["user"], e["item"], e["timestamp"], num_users,
+                                      num_items, split)
+      users += u
+      items += i
+    return users, items
 
   def offsets(self, user_counts: np.ndarray) -> list[tuple[int, ...]]:
     """Per split, each partition's first key: the number of that split's events in the

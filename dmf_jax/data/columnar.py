@@ -86,6 +86,27 @@ class Chunk:
       raise self.reader.error(self.first_row + row, f"{name} {shown!r} is not a finite number")
     return values
 
+  def optional_numbers(self, column: str, name: str) -> np.ndarray:
+    """float64 values with NaN where the cell is empty (missing); a value that is not a
+    number, or is NaN/inf, raises with its line."""
+    text = self.strings(column)
+    missing = pc.equal(pc.utf8_trim_whitespace(text), "").to_numpy(zero_copy_only=False)
+    values = np.full(len(text), np.nan)
+    present = np.flatnonzero(~missing)
+    if len(present):
+      sub = dataclasses.replace(self, batch=pa.record_batch(
+          {column: text.take(pa.array(present))}), first_row=0)
+      try:
+        values[present] = sub.numbers(column, name)
+      except DataError:  # report it at its own row of this chunk
+        found = ~np.isfinite(np.array([_float_or_nan(v) for v in
+                                       text.take(pa.array(present)).to_pylist()]))
+        row = int(present[np.argmax(found)])
+        raise self.reader.error(self.first_row + row, f"{name} {text[row].as_py()!r} is not a "
+                                f"finite number (leave the cell empty for a missing value)"
+                                ) from None
+    return values
+
   def _python_values(self, text: pa.Array, name: str, *, integer: bool) -> np.ndarray:
     """Python's int()/float() per value (what they accept, e.g. ' 5', '1_000', 'inf')."""
     out = np.empty(len(text), np.int64 if integer else np.float64)
@@ -225,6 +246,13 @@ def _decoded_lines(path: epath.Path, f) -> Iterator[str]:
     except UnicodeDecodeError as e:
       raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the "
                       f"file as UTF-8") from None
+
+
+def _float_or_nan(value: str) -> float:
+  try:
+    return float(value)
+  except (ValueError, OverflowError):
+    return float("nan")
 
 
 def lookup(values: pa.Array, vocabulary: pa.Array) -> np.ndarray:

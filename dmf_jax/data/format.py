@@ -7,8 +7,12 @@ A built dataset directory holds, besides TFDS's own files:
                              most recent last, variable length), label; int vectors are stored
                              as raw int32 bytes
   dmf_schema.json            the `FeatureSchema` (vocab sizes, dims, modalities, seq_len)
-  dmf_catalog.npz            the `ItemCatalog`: side/<field> and modality/<name> arrays (and
-                             raw_ids, each item's raw 64-bit id, for hashed item ids)
+  dmf_catalog.npz            the `ItemCatalog`: side/<field>, numeric/<field> and
+                             modality/<name> arrays (and raw_ids, each item's raw 64-bit id,
+                             for hashed item ids)
+
+User numeric fields are packed after the categorical ones in `user_features`, one float32 per
+field (its bits as an int32 slot; NaN = missing).
 
 Both side files are written into TFDS's incomplete directory during the build, so they appear
 atomically with the records (a failed build leaves nothing behind).
@@ -31,7 +35,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
-from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec, NumericSpec
 
 SCHEMA_FILE = "dmf_schema.json"
 CATALOG_FILE = "dmf_catalog.npz"
@@ -51,9 +55,12 @@ def example_features() -> tfds.features.FeaturesDict:
 
 def pack_user_features(schema: FeatureSchema, rows: dict[str, np.ndarray], i: int) -> np.ndarray:
   """Row i's user fields concatenated in schema order: int32 [sum of raw widths] (a hashed
-  field's raw int64 id as two int32 slots, little-endian)."""
+  field's raw int64 id as two int32 slots, little-endian; then each numeric field's float32
+  bits)."""
   parts = [np.atleast_1d(np.asarray(rows[f"user/{f.name}"][i], np.int64 if f.hashed else np.int32))
            .view(np.int32) for f in schema.user_features]
+  parts += [np.atleast_1d(np.asarray(rows[f"user/{f.name}"][i], np.float32)).view(np.int32)
+            for f in schema.user_numeric]
   return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
@@ -70,9 +77,15 @@ def schema_from_json(text: str) -> FeatureSchema:
       item_features=tuple(FeatureSpec(**f) for f in raw["item_features"]),
       user_features=tuple(FeatureSpec(**f) for f in raw["user_features"]),
       modalities=tuple(ModalitySpec(**m) for m in raw["modalities"]),
+      item_numeric=tuple(_numeric_spec(f) for f in raw.get("item_numeric", ())),
+      user_numeric=tuple(_numeric_spec(f) for f in raw.get("user_numeric", ())),
       **{k: raw[k] for k in ("item_id_hash_buckets", "item_id_num_hashes", "item_id_hash_seed")
          if k in raw},
   )
+
+
+def _numeric_spec(raw: dict) -> NumericSpec:
+  return NumericSpec(**{**raw, "boundaries": tuple(raw.get("boundaries", ()))})
 
 
 def write_side_files(directory: epath.PathLike, schema: FeatureSchema, catalog: ItemCatalog) -> None:
@@ -83,6 +96,7 @@ def write_side_files(directory: epath.PathLike, schema: FeatureSchema, catalog: 
   (directory / SCHEMA_FILE).write_text(schema_to_json(schema))
   arrays = {f"side/{k}": np.asarray(v) for k, v in catalog.side.items()}
   arrays |= {f"modality/{k}": np.asarray(v, np.float32) for k, v in catalog.modalities.items()}
+  arrays |= {f"numeric/{k}": np.asarray(v, np.float32) for k, v in catalog.numeric.items()}
   if catalog.raw_ids is not None:
     arrays["raw_ids"] = np.asarray(catalog.raw_ids, np.int64)
   with (directory / CATALOG_FILE).open("wb") as f:
@@ -105,9 +119,10 @@ def read_side_files(directory: epath.PathLike) -> tuple[FeatureSchema, ItemCatal
       side = {k[5:]: npz[k] for k in npz.files if k.startswith("side/")}
       mods = {k[9:]: npz[k] for k in npz.files if k.startswith("modality/")}
       raw_ids = npz["raw_ids"] if "raw_ids" in npz.files else None
+      numeric = {k[8:]: npz[k] for k in npz.files if k.startswith("numeric/")}
   except (ValueError, OSError, EOFError) as e:
     raise ValueError(f"{directory / CATALOG_FILE} is corrupt: {e}") from e
-  catalog = ItemCatalog(side, mods, raw_ids)
+  catalog = ItemCatalog(side, mods, raw_ids, numeric)
   catalog.validate(schema)
   return schema, catalog
 
@@ -203,7 +218,7 @@ class RecordParser:
   """Serialized impression records -> one batch of numpy arrays padded to `seq_len`.
 
   Output keys: user/<field> [B] or [B, M] (a hashed field: its rows [B] or [B, num_hashes],
-  hashed from the raw ids in the records), item_id [B], timestamp [B], hist_item_id [B, L]
+  hashed from the raw ids in the records; a numeric field: float32 [B], NaN = missing), item_id [B], timestamp [B], hist_item_id [B, L]
   (chronological, padding 0 after), hist_mask bool [B, L], label [B], weight [B] (ones), and
   `group` int32 [B]: the user an example belongs to (GAUC): the user_id field, or for a hashed
   user_id the raw id folded to 32 bits (x ^ x >> 32).
@@ -213,12 +228,14 @@ class RecordParser:
   def __init__(self, schema: FeatureSchema, seq_len: int | None = None):
     self.schema = schema
     self.seq_len = seq_len or schema.seq_len
-    self._user_width = int(sum(f.raw_width for f in schema.user_features))
+    self._user_width = int(sum(f.raw_width for f in schema.user_features)
+                           + len(schema.user_numeric))
     self._user_slices = []
     offset = 0
     for spec in schema.user_features:
       self._user_slices.append((spec, offset))
       offset += spec.raw_width
+    self._numeric_offset = offset
 
   def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
     n, seq_len = len(records), self.seq_len
@@ -243,6 +260,9 @@ class RecordParser:
         values = values[:, 0]
       raw[f"user/{spec.name}"] = values
     out = model_user_fields(self.schema, raw, n)
+    for k, spec in enumerate(self.schema.user_numeric):
+      column = self._numeric_offset + k
+      out[f"user/{spec.name}"] = np.ascontiguousarray(users[:, column]).view(np.float32)
     out.update(
         item_id=item, timestamp=ts, label=label, hist_item_id=hist,
         hist_mask=np.arange(seq_len)[None, :] < lengths[:, None],

@@ -9,7 +9,12 @@ Configs:
   text_image  (default) text + image modality vectors from the encoding step's cache
               (`python -m data.movielens_100k_mm.encode_items`, see README);
   text        the text vectors only;
-  ids         no modality vectors (ID-only models, protocol checks).
+  ids         no modality vectors (ID-only models, protocol checks);
+  text_image_tmdb, ids_tmdb
+              as text_image / ids, plus TMDB numeric item fields (runtime, vote_average,
+              vote_count, popularity, budget; `movielens_raw.TMDB_NUMERIC`), normalised on the
+              training split. TMDB collected them in 2024, decades after the ratings
+              (popularity and vote counts partly reflect later success): report them apart.
 The encoder cache is `<manual_dir>/../movielens_100k_mm_encoded` unless the environment variable
 DMF_ML_ENCODED_DIR (or the config's `encoded_dir`) names another folder.
 """
@@ -25,10 +30,11 @@ from etils import epath
 
 from dmf_jax.data.common import CtrBuilder
 from dmf_jax.data import movielens_raw as raw
+from dmf_jax.data import numeric as numeric_lib
 from dmf_jax.data import sequences
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.errors import DataError, MissingFileError
-from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
+from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec, NumericSpec
 
 SEQ_LEN = 50
 ID_DIM, FIELD_DIM = 32, 8
@@ -45,6 +51,7 @@ ENCODED_ENV = "DMF_ML_ENCODED_DIR"
 class MovielensConfig(tfds.core.BuilderConfig):
   modalities: tuple[str, ...] = ("text", "image")
   encoded_dir: str | None = None
+  tmdb_numeric: bool = False
 
 
 def read_modality(encoded_dir: epath.Path, name: str, num_items: int) -> np.ndarray:
@@ -91,6 +98,10 @@ class Movielens100kMm(CtrBuilder):
       MovielensConfig(name="text_image", description="Text and image vectors."),
       MovielensConfig(name="text", description="Text vectors only.", modalities=("text",)),
       MovielensConfig(name="ids", description="No modality vectors.", modalities=()),
+      MovielensConfig(name="text_image_tmdb", description="Text and image vectors, TMDB "
+                      "numeric item fields.", tmdb_numeric=True),
+      MovielensConfig(name="ids_tmdb", description="No modality vectors, TMDB numeric item "
+                      "fields.", modalities=(), tmdb_numeric=True),
   ]
 
   def encoded_dir(self, manual_dir: epath.Path) -> epath.Path:
@@ -102,6 +113,8 @@ class Movielens100kMm(CtrBuilder):
     (a re-encoded cache makes the build stale)."""
     files = {f"ml-100k/{name}": raw.require(manual_dir, f"ml-100k/{name}")
              for name in ("u.data", "u.item", "u.user", "u.occupation")}
+    if self.builder_config.tmdb_numeric:
+      files |= {name: raw.require(manual_dir, name) for name in raw.tmdb_files()}
     encoded = self.encoded_dir(manual_dir)
     for name in self.builder_config.modalities:
       for suffix in ("", "_ids"):
@@ -147,7 +160,15 @@ class Movielens100kMm(CtrBuilder):
       schema = schema.replace(
           item_features=schema.item_features + (FeatureSpec("image_missing", 2, FIELD_DIM),)
       )
-    catalog = ItemCatalog(side=side, modalities=modalities)
+    numeric = {}
+    if self.builder_config.tmdb_numeric:  # normalisations fitted on the training examples
+      numeric = raw.read_tmdb_numeric(root, num_items)
+      _, item_counts = numeric_lib.train_counts(ratings.user, ratings.item, ratings.timestamp,
+                                                num_users, num_items)
+      schema = schema.replace(item_numeric=tuple(
+          numeric_lib.fit(NumericSpec(c, normalization), numeric[c], item_counts)
+          for _, c, normalization in raw.TMDB_NUMERIC))
+    catalog = ItemCatalog(side=side, modalities=modalities, numeric=numeric)
     user_table = {
         "user_id": np.arange(num_users, dtype=np.int32), "age": raw.age_bucket(users.age),
         "gender": users.gender, "occupation": users.occupation,

@@ -146,6 +146,59 @@ def read_overviews(root, num_items: int) -> dict[int, dict[str, str]]:
   return out
 
 
+# TMDB numeric fields: (file, column, normalisation). 0 means "unknown" in TMDB's records for
+# runtime and budget (missing here); vote counts and popularity are heavy-tailed (log1p).
+TMDB_NUMERIC = (
+    ("tmdb/items_tmdb.csv", "runtime", "standard"),
+    ("tmdb/items_tmdb.csv", "vote_average", "standard"),
+    ("tmdb/items_tmdb.csv", "vote_count", "log1p"),
+    ("tmdb/item_features_tmdb.csv", "popularity", "log1p"),
+    ("tmdb/item_features_tmdb.csv", "budget", "log1p"),
+)
+ZERO_IS_MISSING = ("runtime", "budget")
+
+
+def tmdb_files() -> tuple[str, ...]:
+  return tuple(sorted({f for f, _, _ in TMDB_NUMERIC}))
+
+
+def read_tmdb_numeric(root, num_items: int) -> dict[str, np.ndarray]:
+  """TMDB numeric fields per item index: {column: float32 [num_items]}, NaN where TMDB has
+  no value (no row, an empty cell, or 0 for runtime and budget). Values that are not finite
+  numbers are errors naming the file and line."""
+  out = {}
+  for name in tmdb_files():
+    path = require(root, name)
+    columns = [c for f, c, _ in TMDB_NUMERIC if f == name]
+    values = {c: np.full(num_items, np.nan, np.float32) for c in columns}
+    seen = set()
+    with path.open("r", encoding="utf-8") as f:
+      for line_no, row in enumerate(csv.DictReader(f), 2):
+        try:
+          index = int(row["movie_id"]) - 1
+        except (KeyError, TypeError, ValueError):
+          raise DataError(f"{path}:{line_no}: malformed row (no integer movie_id)") from None
+        if not 0 <= index < num_items:
+          raise DataError(f"{path}:{line_no}: movie_id {index + 1} is not in 1..{num_items}")
+        if index in seen:  # duplicated movie ids: the first row (they are identical)
+          continue
+        seen.add(index)
+        for c in columns:
+          text = (row.get(c) or "").strip()
+          if not text:
+            continue
+          try:
+            value = float(text)
+          except ValueError:
+            value = float("nan")
+          if not np.isfinite(value):
+            raise DataError(f"{path}:{line_no}: {c} {text!r} is not a finite number")
+          if not (value == 0 and c in ZERO_IS_MISSING):
+            values[c][index] = value
+    out |= values
+  return {c: out[c] for _, c, _ in TMDB_NUMERIC}
+
+
 def item_text(items: Items, overviews: dict[int, dict[str, str]], index: int) -> str:
   """The text encoded for an item: 'title. genres. overview'."""
   genres = ", ".join(GENRE_NAMES[g] for g in items.genres[index] if g >= 0)

@@ -28,6 +28,7 @@ from dmf_jax.core.sharding import NO_SHARDING, ShardingRules, merge_leading, spl
 from dmf_jax.nn.embedding import FeatureEmbedding
 from dmf_jax.nn.layers import ACTIVATIONS, PredictionHead
 from dmf_jax.nn.losses import bce_with_logits
+from dmf_jax.nn.numeric import NumericFeatures
 from dmf_jax.nn.similarity import SIMILARITY_MODES, TargetAwareSimilarity
 from dmf_jax.nn.simtier import SIMTIER_NORMALIZATIONS
 
@@ -126,7 +127,8 @@ class MultimodalConfig(ModelConfig):
 
 
 class ItemEncoder(nnx.Module):
-  """Item id -> e = [id embedding ; side-field embeddings]: int [...] -> float32 [..., d].
+  """Item id -> e = [id embedding ; side-field embeddings ; numeric fields]: int [...] ->
+  float32 [..., d] (numeric fields: `nn.numeric`, from the catalog's values).
 
   Fields are concatenated in schema order (kept in `names`: an nnx.Dict's iteration order is
   not preserved by split/merge). Id V (one past the catalog) is the id table's OOV row; a
@@ -139,6 +141,7 @@ class ItemEncoder(nnx.Module):
     self.fields = nnx.Dict(
         {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.item_features}
     )
+    self.numeric = NumericFeatures(schema.item_numeric, rngs=rngs)
 
   def id_embedding(self, catalog: CatalogTables, item_ids: jax.Array) -> jax.Array:
     """The item-id part: int [...] -> [..., item_id_dim]. Items past the trained vocabulary
@@ -151,20 +154,25 @@ class ItemEncoder(nnx.Module):
     parts = [self.id_embedding(catalog, item_ids)]
     for name in self.names:
       parts.append(self.fields[name](catalog.side_values(name, item_ids)))
+    parts += self.numeric({name: catalog.numeric_values(name, item_ids)
+                           for name in self.numeric.names})
     return jnp.concatenate(parts, axis=-1)
 
 
 class UserEncoder(nnx.Module):
-  """User profile fields `user/<name>` -> [B, user_dim] (user_dim may be 0)."""
+  """User profile fields `user/<name>` (categorical, then numeric) -> [B, user_dim]
+  (user_dim may be 0)."""
 
   def __init__(self, schema: FeatureSchema, *, rngs: nnx.Rngs, sharding: ShardingRules):
     self.names = tuple(f.name for f in schema.user_features)  # schema order (see ItemEncoder)
     self.fields = nnx.Dict(
         {f.name: FeatureEmbedding(f, rngs=rngs, sharding=sharding) for f in schema.user_features}
     )
+    self.numeric = NumericFeatures(schema.user_numeric, rngs=rngs)
 
   def __call__(self, batch: Batch, batch_size: int) -> jax.Array:
     parts = [self.fields[name](batch[f"user/{name}"]) for name in self.names]
+    parts += self.numeric({name: batch[f"user/{name}"] for name in self.numeric.names})
     if not parts:
       return jnp.zeros((batch_size, 0), jnp.float32)
     return jnp.concatenate(parts, axis=-1)
@@ -203,6 +211,10 @@ def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
     key = f"user/{spec.name}"
     expected = (item_id.shape[0], spec.max_values) if spec.multi_valued else (item_id.shape[0],)
     checks.check_shape(f"batch[{key!r}]", batch[key], expected)
+  for spec in schema.user_numeric:
+    key = f"user/{spec.name}"
+    checks.check_floating(f"batch[{key!r}]", batch[key])
+    checks.check_shape(f"batch[{key!r}]", batch[key], (item_id.shape[0],))
 
 
 # ---------------------------------------------------------------------------------------------

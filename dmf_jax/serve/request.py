@@ -7,6 +7,7 @@ the same way in both places:
   user/<field>   an integer id in [0, vocab) (single-valued: a scalar) or M ids in [-1, vocab)
                  (multi-valued: shape [M], -1 = empty slot); for a hashed field any raw id,
                  an integer or a string, seen in training or not (hashed here, numpy only)
+  user/<numeric> a number, or None (or NaN) for a missing value; inf is rejected
   hist_item_id   a list of item ids in [0, num_items), any length (the last L are kept)
   item ids       a list of N candidate ids in [0, num_items)
 
@@ -90,17 +91,31 @@ class UserField:
                              num_hashes=self.num_hashes)
 
 
+def numeric_value(name: str, value) -> np.float32:
+  """A numeric user field's value: a finite number, or None / NaN (missing) -> float32."""
+  if value is None:
+    return np.float32(np.nan)
+  arr = np.asarray(value)
+  if arr.ndim != 0 or arr.dtype == np.bool_ or arr.dtype.kind not in "iuf":
+    raise ValueError(f"{name}: expected a number or None (missing), got {value!r}")
+  if np.isinf(arr):
+    raise ValueError(f"{name}: {value!r} is not finite (give None for a missing value)")
+  return np.float32(arr)
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestLayout:
   user_fields: tuple[UserField, ...]
   num_items: int
   seq_len: int
+  numeric_fields: tuple[str, ...] = ()  # user/<name> of the numeric user fields
 
   @classmethod
   def from_schema(cls, schema) -> "RequestLayout":
     return cls(tuple(UserField(f"user/{f.name}", f.vocab_size, f.max_values, f.multi_valued,
                                f.hash_buckets, f.num_hashes, f.hash_seed)
-                     for f in schema.user_features), schema.num_items, schema.seq_len)
+                     for f in schema.user_features), schema.num_items, schema.seq_len,
+               tuple(f"user/{f.name}" for f in schema.user_numeric))
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -108,7 +123,7 @@ class RequestLayout:
   @classmethod
   def from_json(cls, d: Mapping) -> "RequestLayout":
     return cls(tuple(UserField(**f) for f in d["user_fields"]), int(d["num_items"]),
-               int(d["seq_len"]))
+               int(d["seq_len"]), tuple(d.get("numeric_fields", ())))
 
   def user_features(self, user: Mapping) -> dict[str, np.ndarray]:
     """Checked, padded request features: user/<field>, hist_item_id int32 [L], hist_mask [L]."""
@@ -118,7 +133,7 @@ class RequestLayout:
     for field in self.user_fields:
       if field.key not in user:
         raise MissingFeatureError(f"user features miss {field.key!r}; expected "
-                                  f"{[f.key for f in self.user_fields]} and hist_item_id")
+                                  f"{self.feature_keys()} and hist_item_id")
       if field.hash_buckets:
         out[field.key] = field.hashed_rows(user[field.key])
         continue
@@ -127,12 +142,20 @@ class RequestLayout:
         raise ValueError(f"{field.key}: expected shape {field.shape}, got {value.shape}")
       check_range(field.key, value, field.vocab_size, padding=field.multi_valued, what="value")
       out[field.key] = value.astype(np.int32)
+    for key in self.numeric_fields:
+      if key not in user:
+        raise MissingFeatureError(f"user features miss {key!r} (None for a missing value); "
+                                  f"expected {self.feature_keys()} and hist_item_id")
+      out[key] = numeric_value(key, user[key])
     history = self.item_ids("hist_item_id", user.get("hist_item_id", []))[-self.seq_len:]
     padded = np.zeros(self.seq_len, np.int32)
     padded[:len(history)] = history
     out["hist_item_id"] = padded
     out["hist_mask"] = np.arange(self.seq_len) < len(history)
     return out
+
+  def feature_keys(self) -> list[str]:
+    return [f.key for f in self.user_fields] + list(self.numeric_fields)
 
   def item_ids(self, name: str, ids) -> np.ndarray:
     """A list of item ids, checked: int64 [N]."""
@@ -142,7 +165,8 @@ class RequestLayout:
 
   def example_user(self) -> dict:
     """A valid request (every field 0 or empty, no history), e.g. for tracing."""
-    return {f.key: 0 if f.hash_buckets else np.zeros(f.shape, np.int32) for f in self.user_fields}
+    user = {f.key: 0 if f.hash_buckets else np.zeros(f.shape, np.int32) for f in self.user_fields}
+    return user | {key: 0.0 for key in self.numeric_fields}
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:

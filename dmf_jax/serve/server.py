@@ -78,12 +78,14 @@ class Server:
 
   def add_items(self, side: Mapping[str, Sequence] | None = None,
                 vectors: Mapping[str, np.ndarray] | None = None,
-                raw_ids: Sequence | None = None) -> np.ndarray:
+                raw_ids: Sequence | None = None,
+                numeric: Mapping[str, Sequence] | None = None) -> np.ndarray:
     """Adds n items unseen in training; returns their ids int64 [n] = [num_items, num_items + n).
 
     side: every item side field of the schema, n values each (vocabulary fields: ids in
       [0, vocab), multi-valued [n, M] padded with -1; hashed fields: raw values, strings or
       integers). vectors: every modality, float [n, D_k] (an all-zero row: missing).
+    numeric: every item numeric field, n floats (NaN: missing).
     raw_ids: the items' raw ids (strings or integers), needed when item ids are hashed (the
       id embedding is then the hashed rows' trained one; otherwise the new items share the
       id table's out-of-vocabulary row). Items are then scored from their side fields and
@@ -100,7 +102,8 @@ class Server:
     elif schema.item_id_spec.hashed:
       raise ValueError("add_items: the schema hashes item ids; give the new items' raw_ids")
     new = ItemCatalog({k: np.asarray(v) for k, v in side.items()},
-                      {k: np.asarray(v) for k, v in (vectors or {}).items()}, raw_ids)
+                      {k: np.asarray(v) for k, v in (vectors or {}).items()}, raw_ids,
+                      {k: np.asarray(v, np.float32) for k, v in (numeric or {}).items()})
     model = nnx.merge(self.graphdef, self.params)
     start = model.catalog.num_items
     model.catalog = model.catalog.extended(schema, new)
