@@ -66,6 +66,8 @@ def run_config(base: ml_collections.ConfigDict, spec: ModelSpec, seed: int
   config = copy.deepcopy(base)
   with config.unlocked():
     config.model = spec.name
+  config = config_lib.with_model_values(config)
+  with config.unlocked():
     config.model_config.modalities = spec.modalities
     config.seed = seed
   return config

@@ -7,6 +7,7 @@ checks a whole config before anything runs and raises one `ConfigError` listing 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -73,6 +74,34 @@ class Validated:
   model: ModelConfig
   optimizer: OptimizerConfig
   mesh: MeshConfig
+
+
+def with_model_values(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with `per_model[config.model]` merged in and `per_model` dropped.
+
+  A study config keeps each model's tuned values in `per_model` ({model: {section: {field:
+  value}}}, e.g. per_model.din.optimizer.learning_rate); a run sees only its own model's values,
+  so its identity does not change when another model's values do. Unknown fields are errors."""
+  config = copy.deepcopy(config)
+  per_model = config.get("per_model")
+  if per_model is None:
+    return config
+  values = per_model.get(config.model)
+  with config.unlocked():
+    del config["per_model"]
+    if values is not None:
+      _merge(config, values.to_dict(), f"per_model.{config.model}")
+  return config
+
+
+def _merge(node: ml_collections.ConfigDict, values: dict, where: str) -> None:
+  for key, value in values.items():
+    if key not in node:
+      raise ConfigError(f"{where}.{key}: not a config field")
+    if isinstance(value, dict):
+      _merge(node[key], value, f"{where}.{key}")
+    else:
+      node[key] = tuple(value) if isinstance(value, list) else value
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,

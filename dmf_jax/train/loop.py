@@ -147,10 +147,15 @@ def select_modalities(dataset: data_format.BuiltDataset, names) -> data_format.B
       schema.modality_names))
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True) -> Experiment:
+  """The experiment of `config`; test=False leaves the test split out of the dataset (a
+  tuning run: nothing can read it)."""
   validated = config_lib.validate(
       config, num_devices=jax.device_count(), num_processes=jax.process_count())
   dataset = select_modalities(open_dataset(config), validated.model.modalities)
+  if not test:
+    dataset = dataclasses.replace(dataset, sources={k: v for k, v in dataset.sources.items()
+                                                    if k != "test"})
   partitioner = Partitioner(validated.mesh)
   pretrain = validated.model.pretrain_epochs * (len(dataset.sources["train"]) // config.batch_size)
   total = pretrain + total_train_steps(config, len(dataset.sources["train"]))
@@ -348,15 +353,20 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, test: bool = True
+                       ) -> dict:
   """Trains (resuming from `workdir` if it holds this run's checkpoints), writes results.json.
+
+  test=False (hyperparameter tuning): the test split is left out of the dataset, never read,
+  and results.json has no "test" entry.
 
   Raises `runs.RunMismatchError` (nothing written) when `workdir` holds a run of another
   config or dataset, and `locking.LockedError` when another live run holds the workdir.
   """
   workdir = epath.Path(workdir).expanduser()
   is_main = jax.process_index() == 0
-  exp = build_experiment(config)
+  config = config_lib.with_model_values(config)  # a study config's values for this model
+  exp = build_experiment(config, test=test)
   lock = runs.open_workdir(workdir, config, exp.dataset, is_main=is_main, log=_log)
   try:
     return _train(exp, config, workdir, is_main)
@@ -475,10 +485,11 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
       "params": count_params(best_state),
       "device_bytes": held,  # the largest per-device bytes of each part of the train state
       "validation": evaluate_split(exp, predict, best_state, "validation"),
-      "test": evaluate_split(exp, predict, best_state, "test", cold_items),
-      "cold_item_definition": f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} training "
-                              "examples",
   }
+  if "test" in exp.dataset.sources:
+    results["test"] = evaluate_split(exp, predict, best_state, "test", cold_items)
+    results["cold_item_definition"] = (f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} "
+                                       "training examples")
   if is_main:
     _write_json(workdir / "results.json", results)
     writers.plot_curves(workdir, title=f"{config.model} on {exp.dataset.full_name}")

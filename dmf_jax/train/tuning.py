@@ -1,0 +1,179 @@
+"""Validation-only hyperparameter search: random search or successive halving, resumable.
+
+`tune(base, model, trials, output_dir)` samples `trials` settings from the model's search
+space (`search_space`: learning rates, dropout, weight decay, and the size knobs its family
+has), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
+(`loop.train_and_evaluate(..., test=False)`: nothing can read it), and ranks them by best
+validation AUC. Successive halving (`method='halving'`) trains all trials for
+`min_epochs`, keeps the best 1/eta, resumes those for eta times the epochs, and so on up to
+the config's num_epochs (a trial's workdir resumes: num_epochs may grow on resume).
+
+DIR/trials.jsonl holds one line per finished (trial, rung); DIR/best.json the chosen values,
+as a `per_model` entry for a study config. A re-run reads what is there and trains only what
+is missing; a different search (model, seed, trials, method) in the same DIR is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from dmf_jax.core.errors import ConfigError
+from dmf_jax.models import registry
+from dmf_jax.train import config as config_lib
+from dmf_jax.train import loop
+
+METHODS = ("random", "halving")
+# Size knobs: tried for a model whose family config has the field.
+SIZE_KNOBS = {
+    "mlp_hidden": [(256, 128, 64), (128, 64), (512, 256, 128)],
+    "din_hidden": [(36,), (64, 32), (80, 40)],
+    "num_heads": [1, 2, 4],
+    "head_dim": [8, 16, 32],
+    "num_tiers": [10, 20, 40],
+    "bst_dim": [16, 32, 64],
+    "bst_layers": [1, 2],
+    "modality_token_dim": [16, 32, 64],
+}
+
+
+def _log_uniform(low: float, high: float) -> Callable[[np.random.Generator], float]:
+  return lambda rng: float(np.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def _choice(values) -> Callable[[np.random.Generator], object]:
+  return lambda rng: values[int(rng.integers(len(values)))]
+
+
+def search_space(model: str) -> dict[str, Callable[[np.random.Generator], object]]:
+  """{dotted config path: sampler} for `model`."""
+  fields = {f.name for f in dataclasses.fields(registry.model_config({"name": model}))}
+  space = {
+      "optimizer.learning_rate": _log_uniform(3e-4, 1e-2),
+      "optimizer.embedding_learning_rate": _log_uniform(3e-4, 3e-2),
+      "optimizer.weight_decay": _choice([0.0, 1e-5, 1e-4, 1e-3]),
+      "model_config.dropout": _choice([0.0, 0.1, 0.2, 0.3]),
+  }
+  for name, values in SIZE_KNOBS.items():
+    if name in fields:
+      space[f"model_config.{name}"] = _choice(values)
+  return space
+
+
+def sample(model: str, trials: int, seed: int) -> list[dict]:
+  """`trials` settings {path: value}, the same for the same (model, trials, seed)."""
+  rng = np.random.default_rng(seed)
+  space = search_space(model)
+  return [{path: sampler(rng) for path, sampler in space.items()} for _ in range(trials)]
+
+
+def trial_config(base: ml_collections.ConfigDict, model: str, values: dict, epochs: int
+                 ) -> ml_collections.ConfigDict:
+  """The base config for `model` (its study values applied) with a trial's values and epochs."""
+  config = copy.deepcopy(base)
+  with config.unlocked():
+    config.model = model
+  config = config_lib.with_model_values(config)
+  with config.unlocked():
+    for path, value in values.items():
+      node = config
+      *parents, leaf = path.split(".")
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+    if "optimizer.embedding_learning_rate" in values and not config.optimizer.embedding_name:
+      config.optimizer.embedding_name = config.optimizer.name
+    config.num_epochs = epochs
+    config.progress = False
+  return config
+
+
+def rungs(method: str, min_epochs: int, max_epochs: int, eta: int) -> list[int]:
+  """The epoch budgets of the rungs: [max] for random search; min, min*eta, ..., max."""
+  if method == "random":
+    return [max_epochs]
+  out, epochs = [], min_epochs
+  while epochs < max_epochs:
+    out.append(epochs)
+    epochs *= eta
+  return out + [max_epochs]
+
+
+def _jsonable(values: dict) -> dict:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _nested(values: dict) -> dict:
+  out: dict = {}
+  for path, value in values.items():
+    node = out
+    *parents, leaf = path.split(".")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return out
+
+
+def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: epath.PathLike,
+         *, method: str = "random", seed: int = 0, min_epochs: int = 1, eta: int = 3,
+         log: Callable[[str], None] = print) -> dict:
+  """Runs (or resumes) the search; returns the best.json record (see the module docstring)."""
+  if method not in METHODS:
+    raise ConfigError(f"method: {method!r} is not one of {METHODS}")
+  if model not in registry.MODELS:
+    raise ConfigError(f"model: unknown model {model!r}; valid models: "
+                      f"{', '.join(registry.model_names())}")
+  if trials < 1 or eta < 2 or min_epochs < 1:
+    raise ConfigError("trials must be >= 1, eta >= 2 and min_epochs >= 1")
+  output_dir = epath.Path(output_dir).expanduser()
+  output_dir.mkdir(parents=True, exist_ok=True)
+  search = {"model": model, "trials": trials, "method": method, "seed": seed,
+            "min_epochs": min_epochs, "eta": eta, "max_epochs": base.num_epochs}
+  search_file = output_dir / "search.json"
+  if search_file.exists() and json.loads(search_file.read_text()) != search:
+    raise ConfigError(f"{output_dir} holds another search ({search_file}); use a new "
+                      f"--output_dir")
+  search_file.write_text(json.dumps(search, indent=2))
+  settings = sample(model, trials, seed)
+  for values in settings:  # every trial's config is checked before anything trains
+    config_lib.validate(trial_config(base, model, values, base.num_epochs),
+                        num_devices=jax.device_count(), num_processes=jax.process_count())
+  records_file = output_dir / "trials.jsonl"
+  done = {}
+  if records_file.exists():
+    for line in records_file.read_text().splitlines():
+      r = json.loads(line)
+      done[(r["trial"], r["epochs"])] = r
+  alive = list(range(trials))
+  for rung, epochs in enumerate(rungs(method, min_epochs, base.num_epochs, eta)):
+    scores = {}
+    for k in alive:
+      if (k, epochs) not in done:
+        log(f"trial {k} ({epochs} epochs): training")
+        results = loop.train_and_evaluate(trial_config(base, model, settings[k], epochs),
+                                          str(output_dir / "trials" / f"trial_{k}"), test=False)
+        record = {"trial": k, "rung": rung, "epochs": epochs,
+                  "val_auc": results["validation"]["auc"], "best_step": results["best_step"],
+                  "train_seconds": results["train_seconds"], "values": _jsonable(settings[k])}
+        with records_file.open("a") as f:
+          f.write(json.dumps(record) + "\n")
+        done[(k, epochs)] = record
+      scores[k] = done[(k, epochs)]["val_auc"]
+      log(f"trial {k} ({epochs} epochs): val AUC {scores[k]:.4f}")
+    keep = max(1, len(alive) // eta) if method == "halving" else len(alive)
+    alive = sorted(alive, key=lambda k: -scores[k])[:keep]
+  best_trial = alive[0]
+  best = done[(best_trial, max(e for (k, e) in done if k == best_trial))]
+  record = {"model": model, "trial": best_trial, "val_auc": best["val_auc"],
+            "values": best["values"], "per_model": {model: _nested(best["values"])},
+            "search": search}
+  (output_dir / "best.json").write_text(json.dumps(record, indent=2))
+  return record

@@ -1,0 +1,49 @@
+r"""Validation-only hyperparameter search for one model (the test split is never read).
+
+  python -m experiments.tune --config=experiments/configs/movielens_study.py \
+      --config.manual_dir=../shared/datasets/movielens-100k-mm --model=dmf --trials=12 \
+      --method=halving --min_epochs=1 --config.num_epochs=9 --output_dir=/tmp/tune_dmf
+
+Writes DIR/trials.jsonl (one line per trial and rung), DIR/best.json (the chosen values, as a
+`per_model` entry to paste into a study config) and each trial's workdir under DIR/trials/.
+Re-running the command resumes the search. See `dmf_jax.train.tuning`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_MODEL = flags.DEFINE_string("model", None, "The model to tune.")
+_TRIALS = flags.DEFINE_integer("trials", 8, "Settings sampled.", lower_bound=1)
+_METHOD = flags.DEFINE_enum("method", "random", ["random", "halving"], "Search method.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled settings.")
+_MIN_EPOCHS = flags.DEFINE_integer("min_epochs", 1, "Halving: epochs of the first rung.",
+                                  lower_bound=1)
+_ETA = flags.DEFINE_integer("eta", 3, "Halving: keep 1/eta of the trials per rung.",
+                            lower_bound=2)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where trials and results are written.")
+flags.mark_flags_as_required(["config", "model", "output_dir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from dmf_jax.train import tuning  # pylint: disable=g-import-not-at-top
+
+  best = tuning.tune(_CONFIG.value, _MODEL.value, _TRIALS.value, _OUTPUT_DIR.value,
+                     method=_METHOD.value, seed=_SEED.value, min_epochs=_MIN_EPOCHS.value,
+                     eta=_ETA.value, log=lambda m: print(m, flush=True))
+  print(json.dumps(best, indent=2))
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,87 @@
+"""The validation-only tuner: what it samples, successive halving, resuming, and that no part
+of it can read the test split."""
+
+import json
+
+import pytest
+
+from helpers import tiny_train_config
+from dmf_jax import data
+from dmf_jax.core.errors import ConfigError
+from dmf_jax.train import config as config_lib
+from dmf_jax.train import tuning
+
+
+class Untouchable:
+  """A split that raises on any use."""
+
+  def __getattr__(self, name):
+    raise AssertionError(f"the tuner touched the test split ({name})")
+
+  def __len__(self):
+    raise AssertionError("the tuner touched the test split (len)")
+
+
+@pytest.fixture
+def no_test_split(monkeypatch):
+  prepare = data.prepare
+
+  def guarded(*args, **kwargs):
+    built = prepare(*args, **kwargs)
+    sources = dict(built.sources, test=Untouchable())
+    return type(built)(**{**built.__dict__, "sources": sources})
+
+  monkeypatch.setattr(data, "prepare", guarded)
+
+
+def test_the_search_space_follows_the_family():
+  dmf, din, bst = (set(tuning.search_space(m)) for m in ("dmf", "din", "bst"))
+  common = {"optimizer.learning_rate", "optimizer.embedding_learning_rate",
+            "optimizer.weight_decay", "model_config.dropout", "model_config.mlp_hidden"}
+  assert common <= dmf & din & bst
+  assert {"model_config.num_heads", "model_config.head_dim"} <= dmf - din
+  assert "model_config.din_hidden" in din and "model_config.bst_dim" in bst - dmf
+  assert tuning.sample("dmf", 3, seed=1) == tuning.sample("dmf", 3, seed=1)
+  assert tuning.sample("dmf", 3, seed=1) != tuning.sample("dmf", 3, seed=2)
+  assert tuning.rungs("halving", 1, 9, 3) == [1, 3, 9]
+  assert tuning.rungs("random", 1, 9, 3) == [9]
+
+
+def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
+  base = tiny_train_config(tmp_path / "tfds", model="din", num_epochs=2)
+  out = tmp_path / "tune"
+  logs = []
+  best = tuning.tune(base, "din", 2, out, method="halving", min_epochs=1, eta=2,
+                     log=logs.append)
+  records = [json.loads(l) for l in (out / "trials.jsonl").read_text().splitlines()]
+  assert [(r["trial"], r["epochs"]) for r in records][:2] == [(0, 1), (1, 1)]
+  assert len(records) == 3 and records[2]["epochs"] == 2  # the better half goes on
+  first = max(records[:2], key=lambda r: r["val_auc"])
+  assert records[2]["trial"] == first["trial"] == best["trial"]
+  for trial in (0, 1):
+    results = json.loads((out / "trials" / f"trial_{trial}" / "results.json").read_text())
+    assert "test" not in results and "validation" in results
+  # best.json is a per_model entry a study config takes as it is.
+  assert best["per_model"]["din"]["optimizer"]["learning_rate"] == best["values"][
+      "optimizer.learning_rate"]
+  config = base.copy_and_resolve_references()
+  with config.unlocked():
+    config.per_model = best["per_model"]
+  resolved = config_lib.with_model_values(config)
+  assert resolved.optimizer.learning_rate == best["values"]["optimizer.learning_rate"]
+  assert "per_model" not in resolved
+  # A re-run trains nothing; another search in the same folder is refused.
+  logs.clear()
+  assert tuning.tune(base, "din", 2, out, method="halving", min_epochs=1, eta=2,
+                     log=logs.append) == best
+  assert not [m for m in logs if "training" in m]
+  with pytest.raises(ConfigError, match="holds another search"):
+    tuning.tune(base, "din", 3, out, method="halving", min_epochs=1, eta=2)
+
+
+def test_bad_settings_are_config_errors(tmp_path):
+  base = tiny_train_config(tmp_path / "tfds")
+  with pytest.raises(ConfigError, match="method: 'grid' is not one of"):
+    tuning.tune(base, "din", 2, tmp_path / "t", method="grid")
+  with pytest.raises(ConfigError, match="unknown model 'dnn'"):
+    tuning.tune(base, "dnn", 2, tmp_path / "t")
