@@ -10,7 +10,8 @@ r"""Train and compare models over seeds with one config; selection on validation
       --seeds=3 --output_dir=/tmp/ladder_ml
 
 Writes DIR/results.json (one record per model and seed), DIR/results.md (mean ± std, gains over
-din) and DIR/results.png; each run's own workdir is DIR/runs/<model>/seed_<s>/ (dmf[text]: dmf--text). Re-running the
+din; the robustness table: test AUC with each modality missing for --missing_fractions of the
+items) and DIR/results.png; each run's own workdir is DIR/runs/<model>/seed_<s>/ (dmf[text]: dmf--text). Re-running the
 command skips finished runs and resumes an interrupted one.
 """
 
@@ -28,6 +29,10 @@ _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0 .. seeds-1).", low
 _FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "The first seed.")
 _BASELINE = flags.DEFINE_string("baseline", "din", "Model the gains are measured against.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results and runs are written.")
+_MISSING = flags.DEFINE_list(
+    "missing_fractions", ["0.25", "0.5", "1.0"],
+    "Robustness report: each run's best checkpoint evaluated on test with each modality "
+    "missing for these fractions of the items (empty: no report).")
 flags.mark_flags_as_required(["config", "models", "output_dir"])
 
 
@@ -42,12 +47,18 @@ def main(argv):
     specs = [ablation.ModelSpec.parse(m) for m in _MODELS.value]
   except ValueError as e:
     cli.fail(str(e))
+  try:
+    fractions = [float(p) for p in _MISSING.value]
+  except ValueError:
+    cli.fail(f"--missing_fractions={','.join(_MISSING.value)}: expected numbers in [0, 1]")
+  if any(not 0.0 <= p <= 1.0 for p in fractions):
+    cli.fail(f"--missing_fractions={','.join(_MISSING.value)}: expected numbers in [0, 1]")
   config = _CONFIG.value
   with config.unlocked():
     config.progress = False
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   ablation.run_ablation(config, specs, seeds, _OUTPUT_DIR.value, baseline=_BASELINE.value,
-                        log=lambda m: print(m, flush=True))
+                        missing_fractions=fractions, log=lambda m: print(m, flush=True))
   with open(f"{_OUTPUT_DIR.value}/results.md") as f:
     print(f.read())
 

@@ -348,3 +348,47 @@ class CatalogTables(nnx.Module):
     """cos(m_t, m_j) from the precomputed matrix: target [...], items [..., L] (broadcast) -> [..., L]."""
     flat = self.safe_ids(target_ids)[..., None] * self.num_items + self.safe_ids(item_ids)
     return take_rows(self.pairwise[name][...].reshape(-1), flat, force=self.sharding.on_mesh)
+
+
+def without_vectors(tables: Mapping, name: str, missing: np.ndarray,
+                    flag_field: str | None = None) -> dict:
+  """The catalog variables with modality `name` missing for some items (robustness checks).
+
+  tables: a `CatalogTables`' variables as a nested dict ({'modalities': {name: CatalogTable},
+    'side': ..., 'pairwise': ..., ...}; `dmf_jax.train.checkpointing.catalog_of(state)`).
+  missing: bool [num_items]; those items lose modality `name`:
+    modalities[name][i] = 0            (an all-zero vector: the catalog's missing marker, so
+                                        every cosine with item i is 0 and a Q-Former masks it)
+    pairwise[name][i, :] = [:, i] = 0  (the precomputed cosines agree)
+    side[flag_field][i] = 1            (a '<name>_missing' flag field, where the data has one)
+  Everything else is kept, the cosine range (the trained calibration) included: the model
+  sees the items as a catalog without their vectors looks at serving time. Returns new
+  variables with the same shardings; `tables` is left unchanged.
+  """
+  missing = np.asarray(missing, bool)
+  if name not in tables.get("modalities", {}):
+    raise ValueError(f"catalog has no modality {name!r}; it has {sorted(tables['modalities'])}")
+  if flag_field is not None and flag_field not in tables.get("side", {}):
+    raise ValueError(f"catalog has no side field {flag_field!r}")
+
+  def rows(length: int) -> np.ndarray:  # the mask padded to a table's (sharded) row count
+    out = np.zeros(length, bool)
+    out[:len(missing)] = missing
+    return out
+
+  def replaced(variable: CatalogTable, new_value) -> CatalogTable:
+    old = variable[...]
+    return variable.replace(jax.device_put(jnp.asarray(new_value, old.dtype), old.sharding))
+
+  out = {group: dict(variables) for group, variables in tables.items()}
+  vectors = tables["modalities"][name]
+  drop = rows(vectors.shape[0])
+  out["modalities"][name] = replaced(vectors, jnp.where(drop[:, None], 0, vectors[...]))
+  if name in tables.get("pairwise", {}):
+    pair = tables["pairwise"][name]
+    drop = rows(pair.shape[0])
+    out["pairwise"][name] = replaced(pair, jnp.where(drop[:, None] | drop[None, :], 0, pair[...]))
+  if flag_field is not None:
+    flag = tables["side"][flag_field]
+    out["side"][flag_field] = replaced(flag, jnp.where(rows(flag.shape[0]), 1, flag[...]))
+  return out

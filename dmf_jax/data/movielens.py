@@ -15,6 +15,10 @@ Configs:
               vote_count, popularity, budget; `movielens_raw.TMDB_NUMERIC`), normalised on the
               training split. TMDB collected them in 2024, decades after the ratings
               (popularity and vote counts partly reflect later success): report them apart.
+  text_image_global_time
+              as text_image, split by a global time cut instead (the first 80% of the events
+              by time train; `sequences.GLOBAL_TIME_FRACTIONS`): a cold-start report, with
+              items and users first seen after the cut.
 The encoder cache is `<manual_dir>/../movielens_100k_mm_encoded` unless the environment variable
 DMF_ML_ENCODED_DIR (or the config's `encoded_dir`) names another folder.
 """
@@ -52,6 +56,7 @@ class MovielensConfig(tfds.core.BuilderConfig):
   modalities: tuple[str, ...] = ("text", "image")
   encoded_dir: str | None = None
   tmdb_numeric: bool = False
+  split: str = "per_user"  # or 'global_time' (sequences.examples_from_events)
 
 
 def read_modality(encoded_dir: epath.Path, name: str, num_items: int) -> np.ndarray:
@@ -102,6 +107,8 @@ class Movielens100kMm(CtrBuilder):
                       "numeric item fields.", tmdb_numeric=True),
       MovielensConfig(name="ids_tmdb", description="No modality vectors, TMDB numeric item "
                       "fields.", modalities=(), tmdb_numeric=True),
+      MovielensConfig(name="text_image_global_time", description="Text and image vectors, "
+                      "split by a global time cut (cold-start report).", split="global_time"),
   ]
 
   def encoded_dir(self, manual_dir: epath.Path) -> epath.Path:
@@ -164,7 +171,7 @@ class Movielens100kMm(CtrBuilder):
     if self.builder_config.tmdb_numeric:  # normalisations fitted on the training examples
       numeric = raw.read_tmdb_numeric(root, num_items)
       _, item_counts = numeric_lib.train_counts(ratings.user, ratings.item, ratings.timestamp,
-                                                num_users, num_items)
+                                                num_users, num_items, self.builder_config.split)
       schema = schema.replace(item_numeric=tuple(
           numeric_lib.fit(NumericSpec(c, normalization), numeric[c], item_counts)
           for _, c, normalization in raw.TMDB_NUMERIC))
@@ -175,6 +182,6 @@ class Movielens100kMm(CtrBuilder):
     }
     splits = sequences.examples_from_events(
         ratings.user, ratings.item, ratings.timestamp, (ratings.rating >= 4).astype(np.int32),
-        user_table, SEQ_LEN,
+        user_table, SEQ_LEN, split=self.builder_config.split,
     )
     return schema, catalog, splits

@@ -4,10 +4,14 @@ A model spec is a registered name, optionally with the modalities it may use:
 `dmf`, `dmf[text]`, `simtier[text+image]`. Each run trains in `DIR/runs/<name>/seed_<s>/`
 (`dmf--text` for `dmf[text]`)
 (`train_lib.train_and_evaluate`, which resumes a half-finished run); a run whose `results.json`
-exists is not redone. After every run the summary files are rewritten:
+exists is not redone. With `missing_fractions`, each run's best checkpoint is also evaluated
+with each modality missing for those fractions of the items (`robustness`; cached in the run's
+robustness.json). After every run the summary files are rewritten:
 
-  DIR/results.json  one record per (model, seed): RECORD_KEYS
-  DIR/results.md    mean +- std per model (sorted by test AUC), gains over the baseline model
+  DIR/results.json  one record per (model, seed): RECORD_KEYS (+ 'missing': modality ->
+                    fraction -> test AUC)
+  DIR/results.md    mean +- std per model (sorted by test AUC), gains over the baseline model;
+                    the robustness table (test AUC per missing modality and fraction)
   DIR/results.png   test AUC per model, error bars one std over seeds
 """
 
@@ -29,6 +33,7 @@ from etils import epath
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
+from dmf_jax.train import robustness
 
 RECORD_KEYS = ("model", "seed", "val_auc", "test_auc", "test_gauc", "test_logloss",
                "cold_test_auc", "train_seconds", "params")
@@ -97,6 +102,7 @@ def run_ablation(
     output_dir: epath.PathLike,
     *,
     baseline: str = "din",
+    missing_fractions: Sequence[float] = (),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
   """Trains what is missing, then returns (and writes) every record; see the module docstring."""
@@ -122,6 +128,11 @@ def run_ablation(
       records.append(record_from_results(spec, seed, results))
       log(f"{spec.label} seed {seed}: val AUC {records[-1]['val_auc']:.4f}, "
           f"test AUC {records[-1]['test_auc']:.4f}")
+      if missing_fractions:
+        report = robustness.evaluate_missing_modalities(workdir, missing_fractions)
+        records[-1]["missing"] = {
+            name: {p: m["auc"] for p, m in by_fraction.items() if float(p) > 0}
+            for name, by_fraction in report["modalities"].items()}
       # The title names the dataset build the runs trained on (results.json), not the config.
       write_summary(records, output_dir, baseline=baseline, title=results["dataset"])
   return records
@@ -194,6 +205,37 @@ def markdown_table(rows: Sequence[dict], baseline: str = "din", title: str = "")
   return "\n".join(lines) + "\n"
 
 
+def robustness_table(records: Sequence[dict]) -> str:
+  """Markdown: per model, mean +- std over seeds of the test AUC with each modality missing
+  for each fraction of the items (records with a 'missing' entry); empty when none has one."""
+  cells: dict[str, dict[tuple[str, str], list[float]]] = {}
+  for r in records:
+    if "missing" in r:
+      model = cells.setdefault(r["model"], {})
+      model.setdefault(("none", "0"), []).append(r["test_auc"])
+      for name, by_fraction in r["missing"].items():
+        for p, auc in by_fraction.items():
+          model.setdefault((name, p), []).append(auc)
+  if not cells:
+    return ""
+  columns = sorted({c for model in cells.values() for c in model if c[0] != "none"},
+                   key=lambda c: (c[0], float(c[1])))
+  header = ["model", "seeds", "test AUC"] + [f"{name} missing {100 * float(p):.0f}%"
+                                             for name, p in columns]
+  lines = ["", "### Robustness: test AUC with a modality missing at evaluation", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for model, values in cells.items():
+    row = [model, str(len(values[("none", "0")])), _fmt(_mean_std(values[("none", "0")]))]
+    row += [_fmt(_mean_std(values[c])) if c in values else "—" for c in columns]
+    lines.append("| " + " | ".join(row) + " |")
+  lines += ["", "The best checkpoint of each run, evaluated on test with the modality's vectors "
+            "zeroed (and its missing flag set, where the data has one) for a seeded random "
+            "fraction of the items, the same items for every model of a seed "
+            "(`dmf_jax.train.robustness`). '—': the run's model was restricted to other modalities. "
+            "A model that reads no vectors (din) changes only through a missing-flag field."]
+  return "\n".join(lines) + "\n"
+
+
 def plot(rows: Sequence[dict], path: epath.PathLike, title: str = "") -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -229,5 +271,6 @@ def write_summary(records: Sequence[dict], output_dir: epath.PathLike, *, baseli
   output_dir = epath.Path(output_dir)
   rows = summarize(records, baseline)
   _write(output_dir / "results.json", json.dumps(list(records), indent=2))
-  _write(output_dir / "results.md", markdown_table(rows, baseline, title))
+  _write(output_dir / "results.md", markdown_table(rows, baseline, title)
+         + robustness_table(records))
   plot(rows, output_dir / "results.png", title)

@@ -343,7 +343,8 @@ class Bookkeeping:
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
-def _write_json(path: epath.Path, value) -> None:
+def write_json(path: epath.Path, value) -> None:
+  """`value` as JSON at `path`, atomically (a temporary file renamed over it)."""
   tmp = path.parent / f".{path.name}.tmp"
   tmp.write_text(json.dumps(value, indent=2))
   os.replace(tmp, path)  # atomic, overwrites
@@ -378,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, test:
 def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Path,
            is_main: bool) -> dict:
   if is_main:
-    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("workdir opened")
   writer = writers.MetricWriter(workdir, enabled=is_main)
@@ -491,7 +492,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
     results["cold_item_definition"] = (f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} "
                                        "training examples")
   if is_main:
-    _write_json(workdir / "results.json", results)
+    write_json(workdir / "results.json", results)
     writers.plot_curves(workdir, title=f"{config.model} on {exp.dataset.full_name}")
   writer.close()
   ckpt.close()
