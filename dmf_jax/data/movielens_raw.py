@@ -132,18 +132,24 @@ def age_bucket(age: np.ndarray) -> np.ndarray:
 def read_overviews(root, num_items: int) -> dict[int, dict[str, str]]:
   """item index -> TMDB row (title, overview, ...); duplicated movie ids are dropped."""
   path = require(root, "tmdb/items_tmdb.csv")
-  out: dict[int, dict[str, str]] = {}
+  return {index: row for _, index, row in _movie_rows(path, num_items)}
+
+
+def _movie_rows(path, num_items: int):
+  """(line number, item index, row) of a TMDB CSV, the first row of each movie_id; a row
+  without an integer movie_id in 1..num_items is an error naming the file and line."""
+  seen = set()
   with path.open("r", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    for line_no, row in enumerate(reader, 2):
+    for line_no, row in enumerate(csv.DictReader(f), 2):
       try:
         index = int(row["movie_id"]) - 1
       except (KeyError, TypeError, ValueError):
         raise DataError(f"{path}:{line_no}: malformed row (no integer movie_id)") from None
       if not 0 <= index < num_items:
         raise DataError(f"{path}:{line_no}: movie_id {index + 1} is not in 1..{num_items}")
-      out.setdefault(index, row)
-  return out
+      if index not in seen:  # duplicated movie ids: the first row (they are identical)
+        seen.add(index)
+        yield line_no, index, row
 
 
 # TMDB numeric fields: (file, column, normalisation). 0 means "unknown" in TMDB's records for
@@ -171,30 +177,19 @@ def read_tmdb_numeric(root, num_items: int) -> dict[str, np.ndarray]:
     path = require(root, name)
     columns = [c for f, c, _ in TMDB_NUMERIC if f == name]
     values = {c: np.full(num_items, np.nan, np.float32) for c in columns}
-    seen = set()
-    with path.open("r", encoding="utf-8") as f:
-      for line_no, row in enumerate(csv.DictReader(f), 2):
-        try:
-          index = int(row["movie_id"]) - 1
-        except (KeyError, TypeError, ValueError):
-          raise DataError(f"{path}:{line_no}: malformed row (no integer movie_id)") from None
-        if not 0 <= index < num_items:
-          raise DataError(f"{path}:{line_no}: movie_id {index + 1} is not in 1..{num_items}")
-        if index in seen:  # duplicated movie ids: the first row (they are identical)
+    for line_no, index, row in _movie_rows(path, num_items):
+      for c in columns:
+        text = (row.get(c) or "").strip()
+        if not text:
           continue
-        seen.add(index)
-        for c in columns:
-          text = (row.get(c) or "").strip()
-          if not text:
-            continue
-          try:
-            value = float(text)
-          except ValueError:
-            value = float("nan")
-          if not np.isfinite(value):
-            raise DataError(f"{path}:{line_no}: {c} {text!r} is not a finite number")
-          if not (value == 0 and c in ZERO_IS_MISSING):
-            values[c][index] = value
+        try:
+          value = float(text)
+        except ValueError:
+          value = float("nan")
+        if not np.isfinite(value):
+          raise DataError(f"{path}:{line_no}: {c} {text!r} is not a finite number")
+        if not (value == 0 and c in ZERO_IS_MISSING):
+          values[c][index] = value
     out |= values
   return {c: out[c] for _, c, _ in TMDB_NUMERIC}
 
