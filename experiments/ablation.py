@@ -12,7 +12,9 @@ r"""Train and compare models over seeds with one config; selection on validation
 Writes DIR/results.json (one record per model and seed), DIR/results.md (mean ± std, gains over
 din; the robustness table: test AUC with each modality missing for --missing_fractions of the
 items) and DIR/results.png; each run's own workdir is DIR/runs/<model>/seed_<s>/ (dmf[text]: dmf--text). Re-running the
-command skips finished runs and resumes an interrupted one.
+command skips finished runs and resumes an interrupted one. A study split over several
+invocations (one --first_seed each, or one --models each) is summarized as one table by
+--summarize_only, which trains nothing and leaves out the runs that have not finished.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ _MISSING = flags.DEFINE_list(
     "missing_fractions", ["0.25", "0.5", "1.0"],
     "Robustness report: each run's best checkpoint evaluated on test with each modality "
     "missing for these fractions of the items (empty: no report).")
+_SUMMARIZE_ONLY = flags.DEFINE_bool(
+    "summarize_only", False,
+    "Train nothing: summarize the runs of --models x seeds that have finished (e.g. by "
+    "invocations with different --first_seed), leaving out the others.")
 flags.mark_flags_as_required(["config", "models", "output_dir"])
 
 
@@ -58,7 +64,8 @@ def main(argv):
     config.progress = False
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   ablation.run_ablation(config, specs, seeds, _OUTPUT_DIR.value, baseline=_BASELINE.value,
-                        missing_fractions=fractions, log=lambda m: print(m, flush=True))
+                        missing_fractions=fractions, train=not _SUMMARIZE_ONLY.value,
+                        log=lambda m: print(m, flush=True))
   with open(f"{_OUTPUT_DIR.value}/results.md") as f:
     print(f.read())
 

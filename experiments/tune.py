@@ -1,7 +1,7 @@
 r"""Validation-only hyperparameter search for one model (the test split is never read).
 
   python -m experiments.tune --config=experiments/configs/movielens_study.py \
-      --config.manual_dir=../shared/datasets/movielens-100k-mm --model=dmf --trials=12 \
+      --config.manual_dir=../shared/datasets/movielens-100k-mm --model=dmf --trials=9 \
       --method=halving --min_epochs=1 --config.num_epochs=9 --output_dir=/tmp/tune_dmf
 
 Writes DIR/trials.jsonl (one line per trial and rung), DIR/best.json (the chosen values, as a
@@ -21,7 +21,7 @@ from experiments import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _MODEL = flags.DEFINE_string("model", None, "The model to tune.")
-_TRIALS = flags.DEFINE_integer("trials", 8, "Settings sampled.", lower_bound=1)
+_TRIALS = flags.DEFINE_integer("trials", 8, "Settings tried; trial 0 is the config's own values.", lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "random", ["random", "halving"], "Search method.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled settings.")
 _MIN_EPOCHS = flags.DEFINE_integer("min_epochs", 1, "Halving: epochs of the first rung.",

@@ -4,7 +4,8 @@ A model spec is a registered name, optionally with the modalities it may use:
 `dmf`, `dmf[text]`, `simtier[text+image]`. Each run trains in `DIR/runs/<name>/seed_<s>/`
 (`dmf--text` for `dmf[text]`)
 (`train_lib.train_and_evaluate`, which resumes a half-finished run); a run whose `results.json`
-exists is not redone. With `missing_fractions`, each run's best checkpoint is also evaluated
+exists is not redone (`train=False` trains nothing: the summary of the runs finished so far,
+e.g. by several invocations with different --first_seed). With `missing_fractions`, each run's best checkpoint is also evaluated
 with each modality missing for those fractions of the items (`robustness`; cached in the run's
 robustness.json). After every run the summary files are rewritten:
 
@@ -103,9 +104,11 @@ def run_ablation(
     *,
     baseline: str = "din",
     missing_fractions: Sequence[float] = (),
+    train: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-  """Trains what is missing, then returns (and writes) every record; see the module docstring."""
+  """Trains what is missing (unless `train` is False: then an unfinished run is left out),
+  then returns (and writes) every record; see the module docstring."""
   output_dir = epath.Path(output_dir).expanduser()
   labels = [s.label for s in specs]
   if len(set(labels)) != len(labels):
@@ -122,6 +125,9 @@ def run_ablation(
       if done.exists():
         log(f"{spec.label} seed {seed}: finished earlier, read {done}")
         results = json.loads(done.read_text())
+      elif not train:
+        log(f"{spec.label} seed {seed}: not finished, left out")
+        continue
       else:
         log(f"{spec.label} seed {seed}: training in {workdir}")
         results = train_lib.train_and_evaluate(run_config(base, spec, seed), str(workdir))
@@ -135,6 +141,9 @@ def run_ablation(
             for name, by_fraction in report["modalities"].items()}
       # The title names the dataset build the runs trained on (results.json), not the config.
       write_summary(records, output_dir, baseline=baseline, title=results["dataset"])
+  if not records:
+    raise ConfigError(f"{output_dir}: none of the runs {labels} x seeds {list(seeds)} has "
+                      f"finished")
   return records
 
 

@@ -2,7 +2,8 @@
 
 `tune(base, model, trials, output_dir)` samples `trials` settings from the model's search
 space (`search_space`: learning rates, dropout, weight decay, and the size knobs its family
-has), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
+has; trial 0 is the base config's own values, `base_values`, so the search can only choose
+something at least as good on validation as what it started from), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
 (`loop.train_and_evaluate(..., test=False)`: nothing can read it), and ranks them by best
 validation AUC. Successive halving (`method='halving'`) trains all trials for
 `min_epochs`, keeps the best 1/eta, resumes those for eta times the epochs, and so on up to
@@ -75,6 +76,21 @@ def sample(model: str, trials: int, seed: int) -> list[dict]:
   return [{path: sampler(rng) for path, sampler in space.items()} for _ in range(trials)]
 
 
+def base_values(base: ml_collections.ConfigDict, model: str) -> dict:
+  """{path: value} of the search space's paths in `base` for `model` (its study values
+  applied); a path the config leaves unset (None, e.g. no separate embedding rate) is left out,
+  so the trial trains exactly the base config."""
+  config = trial_config(base, model, {}, base.num_epochs)
+  values = {}
+  for path in search_space(model):
+    node = config
+    for name in path.split("."):
+      node = node[name]
+    if node is not None:
+      values[path] = tuple(node) if isinstance(node, list) else node
+  return values
+
+
 def trial_config(base: ml_collections.ConfigDict, model: str, values: dict, epochs: int
                  ) -> ml_collections.ConfigDict:
   """The base config for `model` (its study values applied) with a trial's values and epochs."""
@@ -142,7 +158,7 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
     raise ConfigError(f"{output_dir} holds another search ({search_file}); use a new "
                       f"--output_dir")
   search_file.write_text(json.dumps(search, indent=2))
-  settings = sample(model, trials, seed)
+  settings = [base_values(base, model)] + sample(model, trials - 1, seed)
   for values in settings:  # every trial's config is checked before anything trains
     config_lib.validate(trial_config(base, model, values, base.num_epochs),
                         num_devices=jax.device_count(), num_processes=jax.process_count())

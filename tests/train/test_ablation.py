@@ -8,6 +8,7 @@ import pytest
 
 from helpers import tiny_train_config
 from dmf_jax.train import ablation
+from dmf_jax.train.config import ConfigError
 
 
 def test_model_specs():
@@ -68,13 +69,20 @@ def test_ablation_writes_results_and_resume_skips_finished_runs(tmp_path):
   assert sum("finished earlier" in line for line in logs) == 4
   assert (out / "runs" / "din" / "seed_0" / "results.json").stat().st_mtime_ns == stamp
   assert again == records
+  # Summarize only: seed 2 has not run, so it is left out and nothing trains.
+  logs.clear()
+  partial = ablation.run_ablation(config, specs, [1, 2], out, train=False, log=logs.append)
+  assert not [line for line in logs if "training in" in line]
+  assert sum("not finished, left out" in line for line in logs) == 2
+  assert [(r["model"], r["seed"]) for r in partial] == [("din", 1), ("dmf[text]", 1)]
+  assert not (out / "runs" / "din" / "seed_2").exists()
+  with pytest.raises(ConfigError, match="none of the runs"):
+    ablation.run_ablation(config, specs, [5], out, train=False, log=logs.append)
   with pytest.raises(ValueError, match="duplicate model specs"):
     ablation.run_ablation(config, specs + specs, [0], out, log=logs.append)
 
 
 def test_ablation_rejects_bad_specs_before_training(tmp_path):
-  from dmf_jax.train.config import ConfigError
-
   config = tiny_train_config(tmp_path / "data")
   with pytest.raises(ConfigError, match="unknown model 'dfm'"):
     ablation.run_ablation(config, [ablation.ModelSpec("din"), ablation.ModelSpec("dfm")], [0],

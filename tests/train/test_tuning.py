@@ -55,6 +55,7 @@ def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
                      log=logs.append)
   records = [json.loads(l) for l in (out / "trials.jsonl").read_text().splitlines()]
   assert [(r["trial"], r["epochs"]) for r in records][:2] == [(0, 1), (1, 1)]
+  assert records[0]["values"] == tuning._jsonable(tuning.base_values(base, "din"))
   assert len(records) == 3 and records[2]["epochs"] == 2  # the better half goes on
   first = max(records[:2], key=lambda r: r["val_auc"])
   assert records[2]["trial"] == first["trial"] == best["trial"]
@@ -77,6 +78,19 @@ def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
   assert not [m for m in logs if "training" in m]
   with pytest.raises(ConfigError, match="holds another search"):
     tuning.tune(base, "din", 3, out, method="halving", min_epochs=1, eta=2)
+
+
+def test_trial_0_is_the_base_config(tmp_path):
+  base = tiny_train_config(tmp_path / "tfds", model="dmf", num_epochs=2)
+  with base.unlocked():
+    base.per_model = {"dmf": {"model_config": {"dropout": 0.3}}}
+  values = tuning.base_values(base, "dmf")
+  assert values["model_config.dropout"] == 0.3  # the study values are the base
+  assert values["optimizer.learning_rate"] == base.optimizer.learning_rate
+  assert "optimizer.embedding_learning_rate" not in values  # unset in the base: left unset
+  as_trial = tuning.trial_config(base, "dmf", values, 2)
+  assert as_trial.to_dict() == tuning.trial_config(base, "dmf", {}, 2).to_dict()
+  assert set(values) == set(tuning.search_space("dmf")) - {"optimizer.embedding_learning_rate"}
 
 
 def test_bad_settings_are_config_errors(tmp_path):
