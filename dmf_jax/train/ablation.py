@@ -2,12 +2,14 @@
 
 A model spec is a registered name, optionally with the modalities it may use:
 `dmf`, `dmf[text]`, `simtier[text+image]`. Each run trains in `DIR/runs/<name>/seed_<s>/`
-(`dmf--text` for `dmf[text]`)
-(`train_lib.train_and_evaluate`, which resumes a half-finished run); a run whose `results.json`
-exists is not redone (`train=False` trains nothing: the summary of the runs finished so far,
-e.g. by several invocations with different --first_seed). With `missing_fractions`, each run's best checkpoint is also evaluated
-with each modality missing for those fractions of the items (`robustness`; cached in the run's
-robustness.json). After every run the summary files are rewritten:
+(`dmf--text` for `dmf[text]`; `train_lib.train_and_evaluate`, which resumes a half-finished
+run). A run whose `results.json` exists is not redone; its recorded identity (the config and
+the dataset build, `runs.check_finished`) must be that of the run asked for, else the
+ablation stops with `runs.RunMismatchError`. `train=False` trains nothing: it summarizes the
+runs finished so far (e.g. by invocations with different --first_seed). With
+`missing_fractions`, each run's best checkpoint is also evaluated with each modality missing
+for those fractions of the items (`robustness`; cached in the run's robustness.json). After
+every run the summary files are rewritten:
 
   DIR/results.json  one record per (model, seed): RECORD_KEYS (+ 'missing': modality ->
                     fraction -> test AUC)
@@ -35,6 +37,7 @@ from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
 from dmf_jax.train import robustness
+from dmf_jax.train import runs
 
 RECORD_KEYS = ("model", "seed", "val_auc", "test_auc", "test_gauc", "test_logloss",
                "cold_test_auc", "train_seconds", "params")
@@ -117,12 +120,15 @@ def run_ablation(
     config_lib.validate(run_config(base, spec, seeds[0]), num_devices=jax.device_count(),
                         num_processes=jax.process_count())
   output_dir.mkdir(parents=True, exist_ok=True)
-  records = []
+  records, dataset = [], None
   for spec in specs:
     for seed in seeds:
       workdir = output_dir / "runs" / spec.dirname / f"seed_{seed}"
       done = workdir / "results.json"
+      config = run_config(base, spec, seed)
       if done.exists():
+        dataset = dataset or train_lib.open_dataset(config)  # one build for every run
+        runs.check_finished(workdir, config, dataset)
         log(f"{spec.label} seed {seed}: finished earlier, read {done}")
         results = json.loads(done.read_text())
       elif not train:
@@ -130,7 +136,7 @@ def run_ablation(
         continue
       else:
         log(f"{spec.label} seed {seed}: training in {workdir}")
-        results = train_lib.train_and_evaluate(run_config(base, spec, seed), str(workdir))
+        results = train_lib.train_and_evaluate(config, str(workdir))
       records.append(record_from_results(spec, seed, results))
       log(f"{spec.label} seed {seed}: val AUC {records[-1]['val_auc']:.4f}, "
           f"test AUC {records[-1]['test_auc']:.4f}")
@@ -167,19 +173,19 @@ def summarize(records: Sequence[dict], baseline: str = "din") -> list[dict]:
     by_model.setdefault(r["model"], {})[r["seed"]] = r
   base = by_model.get(baseline, {})
   rows = []
-  for model, runs in by_model.items():
-    row = {"model": model, "seeds": len(runs)}
+  for model, by_seed in by_model.items():
+    row = {"model": model, "seeds": len(by_seed)}
     for key in ("val_auc", "test_auc", "test_gauc", "test_logloss", "cold_test_auc",
                 "train_seconds", "params"):
-      row[key] = _mean_std([r[key] for r in runs.values()])
-    shared = sorted(set(runs) & set(base))
+      row[key] = _mean_std([r[key] for r in by_seed.values()])
+    shared = sorted(set(by_seed) & set(base))
     if base and model != baseline and shared:
-      diffs = [runs[s]["test_auc"] - base[s]["test_auc"] for s in shared]
+      diffs = [by_seed[s]["test_auc"] - base[s]["test_auc"] for s in shared]
       mean, std = _mean_std(diffs)
       base_auc = float(np.mean([base[s]["test_auc"] for s in shared]))
       row["vs_baseline"] = {
           "auc_diff_mean": mean, "auc_diff_std": std, "paired_seeds": len(shared),
-          "rel_impr": (float(np.mean([runs[s]["test_auc"] for s in shared])) - 0.5)
+          "rel_impr": (float(np.mean([by_seed[s]["test_auc"] for s in shared])) - 0.5)
                       / (base_auc - 0.5) - 1.0,
           "above_two_std": bool(len(shared) > 1 and mean > 2 * std),
       }

@@ -69,9 +69,14 @@ def _identity_fields(config_json: dict) -> dict:
           and k not in _RETIRED and not _at_default(k, v)}
 
 
+def config_identity(config: ml_collections.ConfigDict) -> dict:
+  """The config's part of a run's identity: {dotted field: value}, no resumable field."""
+  return _identity_fields(json.loads(config.to_json_best_effort()))
+
+
 def identity(config: ml_collections.ConfigDict, dataset) -> dict:
   """The fields that must match for a run to resume: {dotted field: value}."""
-  out = _identity_fields(json.loads(config.to_json_best_effort()))
+  out = config_identity(config)
   out["dataset.build"] = dataset.full_name
   out["dataset.fingerprint"] = dataset.fingerprint
   return out
@@ -111,6 +116,19 @@ def differences(recorded: dict, current: dict) -> list[str]:
     if then != now:
       lines.append(f"{key}: {then!r} in the workdir, {now!r} now")
   return lines
+
+
+def check_finished(workdir: epath.Path, config: ml_collections.ConfigDict, dataset) -> None:
+  """Raises RunMismatchError when the finished run in `workdir` is of another config or
+  dataset than `config` would train (so its results must not stand in for this one's)."""
+  recorded = _recorded_identity(workdir)
+  diff = differences(recorded, identity(config, dataset)) if recorded is not None else [
+      f"{workdir / RUN_FILE}: missing"]
+  if diff:
+    raise RunMismatchError(
+        f"{workdir} holds a finished run of another config or dataset; its results were not "
+        f"used. It differs in:\n  " + "\n  ".join(diff[:MAX_LISTED])
+        + "\nUse a new --output_dir (or move that run away) to train this one.")
 
 
 def _move_old_run(workdir: epath.Path) -> epath.Path:

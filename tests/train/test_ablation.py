@@ -9,6 +9,7 @@ import pytest
 from helpers import tiny_train_config
 from dmf_jax.train import ablation
 from dmf_jax.train.config import ConfigError
+from dmf_jax.train.runs import RunMismatchError
 
 
 def test_model_specs():
@@ -78,6 +79,12 @@ def test_ablation_writes_results_and_resume_skips_finished_runs(tmp_path):
   assert not (out / "runs" / "din" / "seed_2").exists()
   with pytest.raises(ConfigError, match="none of the runs"):
     ablation.run_ablation(config, specs, [5], out, train=False, log=logs.append)
+  # A finished run of another config is not taken for this one's.
+  changed = config.copy_and_resolve_references()
+  with changed.unlocked():
+    changed.optimizer.learning_rate = 0.5
+  with pytest.raises(RunMismatchError, match="optimizer.learning_rate"):
+    ablation.run_ablation(changed, specs, [0], out, log=logs.append)
   with pytest.raises(ValueError, match="duplicate model specs"):
     ablation.run_ablation(config, specs + specs, [0], out, log=logs.append)
 
