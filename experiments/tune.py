@@ -4,7 +4,7 @@ r"""Validation-only hyperparameter search for one model (the test split is never
       --config.manual_dir=../shared/datasets/movielens-100k-mm --model=dmf --trials=9 \
       --method=halving --min_epochs=1 --config.num_epochs=9 --output_dir=/tmp/tune_dmf
 
-Writes DIR/trials.jsonl (one line per trial and rung), DIR/best.json (the chosen values, as a
+Writes DIR/trials.jsonl (one line per trial and rung; DIR/trials.md as a table), DIR/best.json (the chosen values, as a
 `per_model` entry to paste into a study config) and each trial's workdir under DIR/trials/.
 Re-running the command resumes the search. See `dmf_jax.train.tuning`.
 """

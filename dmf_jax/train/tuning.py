@@ -2,16 +2,17 @@
 
 `tune(base, model, trials, output_dir)` samples `trials` settings from the model's search
 space (`search_space`: learning rates, dropout, weight decay, and the size knobs its family
-has; trial 0 is the base config's own values, `base_values`, so the search can only choose
-something at least as good on validation as what it started from), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
+has; trial 0 is the base config's own values, `base_values`, so the starting point
+competes), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
 (`loop.train_and_evaluate(..., test=False)`: nothing can read it), and ranks them by best
 validation AUC. Successive halving (`method='halving'`) trains all trials for
 `min_epochs`, keeps the best 1/eta, resumes those for eta times the epochs, and so on up to
 the config's num_epochs (a trial's workdir resumes: num_epochs may grow on resume).
 
 DIR/trials.jsonl holds one line per finished (trial, rung); DIR/best.json the chosen values,
-as a `per_model` entry for a study config. A re-run reads what is there and trains only what
-is missing; a different search (model, seed, trials, method) in the same DIR is refused.
+as a `per_model` entry for a study config; DIR/trials.md the trials as a table. A re-run
+reads what is there and trains only what is missing; a different search (model, seed,
+trials, method) in the same DIR is refused.
 """
 
 from __future__ import annotations
@@ -127,6 +128,29 @@ def _jsonable(values: dict) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
+def _cell(value) -> str:
+  if value is None:
+    return "—"
+  if isinstance(value, float):
+    return f"{value:.2g}"
+  if isinstance(value, (list, tuple)):
+    return "x".join(map(str, value))
+  return str(value)
+
+
+def trials_table(records: list[dict]) -> str:
+  """Markdown: one row per (trial, rung) by rung, then validation AUC; '—' = left at the
+  base config's value (unset)."""
+  paths = list(dict.fromkeys(p for r in records for p in r["values"]))
+  lines = ["| trial | epochs | val AUC | train s | " + " | ".join(paths) + " |",
+           "|---" * (4 + len(paths)) + "|"]
+  for r in sorted(records, key=lambda r: (r["epochs"], -r["val_auc"])):
+    lines.append(f"| {r['trial']} | {r['epochs']} | {r['val_auc']:.4f} | "
+                 f"{r['train_seconds']:.0f} | "
+                 + " | ".join(_cell(r["values"].get(p)) for p in paths) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _nested(values: dict) -> dict:
   out: dict = {}
   for path, value in values.items():
@@ -192,4 +216,5 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
             "values": best["values"], "per_model": {model: _nested(best["values"])},
             "search": search}
   (output_dir / "best.json").write_text(json.dumps(record, indent=2))
+  (output_dir / "trials.md").write_text(trials_table(list(done.values())))
   return record

@@ -62,6 +62,9 @@ def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
   for trial in (0, 1):
     results = json.loads((out / "trials" / f"trial_{trial}" / "results.json").read_text())
     assert "test" not in results and "validation" in results
+  table = (out / "trials.md").read_text().splitlines()
+  assert len(table) == 2 + len(records) and "optimizer.learning_rate" in table[0]
+  assert table[2].startswith(f"| {first['trial']} | 1 | {first['val_auc']:.4f} |")
   # best.json is a per_model entry a study config takes as it is.
   assert best["per_model"]["din"]["optimizer"]["learning_rate"] == best["values"][
       "optimizer.learning_rate"]
