@@ -19,7 +19,7 @@ invocations (one --first_seed each, or one --models each) is summarized as one t
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -43,10 +43,7 @@ flags.mark_flags_as_required(["config", "models", "output_dir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  del argv  # refused by cli.run when not empty
   from dmf_jax.train import ablation  # pylint: disable=g-import-not-at-top
 
   try:

@@ -4,7 +4,7 @@
   if __name__ == "__main__":
     cli.run(main)
 
-Bad flags (unknown flags, unknown config fields such as `--config.foo=1`, a missing config
+Bad flags (unknown flags, positional arguments, unknown config fields such as `--config.foo=1`, a missing config
 file, unparsable values) and `dmf_jax.core.errors.UserError`s raised by `main` (invalid configs,
 bad data files, a workdir that holds another run or is in use, ...) print `error: <message>`
 and exit with status 2, without a traceback; `--debug` shows the traceback. Anything else is
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dmf_jax.core.errors import UserError
 
@@ -80,9 +80,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main) -> None:
-  """`app.run(main)` with user errors as one message and exit status 2."""
+  """`app.run(main)` with user errors as one message and exit status 2; positional arguments
+  are refused, and absl logs at WARNING unless --verbosity is given."""
 
   def wrapped(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments {argv[1:]} (every option is a --flag)")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
       return main(argv)
     except UserError as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import cli, distributed
 
@@ -20,8 +20,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON path (default WORKDIR/eval_S
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   distributed.initialize()
   import jax  # pylint: disable=g-import-not-at-top
 

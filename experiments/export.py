@@ -10,7 +10,7 @@ Reload anywhere with jax installed, without this model code:
 
 from __future__ import annotations
 
-from absl import flags, logging
+from absl import flags
 from etils import epath
 
 from experiments import cli
@@ -24,8 +24,6 @@ _FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output file.")
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   from dmf_jax.serve import server as serving  # pylint: disable=g-import-not-at-top
   from dmf_jax.serve.export import export  # pylint: disable=g-import-not-at-top
   from dmf_jax.core.errors import UserError  # pylint: disable=g-import-not-at-top

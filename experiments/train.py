@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, distributed
@@ -40,10 +40,7 @@ def print_results(results: dict, workdir: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  del argv  # refused by cli.run when not empty
   distributed.initialize()
   from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
 

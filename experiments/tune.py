@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -33,10 +33,7 @@ flags.mark_flags_as_required(["config", "model", "output_dir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  del argv  # refused by cli.run when not empty
   from dmf_jax.train import tuning  # pylint: disable=g-import-not-at-top
 
   best = tuning.tune(_CONFIG.value, _MODEL.value, _TRIALS.value, _OUTPUT_DIR.value,

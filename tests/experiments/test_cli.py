@@ -56,6 +56,13 @@ def test_unknown_config_field(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_positional_arguments_are_refused(tmp_path):
+  done = run(["experiments.tune", f"--config={TINY}", "--model=din",
+              f"--output_dir={tmp_path / 't'}", "dmf"])
+  assert_user_error(done, "unexpected arguments ['dmf']")
+  assert not (tmp_path / "t").exists()
+
+
 def test_missing_config_file_and_debug(tmp_path):
   done = run(["experiments.train", "--config=experiments/configs/nope.py",
               f"--workdir={tmp_path / 'w'}"])
