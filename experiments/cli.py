@@ -4,11 +4,11 @@
   if __name__ == "__main__":
     cli.run(main)
 
-Bad flags (unknown flags, positional arguments, unknown config fields such as `--config.foo=1`, a missing config
-file, unparsable values) and `dmf_jax.core.errors.UserError`s raised by `main` (invalid configs,
-bad data files, a workdir that holds another run or is in use, ...) print `error: <message>`
-and exit with status 2, without a traceback; `--debug` shows the traceback. Anything else is
-a bug and keeps its traceback.
+Bad flags (unknown flags, positional arguments, unknown config fields such as `--config.foo=1`,
+a missing config file, unparsable values) and `dmf_jax.core.errors.UserError`s raised by `main`
+(invalid configs, bad data files, a workdir that holds another run or is in use, ...) print
+`error: <message>` and exit with status 2, without a traceback; `--debug` shows the traceback.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
