@@ -3,6 +3,9 @@ encoders, catalog and head as DMF.
 
   din_mm_concat  "Vector": each modality's raw vector, linearly projected, concatenated to the
                  item tokens of DIN (target and behaviours); the head sees the ID part e_t.
+  bst_mm_concat, dien_mm_concat
+                 the same projected vectors in the item tokens of BST and DIEN (multimodal
+                 sequence baselines; their heads see the whole target token).
   simscore       the target-aware similarities s_tj as scalar side features of each behaviour
                  token (the target token carries its self-similarity, 1).
   simtier        DIN plus the SimTier histogram of the similarities (modality-centric only).
@@ -23,6 +26,8 @@ from dmf_jax.core import checks
 from dmf_jax.core.schema import FeatureSchema
 from dmf_jax.core.sharding import NO_SHARDING
 from dmf_jax.models.base import MultimodalConfig
+from dmf_jax.models.bst import BST, BstConfig
+from dmf_jax.models.dien import DIEN, DienConfig
 from dmf_jax.models.din import DIN, DinConfig
 from dmf_jax.nn.attention import DinAttention
 from dmf_jax.nn.layers import MLP
@@ -65,6 +70,32 @@ class ModalityTokens(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
     del sequence, train, rngs  # the same projections on both sides, no dropout
     return jnp.concatenate([p(v) for p, v in zip(self.projections, vectors)], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BstVectorConfig(BstConfig):
+  """BST plus the width of each projected modality token."""
+
+  modality_token_dim: int = checks.field(32, "positive_int")
+
+
+@dataclasses.dataclass(frozen=True)
+class DienVectorConfig(DienConfig):
+  """DIEN plus the width of each projected modality token."""
+
+  modality_token_dim: int = checks.field(32, "positive_int")
+
+
+def bst_multimodal_concat(schema, config, *, rngs, catalog=None, sharding=NO_SHARDING) -> BST:
+  """BST whose tokens are [e ; P_1 v_1 ; ... ; P_K v_K]."""
+  tokens = ModalityTokens(schema, config.modality_token_dim, rngs=rngs)
+  return BST(schema, config, rngs=rngs, catalog=catalog, sharding=sharding, content=tokens)
+
+
+def dien_multimodal_concat(schema, config, *, rngs, catalog=None, sharding=NO_SHARDING) -> DIEN:
+  """DIEN whose tokens are [e ; P_1 v_1 ; ... ; P_K v_K]."""
+  tokens = ModalityTokens(schema, config.modality_token_dim, rngs=rngs)
+  return DIEN(schema, config, rngs=rngs, catalog=catalog, sharding=sharding, content=tokens)
 
 
 def din_multimodal_concat(schema, config, *, rngs, catalog=None, sharding=NO_SHARDING) -> DIN:

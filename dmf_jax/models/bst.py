@@ -44,8 +44,10 @@ class BstConfig(ModelConfig):
 class BST(CTRModel):
   """BST over the item tokens [e ; content]."""
 
-  def __init__(self, schema, config: BstConfig, *, rngs, catalog=None, sharding=NO_SHARDING):
-    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding)
+  def __init__(self, schema, config: BstConfig, *, rngs, catalog=None, sharding=NO_SHARDING,
+               content=None):
+    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
+                     content=content)
     d = config.bst_dim
     self.project = nnx.Linear(self.token_dim, d, rngs=rngs)
     self.positions = nnx.Param(jax.nn.initializers.normal(POSITION_INIT_STDDEV)(

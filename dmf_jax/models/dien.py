@@ -42,8 +42,10 @@ class DienConfig(ModelConfig):
 class DIEN(CTRModel):
   """DIEN over the item tokens [e ; content]."""
 
-  def __init__(self, schema, config: DienConfig, *, rngs, catalog=None, sharding=NO_SHARDING):
-    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding)
+  def __init__(self, schema, config: DienConfig, *, rngs, catalog=None, sharding=NO_SHARDING,
+               content=None):
+    super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
+                     content=content)
     d = self.token_dim
     self.extractor = GRU(d, d, rngs=rngs)
     self.attention = nnx.Linear(d, d, use_bias=False, rngs=rngs)  # W of h_t W e_t'

@@ -12,6 +12,8 @@ config; each maps a batch (see `dmf_jax.core.schema`) to logits [B]:
   din_mm_concat, simscore, simtier, make   baselines (see `dmf_jax.models.baselines`).
   bst               ID only: Behavior Sequence Transformer over the sequence and the target.
   dien              ID only: GRU interests (auxiliary next-behaviour loss) evolved by AUGRU.
+  bst_mm_concat, dien_mm_concat   BST / DIEN with the projected modality vectors in their
+                    item tokens (multimodal sequence baselines).
   em3               Fusion-Q-Former content tokens, LoRA sequence side, Content-ID loss
                     (see `dmf_jax.models.em3`), with a DIN or DMF head.
 
@@ -66,6 +68,8 @@ MODELS: dict[str, ModelEntry] = {
     "make": ModelEntry(baselines.MAKE, baselines.MakeConfig),
     "bst": ModelEntry(BST, BstConfig),
     "dien": ModelEntry(DIEN, DienConfig),
+    "bst_mm_concat": ModelEntry(baselines.bst_multimodal_concat, baselines.BstVectorConfig),
+    "dien_mm_concat": ModelEntry(baselines.dien_multimodal_concat, baselines.DienVectorConfig),
     "em3": ModelEntry(build_em3, EM3Config),
 }
 

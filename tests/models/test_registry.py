@@ -30,8 +30,10 @@ def build(name, **overrides):
 
 def test_registry_lists_models_and_rejects_unknown_names():
   assert set(models.model_names()) >= {"din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
-                                       "din_mm_concat", "simscore", "simtier", "make", "em3", "bst", "dien"}
-  with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: bst, dien, din, din_mm_concat, dmf,"):
+                                       "din_mm_concat", "simscore", "simtier", "make", "em3", "bst", "dien",
+                                       "bst_mm_concat", "dien_mm_concat"}
+  with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: bst, bst_mm_concat, "
+                                       "dien, dien_mm_concat, din, din_mm_concat, dmf,"):
     build("dnn")
   with pytest.raises(ValueError, match="model 'din' is already registered"):
     models.register_model("din", models.DIN)
