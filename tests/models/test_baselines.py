@@ -25,7 +25,8 @@ def flat_params(state):
   return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-@pytest.mark.parametrize("name", ["din_mm_concat", "simscore", "simtier", "make"])
+@pytest.mark.parametrize("name", ["din_mm_concat", "simscore", "simtier", "make", "bst_mm_concat",
+                                  "dien_mm_concat"])
 def test_baselines_use_the_modalities(name):
   """Changing only the modality vectors changes the logits (and not for plain DIN)."""
   schema, catalog, splits = tiny_problem()

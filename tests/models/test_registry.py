@@ -103,7 +103,8 @@ def test_dmf_and_early_fusion_compute_the_same_function():
 
 
 @pytest.mark.parametrize("name", ["din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
-                                  "din_mm_concat", "simscore", "simtier", "make", "bst", "dien"])
+                                  "din_mm_concat", "simscore", "simtier", "make", "bst", "dien",
+                                  "bst_mm_concat", "dien_mm_concat"])
 def test_models_train_and_loss_falls(name):
   _, _, splits = tiny_problem()
   model = build(name)

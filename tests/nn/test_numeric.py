@@ -87,7 +87,7 @@ def numeric_problem():
 SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
              mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8)
 SEQUENCE_MODELS = {"din", "dmf", "dmf_early_fusion", "dmf_no_mc", "din_mm_concat", "make", "bst",
-                   "dien", "em3"}
+                   "dien", "em3", "bst_mm_concat", "dien_mm_concat"}
 
 
 @pytest.mark.parametrize("name", models.model_names())
