@@ -127,7 +127,8 @@ def run_ablation(
       done = workdir / "results.json"
       config = run_config(base, spec, seed)
       if done.exists():
-        dataset = dataset or train_lib.open_dataset(config)  # one build for every run
+        if dataset is None:  # one build for every run of the ablation
+          dataset = train_lib.open_dataset(config)
         runs.check_finished(workdir, config, dataset)
         log(f"{spec.label} seed {seed}: finished earlier, read {done}")
         results = json.loads(done.read_text())
