@@ -87,7 +87,8 @@ def test_config_errors_list_every_problem(tmp_path):
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(config, num_devices=8)
   message = str(err.value)
-  assert "unknown model 'dnn'; valid models: bst, bst_mm_concat, dien, dien_mm_concat, din, din_mm_concat, dmf" in message
+  assert ("unknown model 'dnn'; valid models: bst, bst_mm_concat, dien, dien_mm_concat, din, "
+          "din_mm_concat, dmf") in message
   assert "batch_size=30 is not divisible by the mesh's data axis (8)" in message
   assert "num_heads must be a positive int" in message
 
