@@ -69,14 +69,10 @@ def _identity_fields(config_json: dict) -> dict:
           and k not in _RETIRED and not _at_default(k, v)}
 
 
-def config_identity(config: ml_collections.ConfigDict) -> dict:
-  """The config's part of a run's identity: {dotted field: value}, no resumable field."""
-  return _identity_fields(json.loads(config.to_json_best_effort()))
-
-
 def identity(config: ml_collections.ConfigDict, dataset) -> dict:
-  """The fields that must match for a run to resume: {dotted field: value}."""
-  out = config_identity(config)
+  """The fields that must match for a run to resume: {dotted field: value}; the config's
+  resumable fields are left out."""
+  out = _identity_fields(json.loads(config.to_json_best_effort()))
   out["dataset.build"] = dataset.full_name
   out["dataset.fingerprint"] = dataset.fingerprint
   return out
