@@ -6,8 +6,6 @@ r"""Evaluate a training workdir's best (or a given) checkpoint on a split; write
 
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from experiments import cli, distributed
@@ -23,14 +21,14 @@ def main(argv):
   distributed.initialize()
   import jax  # pylint: disable=g-import-not-at-top
 
+  from dmf_jax.core import jsonio  # pylint: disable=g-import-not-at-top
   from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
 
   result = train_lib.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
   if jax.process_index() == 0:
     path = _OUTPUT.value or f"{_WORKDIR.value}/eval_{_SPLIT.value}.json"
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    jsonio.write_json(path, result)
+    print(jsonio.dumps(result, indent=2))
     print(f"written to {path}")
 
 

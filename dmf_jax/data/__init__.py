@@ -190,6 +190,34 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
   return _open(builder)
 
 
+def open_recorded(full_name: str, fingerprint: str, data_dir: str, *,
+                  owner: str = "the run") -> data_format.BuiltDataset:
+  """Opens the build `full_name` ('name' or 'name/config', `BuiltDataset.full_name`) in
+  `data_dir` as it is, never building or rebuilding it, and checks that its content is still
+  `fingerprint`: evaluation must read the data `owner` trained on. Raises `DataError` naming
+  the build when it is gone or changed."""
+  data_dir_path = epath.Path(data_dir).expanduser()
+  name, _, config = full_name.partition("/")
+  try:
+    with _quiet_tfds():
+      builder = get_builder(name, config or None, str(data_dir_path))
+      prepared = builder.is_prepared()
+  except ConfigError:
+    prepared = False  # e.g. a byod_ctr build no longer under data_dir
+  if not prepared:
+    raise DataError(
+        f"the dataset build {full_name} that {owner} trained on is not in {data_dir_path} "
+        f"(moved, deleted or replaced?): evaluating on other data would not be its result; "
+        f"restore that build or pass its data_dir")
+  built = _open(builder)
+  if fingerprint and built.fingerprint != fingerprint:
+    raise DataError(
+        f"the dataset build {full_name} in {data_dir_path} changed since {owner} trained on it "
+        f"(fingerprint {built.fingerprint[:12]} now, {fingerprint[:12]} then): evaluating on "
+        f"other data would not be its result")
+  return built
+
+
 def _open(builder: tfds.core.DatasetBuilder) -> data_format.BuiltDataset:
   built = data_format.load_built_dataset(builder)
   fingerprint = sources.build_fingerprint(

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from dmf_jax.core import jsonio
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
@@ -286,7 +287,7 @@ def write_summary(records: Sequence[dict], output_dir: epath.PathLike, *, baseli
   """results.json, results.md and results.png in `output_dir`."""
   output_dir = epath.Path(output_dir)
   rows = summarize(records, baseline)
-  _write(output_dir / "results.json", json.dumps(list(records), indent=2))
+  _write(output_dir / "results.json", jsonio.dumps(list(records), indent=2))
   _write(output_dir / "results.md", markdown_table(rows, baseline, title)
          + robustness_table(records))
   plot(rows, output_dir / "results.png", title)

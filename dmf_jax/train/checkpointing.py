@@ -6,11 +6,20 @@ metadata, the loop's bookkeeping (evaluation history for early stopping). Orbax 
 into a temporary directory and renames it when complete, so a crash mid-save leaves no
 half-written step. The latest `keep` steps are kept, plus the best one by validation AUC.
 
+Each saved step carries a content manifest (`dmf_jax.core.integrity`: every file's size and
+XXH3-128 hash), written atomically once Orbax has finished the step; every restore verifies it
+first (resume, evaluation, export, serving, warm starts, the robustness report), so flipped bits
+in an array file are found before anything is read. A step whose bookkeeping says it was saved
+with a manifest but has none was cut off between the two writes: it is unverifiable, treated
+as corrupt. A step of an older version (no manifest) restores with one line saying so.
+
 `restore_latest` walks back from the newest step. A step whose files cannot be read (truncated
-or garbled arrays, an empty or unreadable bookkeeping record) is corrupt: it is moved to
-`<directory>/corrupt/<step>-<time>` with one warning line, and the previous step is tried. A
-step that reads fine but holds a differently shaped state (another model or config) is not
-corrupt: `CheckpointMismatchError` names the first differing arrays and nothing is moved.
+or garbled arrays, an empty or unreadable bookkeeping record) or fail their content check is
+corrupt: it is moved to `<directory>/corrupt/<step>-<time>` with one warning line, and the
+previous step is tried. A step that reads fine but holds a differently shaped state (another
+model or config) is not corrupt: `CheckpointMismatchError` names the first differing arrays
+and nothing is moved. `restore` of one named step refuses a corrupt one
+(`CorruptCheckpointError`) and moves nothing: evaluation and export only read.
 
 The frozen item catalog (the model's `catalog` variables: side fields, vectors) is data, not
 training state: checkpoints leave it out and record its fingerprint (`ItemCatalog.fingerprint`)
@@ -33,8 +42,10 @@ import jax
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
+from dmf_jax.core import integrity
 from dmf_jax.core.errors import UserError, WorkdirError
 
 BEST_METRIC = "val_auc"
@@ -42,6 +53,15 @@ CORRUPT_DIR = "corrupt"
 
 
 METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step record (holds the bookkeeping)
+
+
+def _record(step_dir: epath.Path) -> dict:
+  """Orbax's record of a step ({} when unreadable)."""
+  try:
+    record = json.loads((step_dir / METADATA_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
 
 
 def _record_is_readable(step_dir: epath.Path) -> bool:
@@ -55,12 +75,22 @@ class CheckpointMismatchError(UserError):
   """A readable checkpoint whose state does not have the structure of the current model."""
 
 
+class CorruptCheckpointError(UserError):
+  """A checkpoint step whose files fail their content check (or cannot be checked)."""
+
+  def __init__(self, step: int, directory, detail: str):
+    super().__init__(f"the checkpoint at step {step} in {directory} is corrupt: {detail}")
+    self.detail = detail
+
+
 class CatalogMismatchError(UserError):
   """A checkpoint trained with another item catalog than the one given to restore it."""
 
 
 CATALOG_KEY = "catalog"  # the model attribute holding the frozen catalog (`CatalogTables`)
 FINGERPRINT_KEY = "catalog_fingerprint"  # in each step's custom metadata
+MANIFEST_KEY = "content_manifest"  # in each step's custom metadata: a manifest follows the save
+RESERVED_KEYS = (FINGERPRINT_KEY, MANIFEST_KEY)  # the manager's, not the caller's bookkeeping
 
 
 def without_catalog(state):
@@ -121,6 +151,8 @@ class CheckpointManager:
     (training does; evaluation and export only read). catalog_fingerprint: the catalog the
     states belong to (recorded when saving, checked when restoring; None: not checked)."""
     self.catalog_fingerprint = catalog_fingerprint
+    self._log = log
+    self._unverified: set[int] = set()  # steps without a manifest, reported once each
     if every_steps < 1 or keep < 1:
       raise ValueError(f"checkpoint every_steps ({every_steps}) and keep ({keep}) must be >= 1")
     self.directory = epath.Path(directory)
@@ -147,6 +179,7 @@ class CheckpointManager:
   def save(self, step: int, state, iterator, bookkeeping: dict, *, metrics: dict | None = None,
            force: bool = False) -> bool:
     """Saves if the policy says so (or `force`); blocks until the step is on disk."""
+    bookkeeping = {**bookkeeping, MANIFEST_KEY: integrity.ALGORITHM}
     if self.catalog_fingerprint is not None:
       bookkeeping = {**bookkeeping, FINGERPRINT_KEY: self.catalog_fingerprint}
     saved = self._checkpointer.save_checkpointables(
@@ -154,7 +187,32 @@ class CheckpointManager:
         metrics=metrics, custom_metadata=bookkeeping, force=force,
     )
     self._checkpointer.wait()
+    if saved and jax.process_index() == 0:
+      integrity.write_manifest(self.directory / str(step))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint manifest {step}")
     return saved
+
+  def verify(self, step: int) -> bool:
+    """Checks the step's files against its content manifest: True when verified, False for a
+    step of an older version (no manifest: one `log` line says so). Raises
+    `CorruptCheckpointError` naming the step and the file that differs."""
+    step_dir = self.directory / str(step)
+    if integrity.has_manifest(step_dir):
+      try:
+        integrity.verify_manifest(step_dir)
+      except integrity.IntegrityError as e:
+        raise CorruptCheckpointError(step, self.directory, str(e)) from None
+      return True
+    if _record(step_dir).get("custom_metadata", {}).get(MANIFEST_KEY):
+      raise CorruptCheckpointError(
+          step, self.directory, f"its content manifest {step_dir / integrity.MANIFEST_FILE} is "
+          f"missing (the save was cut off), so its files cannot be checked")
+    if step not in self._unverified:
+      self._unverified.add(step)
+      self._log(f"checkpoint at step {step} has no content manifest (written by an older "
+                f"version): restored unverified")
+    return False
 
   @property
   def steps(self) -> list[int]:
@@ -174,7 +232,10 @@ class CheckpointManager:
     `WorkdirError` when there is no such checkpoint."""
     if step is None:
       step = self.best_step() or (self.steps[-1] if self.steps else None)
-    if step is None or step not in self.steps:
+    if step is None:
+      raise WorkdirError(f"{self.directory} holds no checkpoint (the run has not saved one yet, "
+                         f"or this is not a training workdir)")
+    if step not in self.steps:
       raise WorkdirError(f"no checkpoint for step {step} in {self.directory}; kept: {self.steps}")
     return step
 
@@ -189,16 +250,35 @@ class CheckpointManager:
 
   def restore(self, step: int, abstract_state, iterator=None, *, catalog) -> Restored:
     """The state at `step` (abstract_state: the full TrainState's structure) with `catalog`
-    (`catalog_of(a live state)`: the dataset's catalog variables) put into it."""
+    (`catalog_of(a live state)`: the dataset's catalog variables) put into it. Raises
+    `CorruptCheckpointError` when the step fails its content check (nothing is moved)."""
+    self.verify(step)
+    try:
+      return self._restore_verified(step, abstract_state, iterator, catalog=catalog)
+    except (CheckpointMismatchError, CatalogMismatchError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (a read failure: --debug shows it)
+      reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+      raise CorruptCheckpointError(step, self.directory, f"it cannot be read ({reason})") from e
+
+  def _restore_verified(self, step: int, abstract_state, iterator=None, *, catalog) -> Restored:
     self.check_catalog(step)
-    legacy = any(k.startswith(f"rest/{CATALOG_KEY}/") for k in _shapes(self._saved_structure(step)))
+    saved = self._saved_structure(step)
+    legacy = any(k.startswith(f"rest/{CATALOG_KEY}/") for k in _shapes(saved))
+    differences = structure_differences(
+        saved, abstract_state if legacy else without_catalog(abstract_state))
+    if differences:
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self.directory} holds a state of another "
+          f"shape than the current model (it is intact, not corrupt):\n  "
+          + "\n  ".join(differences))
     wanted = {"state": abstract_state if legacy else without_catalog(abstract_state)}
     if iterator is not None:
       wanted["dataset"] = iterator
     loaded = self._checkpointer.load_checkpointables(step, wanted)
     metadata = self._checkpointer.metadata(step)
     bookkeeping = {k: v for k, v in dict(metadata.custom_metadata or {}).items()
-                   if k != FINGERPRINT_KEY}
+                   if k not in RESERVED_KEYS}
     return Restored(step, with_catalog(loaded["state"], catalog), bookkeeping)
 
   def _saved_structure(self, step: int):
@@ -242,31 +322,21 @@ class CheckpointManager:
     """
     moved = list(self._moved)
     for step in reversed(self.steps):
+      iterator = iterator_factory()
       try:
-        saved, error = self._saved_structure(step), None
+        self.verify(step)  # before anything of the step is read
+        restored = self._restore_verified(step, abstract_state, iterator, catalog=catalog)
+        restored = dataclasses.replace(
+            restored, bookkeeping=parse_bookkeeping(restored.bookkeeping))
+        return restored, iterator
+      except (CheckpointMismatchError, CatalogMismatchError):
+        raise  # a readable step of another model or catalog: refused, nothing moved
       except Exception as e:  # pylint: disable=broad-except  (any read failure: corrupt)
-        saved, error = None, e
-      if saved is not None:
-        legacy = any(k.startswith(f"rest/{CATALOG_KEY}/") for k in _shapes(saved))
-        differences = structure_differences(
-            saved, abstract_state if legacy else without_catalog(abstract_state))
-        if differences:
-          raise CheckpointMismatchError(
-              f"the checkpoint at step {step} in {self.directory} holds a state of another "
-              f"shape than the current model (it is intact, not corrupt):\n  "
-              + "\n  ".join(differences))
-        self.check_catalog(step)  # a readable step of another catalog: refused, not moved
-        iterator = iterator_factory()
-        try:
-          restored = self.restore(step, abstract_state, iterator, catalog=catalog)
-          restored = dataclasses.replace(
-              restored, bookkeeping=parse_bookkeeping(restored.bookkeeping))
-          return restored, iterator
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
+        error = e
       target = self.move_aside(step)
       moved.append(target)
-      reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+      reason = (error.detail if isinstance(error, CorruptCheckpointError)
+                else " ".join(f"{type(error).__name__}: {error}".split())[:200])
       message = (f"checkpoint at step {step} is unreadable ({reason}); moved it to {target}, "
                  f"trying the previous one")
       log(f"WARNING: {message}")

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 
@@ -31,8 +30,8 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from dmf_jax import data
-from dmf_jax.core import hashing
-from dmf_jax.core.errors import WorkdirError
+from dmf_jax.core import hashing, jsonio
+from dmf_jax.core.errors import UserError, WorkdirError
 from dmf_jax.core.sharding import ShardingRules
 from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline as ip
@@ -40,7 +39,7 @@ from dmf_jax.models.registry import build_model
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import memory, metrics, optimizers, runs, writers
 from dmf_jax.train import steps as training
-from dmf_jax.train.checkpointing import CheckpointManager, catalog_of
+from dmf_jax.train.checkpointing import CheckpointManager, CorruptCheckpointError, catalog_of
 from dmf_jax.train.partitioner import Partitioner
 
 
@@ -49,6 +48,11 @@ COLD_ITEM_MAX_TRAIN_EXAMPLES = 5  # cold items: fewer training examples than thi
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss; the run stops without saving that state."""
+
+
+class ResultError(UserError):
+  """An evaluation that must not be written as a run's result: a non-finite metric, or one
+  worse than the result recorded for the same checkpoint step."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,17 +151,34 @@ def select_modalities(dataset: data_format.BuiltDataset, names) -> data_format.B
       schema.modality_names))
 
 
-def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True) -> Experiment:
+def open_run_dataset(workdir: epath.Path, config) -> data_format.BuiltDataset:
+  """The dataset build the run in `workdir` trained on (recorded in its run.json), opened as
+  it is: `DataError` when it is gone or changed since. A run of an older version, which did
+  not record its build, opens its config's dataset."""
+  recorded = runs.recorded_build(workdir)
+  if recorded is None:
+    return open_dataset(config)
+  return data.open_recorded(*recorded, config.data_dir, owner=f"the run in {workdir}")
+
+
+def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True,
+                     dataset: data_format.BuiltDataset | None = None) -> Experiment:
   """The experiment of `config`; test=False leaves the test split out of the dataset (a
-  tuning run: nothing can read it)."""
+  tuning run: nothing can read it). dataset: the build to use (default: the config's,
+  built if needed)."""
   validated = config_lib.validate(
       config, num_devices=jax.device_count(), num_processes=jax.process_count())
-  dataset = select_modalities(open_dataset(config), validated.model.modalities)
+  dataset = select_modalities(dataset or open_dataset(config), validated.model.modalities)
   if not test:
     dataset = dataclasses.replace(dataset, sources={k: v for k, v in dataset.sources.items()
                                                     if k != "test"})
   partitioner = Partitioner(validated.mesh)
   pretrain = validated.model.pretrain_epochs * (len(dataset.sources["train"]) // config.batch_size)
+  num_train = len(dataset.sources["train"])
+  if config.batch_size > num_train:
+    raise config_lib.ConfigError(
+        f"invalid config:\n  - batch_size={config.batch_size} is larger than the training split "
+        f"of {dataset.full_name} ({num_train} examples): not one batch would be full")
   total = pretrain + total_train_steps(config, len(dataset.sources["train"]))
   if total <= pretrain:
     raise config_lib.ConfigError(
@@ -343,11 +364,38 @@ class Bookkeeping:
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
-def write_json(path: epath.Path, value) -> None:
-  """`value` as JSON at `path`, atomically (a temporary file renamed over it)."""
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(json.dumps(value, indent=2))
-  os.replace(tmp, path)  # atomic, overwrites
+write_json = jsonio.write_json  # strict JSON (no bare NaN), atomically
+
+HEADLINE_METRICS = ("auc", "logloss")  # must be finite for an evaluation to be a result
+RESULT_TOLERANCE = 1e-3  # validation AUC of one step evaluated twice: the same within this
+
+
+def check_finite(result: dict, what: str) -> None:
+  """Raises `ResultError` when a headline metric of `result` is NaN or infinite."""
+  bad = {k: result[k] for k in HEADLINE_METRICS
+         if k in result and not (isinstance(result[k], (int, float)) and math.isfinite(result[k]))}
+  if bad:
+    raise ResultError(
+        f"{what}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}; not written as a "
+        f"result. The checkpoint or the data it was evaluated on is damaged")
+
+
+def check_against_recorded(results: dict, path: epath.Path) -> None:
+  """Raises `ResultError` when `path` (a finished run's results.json) records a better
+  validation AUC for the same best step than `results`: the same step evaluated again must
+  give the same figures, so something changed (the checkpoint or the data) and the recorded
+  result is kept."""
+  try:
+    previous = json.loads(path.read_text())
+    old = float(previous["validation"]["auc"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # none, or unreadable: nothing to keep
+  if previous.get("best_step") == results["best_step"] and math.isfinite(old) and (
+      results["validation"]["auc"] < old - RESULT_TOLERANCE):
+    raise ResultError(
+        f"evaluating step {results['best_step']} again gives validation AUC "
+        f"{results['validation']['auc']:.4f}, but {path} records {old:.4f} for the same step: "
+        f"the checkpoint or the dataset changed since; {path} was kept as it is")
 
 
 def _log(message: str) -> None:
@@ -367,44 +415,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, test:
   workdir = epath.Path(workdir).expanduser()
   is_main = jax.process_index() == 0
   config = config_lib.with_model_values(config)  # a study config's values for this model
-  exp = build_experiment(config, test=test)
-  lock = runs.open_workdir(workdir, config, exp.dataset, is_main=is_main, log=_log)
+  created = not workdir.exists()
+  lock = runs.lock_workdir(workdir, config, is_main=is_main, log=_log)  # first: a busy one stops
   try:
+    exp = build_experiment(config, test=test)
+    runs.check_identity(workdir, config, exp.dataset)
     return _train(exp, config, workdir, is_main)
   finally:
     if lock is not None:
       lock.release()
+      if created and not any(workdir.iterdir()):
+        workdir.rmdir()  # a run refused before it wrote anything leaves no trace
+
+
+def _checkpoints(exp: Experiment, workdir: epath.Path, is_main: bool) -> CheckpointManager:
+  return CheckpointManager(
+      workdir / "checkpoints", every_steps=exp.config.checkpoint_every_steps,
+      keep=exp.config.keep_checkpoints, repair=is_main, log=_log if is_main else (lambda m: None),
+      catalog_fingerprint=exp.catalog_fingerprint)
 
 
 def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Path,
            is_main: bool) -> dict:
-  if is_main:
-    write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("workdir opened")
-  writer = writers.MetricWriter(workdir, enabled=is_main)
-  ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                           keep=config.keep_checkpoints, repair=is_main,
-                           log=_log if is_main else (lambda m: None),
-                           catalog_fingerprint=exp.catalog_fingerprint)
-  train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
-                 for phase in ("pretrain", "main")}  # each compiles on its first call
-  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
+  log = _log if is_main else (lambda m: None)
   train_ds = exp.train_dataset()  # parsed once, however many iterators the restore makes
   new_iterator = lambda: exp.train_iterator(train_ds)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
-  restored, iterator = ckpt.restore_latest(
-      abstract, new_iterator, catalog=catalog_of(exp.state),
-      parse_bookkeeping=Bookkeeping.from_json,
-      log=_log if is_main else (lambda m: None))
+  # Every check before the workdir is claimed (run.json, config.json written): a refused run
+  # changes nothing. The latest checkpoint must fit the model, a warm start's source too.
+  fresh = config.get("overwrite", False) and runs.holds_run(workdir)  # the old run moves away
+  restored, iterator, ckpt = None, None, None
+  if not fresh and (workdir / "checkpoints").exists():
+    ckpt = _checkpoints(exp, workdir, is_main)
+    restored, iterator = ckpt.restore_latest(
+        abstract, new_iterator, catalog=catalog_of(exp.state),
+        parse_bookkeeping=Bookkeeping.from_json, log=log)
   state, book, step = exp.state, Bookkeeping(), 0
   if restored is not None:
     state, book, step = restored.state, restored.bookkeeping, restored.step
-    if is_main:
-      _log(f"resumed from step {step} ({ckpt.directory})")
+    log(f"resumed from step {step} ({ckpt.directory})")
   elif config.get("init_from"):
-    state = warm_start(exp, config.init_from, optimizer_state=config.init_from_optimizer,
-                       log=_log if is_main else (lambda m: None))
+    state = warm_start(exp, config.init_from, optimizer_state=config.init_from_optimizer, log=log)
+  if is_main:
+    runs.record_run(workdir, config, exp.dataset, log=_log)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("workdir claimed")
+  if ckpt is None:
+    ckpt, iterator = _checkpoints(exp, workdir, is_main), new_iterator()
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
+                 for phase in ("pretrain", "main")}  # each compiles on its first call
+  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
   progress = writers.Progress(exp.total_steps, step, config.batch_size,
                               enabled=is_main and config.progress)
   held = memory.per_device_summary(state)
@@ -471,10 +532,15 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   # -------------------------------------------------------------------------------------------
   # 4. Final report
   # -------------------------------------------------------------------------------------------
-  best = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
-  if best is None:
-    raise RuntimeError(f"no checkpoint in {ckpt.directory} to evaluate")
-  best_state = ckpt.restore(best, abstract, catalog=catalog_of(state)).state
+  while True:
+    best = ckpt.best_step() or (ckpt.steps[-1] if ckpt.steps else None)
+    if best is None:
+      raise RuntimeError(f"no checkpoint in {ckpt.directory} to evaluate")
+    try:
+      best_state = ckpt.restore(best, abstract, catalog=catalog_of(state)).state
+      break
+    except CorruptCheckpointError as e:  # the best is not the latest, which was restored
+      log(f"WARNING: {e}; moved it to {ckpt.move_aside(best)}, reporting the next best")
   cold_items = train_item_counts(exp) < COLD_ITEM_MAX_TRAIN_EXAMPLES
   results = {
       "model": config.model,
@@ -491,7 +557,11 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
     results["test"] = evaluate_split(exp, predict, best_state, "test", cold_items)
     results["cold_item_definition"] = (f"target items with < {COLD_ITEM_MAX_TRAIN_EXAMPLES} "
                                        "training examples")
+  for split in ("validation", "test"):
+    if split in results:
+      check_finite(results[split], f"the {split} evaluation of step {best} in {workdir}")
   if is_main:
+    check_against_recorded(results, workdir / "results.json")
     write_json(workdir / "results.json", results)
     writers.plot_curves(workdir, title=f"{config.model} on {exp.dataset.full_name}")
   writer.close()
@@ -514,7 +584,7 @@ def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> di
   """Restores the best (or a given) checkpoint of a finished or running `workdir`; its metrics."""
   workdir = epath.Path(workdir).expanduser()
   config = read_run_config(workdir)
-  exp = build_experiment(config)
+  exp = build_experiment(config, dataset=open_run_dataset(workdir, config))
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                            keep=config.keep_checkpoints,
                            catalog_fingerprint=exp.catalog_fingerprint)
@@ -522,8 +592,11 @@ def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> di
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   state = ckpt.restore(step, abstract, catalog=catalog_of(exp.state)).state
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
-  result = {"step": step, "split": split, **evaluate_split(exp, predict, state, split)}
+  result = {"step": step, "split": split, "dataset": exp.dataset.full_name,
+            "dataset_fingerprint": exp.dataset.fingerprint,
+            **evaluate_split(exp, predict, state, split)}
   ckpt.close()
+  check_finite(result, f"the {split} evaluation of step {step} in {workdir}")
   logging.info("evaluated step %d on %s: %s", step, split, result)
   return result
 
@@ -552,7 +625,7 @@ def restore_run(workdir, step: int | None = None) -> RestoredRun:
   with local.unlocked():
     local.mesh.data, local.mesh.model = -1, 1  # validated for one device
   validated = config_lib.validate(local, num_devices=1)
-  dataset = select_modalities(open_dataset(config), validated.model.modalities)
+  dataset = select_modalities(open_run_dataset(workdir, config), validated.model.modalities)
   rules = ShardingRules(table_shards=int(config.mesh.model))
   model = build_model(validated.model, dataset.schema, rngs=nnx.Rngs(config.seed), sharding=rules)
   model.catalog.load(dataset.schema, dataset.catalog)

@@ -1,14 +1,19 @@
 """A workdir holds one run: its lock, its identity (fingerprint) and how to start over.
 
-`open_workdir(workdir, config, dataset)` is called before a run writes anything:
-1. it takes the workdir lock (`run.lock`, see `dmf_jax.core.locking`): a second run into the same
-   workdir stops at once with `LockedError`; a lock left by a dead run is taken over;
-2. it compares the run's identity with the one recorded in `run.json` (or, for a workdir of
-   an older version, in `config.json`). The identity is every config field except
-   `RESUMABLE_FIELDS`, plus the dataset's build (`BuiltDataset.full_name` and
-   `fingerprint`). A different identity raises `RunMismatchError`, naming the fields.
-   With `config.overwrite` set, an earlier run's files are moved to `<workdir>.replaced-<time>`
-   (never deleted) and the run starts afresh, whatever its identity.
+A run claims its workdir in three steps, so that a refused run changes nothing:
+1. `lock_workdir`, first of all (before the dataset is opened): the workdir lock (`run.lock`,
+   see `dmf_jax.core.locking`); a second run into the same workdir stops at once with
+   `LockedError`; a lock left by a dead run is taken over. A workdir that is a file or not
+   writable is refused here (`WorkdirError`).
+2. `check_identity`: compares the run's identity with the one recorded in `run.json` (or, for
+   a workdir of an older version, in `config.json`). The identity is every config field except
+   `RESUMABLE_FIELDS`, plus the dataset's build (`BuiltDataset.full_name` and `fingerprint`).
+   A different identity raises `RunMismatchError`, naming the fields; nothing is written.
+3. `record_run`, once every other check has passed too (the checkpoint fits the model, the
+   warm start's source fits): writes `run.json` and `config.json`. With `config.overwrite`
+   set, an earlier run's files are first moved to `<workdir>.replaced-<time>` (never deleted)
+   and the run starts afresh, whatever its identity.
+Evaluation, export and serving open the dataset build recorded here (`recorded_build`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import time
 import ml_collections
 from etils import epath
 
-from dmf_jax.core.errors import UserError
+from dmf_jax.core import jsonio
+from dmf_jax.core.errors import UserError, WorkdirError
 from dmf_jax.core.locking import FileLock
 from dmf_jax.models.registry import RETIRED_FIELDS
 
@@ -136,40 +142,63 @@ def _move_old_run(workdir: epath.Path) -> epath.Path:
   return target
 
 
-def open_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, dataset, *,
+def lock_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, *,
                  is_main: bool = True, log=None) -> FileLock | None:
-  """Locks `workdir` (process 0) and checks or records the run's identity (see module doc).
-
-  Returns the held lock (release it when the run ends), or None on other processes.
-  """
+  """Takes the workdir's lock (process 0; the first thing a run does, before any dataset is
+  opened): raises `LockedError` at once when another live run holds it, `WorkdirError` for a
+  workdir that is a file or cannot be written. Returns the held lock (release it when the run
+  ends), or None on other processes."""
+  if not is_main:
+    return None
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-  current = identity(config, dataset)
-  lock = None
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(os.fspath(workdir / LOCK_FILE), purpose=f"training run ({config.model})",
-                    wait=False, log=log).acquire()
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder: give a folder")
   try:
-    recorded = _recorded_identity(workdir)
-    diff = differences(recorded, current) if recorded is not None else []
-    if diff and not config.get("overwrite", False):
-      shown = diff[:MAX_LISTED] + ([f"... and {len(diff) - MAX_LISTED} more"]
-                                   if len(diff) > MAX_LISTED else [])
-      raise RunMismatchError(
-          f"{workdir} holds another run; nothing was changed. It differs in:\n  "
-          + "\n  ".join(shown)
-          + "\nUse a new --workdir, or add --config.overwrite=True to move the old run to "
-            f"{workdir}.replaced-<time> and start afresh.\n(Fields that may change on resume: "
-            "README 'Runs and workdirs', dmf_jax.train.runs.RESUMABLE_FIELDS.)")
-    if is_main:
-      leftovers = [e for e in workdir.iterdir() if e.name != LOCK_FILE]
-      if config.get("overwrite", False) and leftovers:
-        log(f"overwrite: moved the old run in {workdir} to {_move_old_run(workdir)}")
-      tmp = workdir / f".{RUN_FILE}.tmp"
-      tmp.write_text(json.dumps({"identity": current}, indent=2))
-      os.replace(tmp, workdir / RUN_FILE)
-  except BaseException:
-    if lock is not None:
-      lock.release()
-    raise
-  return lock
+    workdir.mkdir(parents=True, exist_ok=True)
+    return FileLock(os.fspath(workdir / LOCK_FILE), purpose=f"training run ({config.model})",
+                    wait=False, log=log).acquire()
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be written ({e.strerror or e}: "
+                       f"{e.filename or workdir}); give a folder you can write") from None
+
+
+def holds_run(workdir: epath.Path) -> bool:
+  """Whether `workdir` holds anything but its lock (an earlier run's files)."""
+  return workdir.exists() and any(e.name != LOCK_FILE for e in workdir.iterdir())
+
+
+def check_identity(workdir: epath.Path, config: ml_collections.ConfigDict, dataset) -> None:
+  """Raises `RunMismatchError` (nothing written) when `workdir` holds a run of another
+  identity, unless `config.overwrite` is set (see module doc)."""
+  recorded = _recorded_identity(workdir)
+  diff = differences(recorded, identity(config, dataset)) if recorded is not None else []
+  if diff and not config.get("overwrite", False):
+    shown = diff[:MAX_LISTED] + ([f"... and {len(diff) - MAX_LISTED} more"]
+                                 if len(diff) > MAX_LISTED else [])
+    raise RunMismatchError(
+        f"{workdir} holds another run; nothing was changed. It differs in:\n  "
+        + "\n  ".join(shown)
+        + "\nUse a new --workdir, or add --config.overwrite=True to move the old run to "
+          f"{workdir}.replaced-<time> and start afresh.\n(Fields that may change on resume: "
+          "README 'Runs and workdirs', dmf_jax.train.runs.RESUMABLE_FIELDS.)")
+
+
+def record_run(workdir: epath.Path, config: ml_collections.ConfigDict, dataset, *,
+               log=None) -> None:
+  """Claims `workdir` for this run (process 0, once every check has passed): with
+  `config.overwrite`, moves an earlier run's files to `<workdir>.replaced-<time>`; then writes
+  `run.json` (the identity) and `config.json` (the whole config)."""
+  log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+  if config.get("overwrite", False) and holds_run(workdir):
+    log(f"overwrite: moved the old run in {workdir} to {_move_old_run(workdir)}")
+  jsonio.write_json(workdir / RUN_FILE, {"identity": identity(config, dataset)})
+  jsonio.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+
+def recorded_build(workdir: epath.Path) -> tuple[str, str] | None:
+  """(dataset build full name, fingerprint) that the run in `workdir` trained on; None for a
+  run of an older version (its run.json did not record them) or none."""
+  recorded = _recorded_identity(workdir) or {}
+  if "dataset.build" not in recorded:
+    return None
+  return recorded["dataset.build"], recorded.get("dataset.fingerprint", "")

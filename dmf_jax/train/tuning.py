@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from dmf_jax.core import jsonio
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.models import registry
 from dmf_jax.train import config as config_lib
@@ -204,7 +205,7 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
                   "val_auc": results["validation"]["auc"], "best_step": results["best_step"],
                   "train_seconds": results["train_seconds"], "values": _jsonable(settings[k])}
         with records_file.open("a") as f:
-          f.write(json.dumps(record) + "\n")
+          f.write(jsonio.dumps(record) + "\n")
         done[(k, epochs)] = record
       scores[k] = done[(k, epochs)]["val_auc"]
       log(f"trial {k} ({epochs} epochs): val AUC {scores[k]:.4f}")
@@ -215,6 +216,6 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
   record = {"model": model, "trial": best_trial, "val_auc": best["val_auc"],
             "values": best["values"], "per_model": {model: _nested(best["values"])},
             "search": search}
-  (output_dir / "best.json").write_text(json.dumps(record, indent=2))
+  jsonio.write_json(output_dir / "best.json", record)
   (output_dir / "trials.md").write_text(trials_table(list(done.values())))
   return record

@@ -14,6 +14,8 @@ import time
 
 from etils import epath
 
+from dmf_jax.core import jsonio
+
 
 class MetricWriter:
   def __init__(self, workdir: epath.PathLike, *, enabled: bool = True, tensorboard: bool = True):
@@ -32,7 +34,7 @@ class MetricWriter:
       return
     record = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
     with (self.workdir / "metrics.jsonl").open("a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(jsonio.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in values.items():
         if isinstance(value, (int, float)):

@@ -1,0 +1,223 @@
+"""Trust in a run's files: checkpoints verified by content (flipped bits are found before a
+restore, and a finished run's result is never replaced by a damaged one), a refused run
+changes nothing, and the lock comes before anything else."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dmf_jax.core import integrity, locking
+from dmf_jax.train import checkpointing
+from dmf_jax.train import config as config_lib
+from dmf_jax.train import loop as train_lib
+from dmf_jax.train import runs
+from helpers import tiny_train_config
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+  """A finished tiny run: checkpoints at 30 and 40 (the best), results.json."""
+  workdir = tmp_path_factory.mktemp("runs") / "dmf"
+  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  assert results["best_step"] == 40 and results["steps"] == 40
+  return workdir, results
+
+
+def copy_run(finished, tmp_path, name="copy"):
+  workdir = tmp_path / name
+  shutil.copytree(finished[0], workdir)
+  return workdir
+
+
+def flip_array_bytes(workdir, step):
+  """Flips bits inside the array data of a step (sizes unchanged); returns the file."""
+  files = sorted(p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+                 if p.is_file() and p.parent.name == "d" and "ocdbt" in str(p))
+  target = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  for i in range(len(data) // 3, len(data) // 3 + 64, 8):
+    data[i] ^= 0x10
+  target.write_bytes(bytes(data))
+  return target
+
+
+def test_every_saved_step_has_a_manifest_of_its_files(finished):
+  workdir, _ = finished
+  for step_dir in (workdir / "checkpoints").iterdir():
+    if step_dir.name.isdigit():
+      manifest = json.loads((step_dir / integrity.MANIFEST_FILE).read_text())
+      on_disk = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+                 if p.is_file() and p.name != integrity.MANIFEST_FILE}
+      assert set(manifest["files"]) == on_disk
+      assert integrity.verify_manifest(step_dir) > 0
+
+
+def test_flipped_bits_in_the_latest_checkpoint_fall_back_and_keep_the_result(
+    data_dir, finished, tmp_path, capsys):
+  workdir = copy_run(finished, tmp_path)
+  good = json.loads((workdir / "results.json").read_text())
+  damaged = flip_array_bytes(workdir, 40)
+  with pytest.raises(checkpointing.CorruptCheckpointError) as err:
+    train_lib.evaluate_checkpoint(str(workdir), "test", step=40)
+  assert "step 40" in str(err.value) and damaged.name in str(err.value)
+  assert (workdir / "checkpoints" / "40").exists()  # evaluation only reads: nothing moved
+
+  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  said = capsys.readouterr().err
+  warning = next(line for line in said.splitlines() if "step 40" in line)
+  assert warning.startswith("WARNING") and damaged.name in warning and "moved it to" in warning
+  assert "resumed from step 30" in said
+  assert results["test"] == good["test"] and results["validation"] == good["validation"]
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk["test"] == good["test"] and on_disk["best_step"] == 40
+  assert [p.name.split("-")[0] for p in (workdir / "checkpoints" / "corrupt").iterdir()] == ["40"]
+
+
+def test_evaluate_of_a_damaged_step_exits_2_and_writes_nothing(finished, tmp_path):
+  workdir = copy_run(finished, tmp_path)
+  flip_array_bytes(workdir, 40)
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--step=40"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr and "step 40" in done.stderr and "corrupt" in done.stderr
+  assert not (workdir / "eval_test.json").exists()
+
+
+def test_a_step_of_an_older_version_restores_unverified(finished, tmp_path, capsys):
+  workdir = copy_run(finished, tmp_path)
+  for step_dir in (workdir / "checkpoints").iterdir():
+    if step_dir.name.isdigit():
+      (step_dir / integrity.MANIFEST_FILE).unlink()
+      record_file = step_dir / checkpointing.METADATA_FILE
+      record = json.loads(record_file.read_text())
+      del record["custom_metadata"][checkpointing.MANIFEST_KEY]
+      record_file.write_text(json.dumps(record))
+  got = train_lib.evaluate_checkpoint(str(workdir), "test")
+  assert got["auc"] == finished[1]["test"]["auc"]
+  said = capsys.readouterr()
+  assert (said.out + said.err).count("restored unverified") == 1
+
+
+def test_a_step_whose_manifest_was_never_written_is_not_trusted(finished, tmp_path):
+  workdir = copy_run(finished, tmp_path)
+  (workdir / "checkpoints" / "40" / integrity.MANIFEST_FILE).unlink()  # killed in between
+  with pytest.raises(checkpointing.CorruptCheckpointError, match="manifest .* is missing"):
+    train_lib.evaluate_checkpoint(str(workdir), "test", step=40)
+
+
+def test_unreadable_state_metadata_is_a_clear_error(finished, tmp_path):
+  workdir = copy_run(finished, tmp_path)
+  step_dir = workdir / "checkpoints" / "40"
+  (step_dir / "state" / "_METADATA").write_text("{")
+  integrity.write_manifest(step_dir)  # damaged before the manifest was written
+  with pytest.raises(checkpointing.CorruptCheckpointError, match="step 40 .* cannot be read"):
+    train_lib.evaluate_checkpoint(str(workdir), "test", step=40)
+
+
+def test_results_are_never_replaced_by_a_non_finite_or_worse_evaluation(tmp_path):
+  with pytest.raises(train_lib.ResultError, match="non-finite auc nan"):
+    train_lib.check_finite({"auc": float("nan"), "logloss": 0.6}, "the test evaluation")
+  train_lib.check_finite({"auc": 0.7, "logloss": 0.6, "gauc": float("nan")}, "x")  # not headline
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({"best_step": 40, "validation": {"auc": 0.75}}))
+  worse = {"best_step": 40, "validation": {"auc": 0.5}}
+  with pytest.raises(train_lib.ResultError, match="0.5000.* records 0.7500 for the same step"):
+    train_lib.check_against_recorded(worse, path)
+  train_lib.check_against_recorded({"best_step": 40, "validation": {"auc": 0.7502}}, path)
+  train_lib.check_against_recorded({"best_step": 60, "validation": {"auc": 0.5}}, path)
+
+
+# --- a refused run changes nothing ---------------------------------------------------------
+
+
+def snapshot(directory):
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_without_run_json_writes_nothing(data_dir, finished, tmp_path):
+  workdir = copy_run(finished, tmp_path)
+  (workdir / "run.json").unlink()
+  (workdir / "config.json").unlink()
+  before = snapshot(workdir)
+  with pytest.raises(checkpointing.CheckpointMismatchError):
+    train_lib.train_and_evaluate(tiny_train_config(data_dir, model="din"), str(workdir))
+  assert snapshot(workdir) == before  # no run.json of the refused config
+  again = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  assert again["test"] == finished[1]["test"]  # the original command still resumes
+
+
+def test_a_batch_larger_than_the_split_is_refused_before_the_workdir_is_made(data_dir, tmp_path):
+  workdir = tmp_path / "new"
+  with pytest.raises(config_lib.ConfigError, match="batch_size=4096 is larger than the training"):
+    train_lib.train_and_evaluate(tiny_train_config(data_dir, batch_size=4096), str(workdir))
+  assert not workdir.exists()
+
+
+def test_bad_warm_starts_are_refused_before_the_workdir_is_claimed(data_dir, finished, tmp_path):
+  source = copy_run(finished, tmp_path, "source")
+  workdir = tmp_path / "new"
+  config = tiny_train_config(data_dir, model="din", init_from=str(source))
+  with pytest.raises(config_lib.ConfigError, match="init_from: .* trained model 'dmf'"):
+    train_lib.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+  config = tiny_train_config(data_dir, init_from=str(source))
+  config.model_config.num_heads = 4  # other dimensions
+  with pytest.raises(config_lib.ConfigError, match="does not fit this model"):
+    train_lib.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+  shutil.rmtree(source / "checkpoints")
+  with pytest.raises(ValueError, match="holds no checkpoint"):
+    train_lib.train_and_evaluate(tiny_train_config(data_dir, init_from=str(source)),
+                                 str(workdir))
+  assert not workdir.exists()
+
+
+def test_the_lock_is_taken_before_the_dataset_is_opened(tmp_path):
+  workdir, fresh_data = tmp_path / "run", tmp_path / "tfds"
+  workdir.mkdir()
+  with locking.FileLock(workdir / runs.LOCK_FILE, purpose="another run"):
+    start = time.time()
+    with pytest.raises(locking.LockedError, match="another run"):
+      train_lib.train_and_evaluate(tiny_train_config(fresh_data), str(workdir))
+    assert time.time() - start < 5
+  assert not fresh_data.exists()  # nothing was built or opened
+
+
+def test_a_workdir_that_is_a_file(data_dir, tmp_path):
+  workdir = tmp_path / "a_file"
+  workdir.write_text("x")
+  with pytest.raises(ValueError, match="is a file, not a folder"):
+    train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  assert workdir.read_text() == "x"
+
+
+def test_a_workdir_that_cannot_be_written(data_dir, finished, tmp_path, monkeypatch):
+  # A read-only file system (or folder; the tests run as root, whom permissions do not stop)
+  # refuses to create the lock file: os.open raises EROFS there.
+  import errno  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  real_open = os.open
+
+  def read_only_open(path, flags, *args):
+    if str(path).endswith(runs.LOCK_FILE):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    return real_open(path, flags, *args)
+
+  monkeypatch.setattr(locking.os, "open", read_only_open)
+  for workdir in (copy_run(finished, tmp_path), tmp_path / "new"):  # a finished run, a new one
+    with pytest.raises(ValueError, match="cannot be written .Read-only file system"):
+      train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
