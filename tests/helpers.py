@@ -128,3 +128,15 @@ def one_device_and_mesh_runs(make_tx, steps: int = 8, batch_size: int = 64):
       losses.append(float(out["loss"]))
     runs[name] = (partitioner, state, losses)
   return runs
+
+
+def flip_array_bytes(workdir, step):
+  """Flips bits inside the array data of a step (sizes unchanged); returns the file."""
+  files = sorted(p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+                 if p.is_file() and p.parent.name == "d" and "ocdbt" in str(p))
+  target = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  for i in range(len(data) // 3, len(data) // 3 + 64, 8):
+    data[i] ^= 0x10
+  target.write_bytes(bytes(data))
+  return target

@@ -5,7 +5,8 @@ A model spec is a registered name, optionally with the modalities it may use:
 (`dmf--text` for `dmf[text]`; `train_lib.train_and_evaluate`, which resumes a half-finished
 run). A run whose `results.json` exists is not redone; its recorded identity (the config and
 the dataset build, `runs.check_finished`) must be that of the run asked for, else the
-ablation stops with `runs.RunMismatchError`. `train=False` trains nothing: it summarizes the
+ablation stops with `runs.RunMismatchError`; its best checkpoint must pass its content check,
+else it is run again (which moves the damaged step aside and repairs the run). `train=False` trains nothing: it summarizes the
 runs finished so far (e.g. by invocations with different --first_seed). With
 `missing_fractions`, each run's best checkpoint is also evaluated with each modality missing
 for those fractions of the items (`robustness`; cached in the run's robustness.json). After
@@ -39,6 +40,7 @@ from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
 from dmf_jax.train import robustness
 from dmf_jax.train import runs
+from dmf_jax.train.checkpointing import CorruptCheckpointError
 
 RECORD_KEYS = ("model", "seed", "val_auc", "test_auc", "test_gauc", "test_logloss",
                "cold_test_auc", "train_seconds", "params")
@@ -117,6 +119,10 @@ def run_ablation(
   labels = [s.label for s in specs]
   if len(set(labels)) != len(labels):
     raise ConfigError(f"duplicate model specs in {labels}")
+  if baseline not in labels:
+    raise ConfigError(f"baseline {baseline!r} is not one of the models {labels}: the gains are "
+                      f"measured against a model of the ablation (add it to --models, or pass "
+                      f"--baseline=<one of them>)")
   for spec in specs:  # every config is checked before anything trains
     config_lib.validate(run_config(base, spec, seeds[0]), num_devices=jax.device_count(),
                         num_processes=jax.process_count())
@@ -131,8 +137,13 @@ def run_ablation(
         if dataset is None:  # one build for every run of the ablation
           dataset = train_lib.open_dataset(config)
         runs.check_finished(workdir, config, dataset)
-        log(f"{spec.label} seed {seed}: finished earlier, read {done}")
         results = json.loads(done.read_text())
+        try:
+          train_lib.verify_checkpoint(workdir, results["best_step"], log=log)
+          log(f"{spec.label} seed {seed}: finished earlier, read {done}")
+        except CorruptCheckpointError as e:  # its checkpoint rotted: the run repairs itself
+          log(f"WARNING: {spec.label} seed {seed}: {e}; running it again in {workdir}")
+          results = train_lib.train_and_evaluate(config, str(workdir))
       elif not train:
         log(f"{spec.label} seed {seed}: not finished, left out")
         continue

@@ -366,7 +366,10 @@ class Bookkeeping:
 
 write_json = jsonio.write_json  # strict JSON (no bare NaN), atomically
 
-HEADLINE_METRICS = ("auc", "logloss")  # must be finite for an evaluation to be a result
+# Must be finite for an evaluation to be a result: non-finite logits (a damaged state) give a
+# non-finite logloss, while their AUC can look like chance. The AUC of a split with one class
+# is undefined (NaN), not damage: written as null.
+HEADLINE_METRICS = ("logloss",)
 RESULT_TOLERANCE = 1e-3  # validation AUC of one step evaluated twice: the same within this
 
 
@@ -578,6 +581,18 @@ def read_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
   except ValueError as e:
     raise WorkdirError(f"{path} is unreadable ({e})") from None
+
+
+def verify_checkpoint(workdir, step: int, log=_log) -> None:
+  """Checks one step of a workdir's checkpoints against its content manifest; raises
+  `CorruptCheckpointError` (see `CheckpointManager.verify`). A step not kept is not checked."""
+  ckpt = CheckpointManager(epath.Path(workdir).expanduser() / "checkpoints", every_steps=1,
+                           log=log)
+  try:
+    if step in ckpt.steps:
+      ckpt.verify(step)
+  finally:
+    ckpt.close()
 
 
 def evaluate_checkpoint(workdir: str, split: str, step: int | None = None) -> dict:

@@ -62,7 +62,7 @@ def evaluate_missing_modalities(workdir, fractions: Sequence[float] = FRACTIONS)
     if cached.get("fractions") == fractions:
       return cached
   config = loop.read_run_config(workdir)
-  exp = loop.build_experiment(config)
+  exp = loop.build_experiment(config, dataset=loop.open_run_dataset(workdir, config))
   schema = exp.dataset.schema
   result = {"step": None, "fractions": fractions, "modalities": {}}
   if schema.modality_names:

@@ -191,7 +191,26 @@ def test_results_name_the_real_build(tmp_path):
   config.dataset, config.dataset_config, config.manual_dir = "byod_ctr", "default", str(raw)
   config.mesh.data = 8
   results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
-  assert results["dataset"] == f"byod_ctr/{data.byod.build_name(raw)}"
+  first = f"byod_ctr/{data.byod.build_name(raw)}"
+  assert results["dataset"] == first
+
+  # The sources change and are rebuilt: evaluation still reads the build the run trained on.
+  rows = (raw / "interactions.csv").read_text().splitlines()
+  (raw / "interactions.csv").write_text("\n".join(rows[:-3]) + "\n")
+  assert build(raw, tmp_path / "out").full_name != first
+  got = train_lib.evaluate_checkpoint(str(tmp_path / "run"), "validation")
+  assert got["dataset"] == first and got["count"] == results["validation"]["count"]
+  assert got["logloss"] == results["validation"]["logloss"]
+  # ... and refuses, naming it, once that build is gone.
+  moved = tmp_path / "elsewhere"
+  (tmp_path / "out" / first).rename(moved)
+  for call in (lambda: train_lib.evaluate_checkpoint(str(tmp_path / "run"), "validation"),
+               lambda: train_lib.load_model(str(tmp_path / "run"))):
+    with pytest.raises(DataError, match=f"the dataset build {first} that the run in .* trained "
+                                        f"on is not in"):
+      call()
+  (tmp_path / "out" / first).parent.mkdir(parents=True, exist_ok=True)
+  moved.rename(tmp_path / "out" / first)
 
 
 # --- Section 5: every bad input names its file, line and what is expected ---------------------

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import tiny_train_config
+from helpers import flip_array_bytes, tiny_train_config
 from dmf_jax.train import ablation
 from dmf_jax.train.config import ConfigError
 from dmf_jax.train.runs import RunMismatchError
@@ -70,6 +70,17 @@ def test_ablation_writes_results_and_resume_skips_finished_runs(tmp_path):
   assert sum("finished earlier" in line for line in logs) == 4
   assert (out / "runs" / "din" / "seed_0" / "results.json").stat().st_mtime_ns == stamp
   assert again == records
+  # A finished run whose best checkpoint rotted on disk is run again (and repairs itself).
+  din_0 = out / "runs" / "din" / "seed_0"
+  best = json.loads((din_0 / "results.json").read_text())["best_step"]
+  flip_array_bytes(din_0, best)
+  logs.clear()
+  repaired = ablation.run_ablation(config, specs[:1], [0], out, log=logs.append)
+  assert any(line.startswith("WARNING: din seed 0") and f"step {best}" in line for line in logs)
+  assert repaired[0]["test_auc"] == records[0]["test_auc"]
+  assert (din_0 / "checkpoints" / "corrupt").exists()
+  with pytest.raises(ConfigError, match="baseline 'bst' is not one of the models"):
+    ablation.run_ablation(config, specs, [0], out, baseline="bst", log=logs.append)
   # Summarize only: seed 2 has not run, so it is left out and nothing trains.
   logs.clear()
   partial = ablation.run_ablation(config, specs, [1, 2], out, train=False, log=logs.append)
