@@ -11,8 +11,6 @@ Reload anywhere with jax installed, without this model code:
 from __future__ import annotations
 
 from absl import flags
-from etils import epath
-
 from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
@@ -25,18 +23,16 @@ _FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output file.")
 def main(argv):
   del argv
   from dmf_jax.serve import server as serving  # pylint: disable=g-import-not-at-top
-  from dmf_jax.serve.export import export  # pylint: disable=g-import-not-at-top
+  from dmf_jax.serve.export import check_output, export  # pylint: disable=g-import-not-at-top
   from dmf_jax.core.errors import UserError  # pylint: disable=g-import-not-at-top
 
-  output = epath.Path(_OUTPUT.value).expanduser()
-  if output.exists() and not _FORCE.value:
-    raise UserError(f"{output} exists; pass --force to replace it")
+  output = check_output(_OUTPUT.value, force=_FORCE.value)  # before the run is loaded
   try:
     buckets = [int(b) for b in _BUCKETS.value]
   except ValueError:
     raise UserError(f"--buckets: expected integers, got {_BUCKETS.value}") from None
   server = serving.Server.from_workdir(_WORKDIR.value, _STEP.value, buckets=buckets)
-  export(server, str(output))
+  export(server, output, force=_FORCE.value)
   print(f"exported step {server.step} of {_WORKDIR.value} to {output}")
 
 

@@ -6,20 +6,39 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from dmf_jax.core.errors import UserError
 from dmf_jax.serve.exported import FORMAT_VERSION
 from dmf_jax.serve.request import check_buckets
 from dmf_jax.serve.server import Server
 
 
-def export(server: Server, path: str, buckets: Sequence[int] | None = None) -> None:
+def check_output(path: str, *, force: bool = False) -> str:
+  """`path` as a file to write: refuses (`UserError`) an existing file unless `force`, a folder,
+  and a missing parent folder."""
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path):
+    raise UserError(f"export output {path} is a folder: give a file path (e.g. {path}/model.dmfx)")
+  if os.path.exists(path) and not force:
+    raise UserError(f"{path} exists; pass force=True (--force) to replace it")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UserError(f"export output {path}: its folder {parent} does not exist; create it first")
+  return path
+
+
+def export(server: Server, path: str, buckets: Sequence[int] | None = None, *,
+           force: bool = False) -> None:
   """Writes one zip file: the serialized encode function, one score function per bucket size,
-  the weights (.npz, flat leaves) and a JSON manifest of the request layout."""
+  the weights (.npz, flat leaves) and a JSON manifest of the request layout. An existing file
+  is refused unless `force`; the file appears whole (written beside it, then renamed)."""
+  path = check_output(path, force=force)
   leaves, treedef = jax.tree.flatten(server.params)
   user = server.user_features(server.layout.example_user())
   state_tree = jax.tree.structure(jax.eval_shape(server.encode_fn, server.params, user))
@@ -53,6 +72,8 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None) -> N
       "num_weights": len(leaves),
   }
   files["manifest.json"] = json.dumps(manifest, indent=2).encode()
-  with zipfile.ZipFile(path, "w") as zf:
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+  with zipfile.ZipFile(tmp, "w") as zf:
     for name, payload in files.items():
       zf.writestr(name, payload)
+  os.replace(tmp, path)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from dmf_jax.serve.request import RequestLayout, check_buckets, chunks
+from dmf_jax.serve.request import RequestLayout, check_buckets, check_user_state, chunks
 
 FORMAT_VERSION = 2
 
@@ -82,6 +82,7 @@ class ExportedScorer:
     return self._encode.call(self.weights, self.layout.user_features(user))
 
   def score(self, user_state: list, item_ids) -> np.ndarray:
+    check_user_state(user_state)
     ids = self.layout.item_ids("item_ids", item_ids)
     out = [np.asarray(self._score[len(padded)].call(self.weights, user_state, padded))[:n]
            for padded, n in chunks(ids, self.buckets)]

@@ -129,6 +129,10 @@ class RequestLayout:
     """Checked, padded request features: user/<field>, hist_item_id int32 [L], hist_mask [L]."""
     if not isinstance(user, Mapping):
       raise ValueError(f"the user must be a dict of features, got {type(user).__name__}")
+    unknown = sorted(set(user) - set(self.feature_keys()) - {"hist_item_id"}, key=str)
+    if unknown:
+      raise ValueError(f"unknown user features {unknown}: this model reads "
+                       f"{self.feature_keys()} and hist_item_id (misspelt?)")
     out = {}
     for field in self.user_fields:
       if field.key not in user:
@@ -167,6 +171,12 @@ class RequestLayout:
     """A valid request (every field 0 or empty, no history), e.g. for tracing."""
     user = {f.key: 0 if f.hash_buckets else np.zeros(f.shape, np.int32) for f in self.user_fields}
     return user | {key: 0.0 for key in self.numeric_fields}
+
+
+def check_user_state(user_state) -> None:
+  """Raises a `ValueError` for a user state that `encode_user` cannot have returned (None)."""
+  if user_state is None:
+    raise ValueError("score: user_state is None; pass what encode_user(user) returned")
 
 
 def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:

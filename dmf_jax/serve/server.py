@@ -23,7 +23,8 @@ from flax import nnx
 
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
-from dmf_jax.serve.request import DEFAULT_BUCKETS, RequestLayout, check_buckets, chunks
+from dmf_jax.serve.request import (DEFAULT_BUCKETS, RequestLayout, check_buckets,
+                                   check_user_state, chunks)
 from dmf_jax.train import loop
 
 
@@ -61,6 +62,9 @@ class Server:
     self.schema = model.schema
     self.buckets = check_buckets(buckets)
     self.step = None  # the checkpoint step, when served from a workdir
+    # Each item's raw id (`dmf_jax.core.hashing`) where the catalog records them (BYOD builds;
+    # from_workdir), else None: then add_items cannot tell a known item from a new one.
+    self.raw_ids: np.ndarray | None = None
     self._set_model(model)
 
   def _set_model(self, model: nnx.Module) -> None:
@@ -88,7 +92,9 @@ class Server:
     numeric: every item numeric field, n floats (NaN: missing).
     raw_ids: the items' raw ids (strings or integers), needed when item ids are hashed (the
       id embedding is then the hashed rows' trained one; otherwise the new items share the
-      id table's out-of-vocabulary row). Items are then scored from their side fields and
+      id table's out-of-vocabulary row). A raw id the catalog already holds (where it records
+      raw ids: `self.raw_ids`), or one given twice, is refused with a `ValueError` naming it
+      and its id: an item is added once, and a known item is scored by its id. Items are then scored from their side fields and
       vectors: the target-aware similarities and SimTier treat them like trained items.
     Recompiles on the next request; export afterwards to ship them (`export`).
     """
@@ -98,7 +104,8 @@ class Server:
       if spec.hashed and spec.name in side:
         side[spec.name] = hashing.raw_ids(side[spec.name])
     if raw_ids is not None:
-      raw_ids = hashing.raw_ids(raw_ids)
+      given, raw_ids = list(raw_ids), hashing.raw_ids(raw_ids)
+      self._check_new_raw_ids(given, raw_ids)
     elif schema.item_id_spec.hashed:
       raise ValueError("add_items: the schema hashes item ids; give the new items' raw_ids")
     new = ItemCatalog({k: np.asarray(v) for k, v in side.items()},
@@ -108,16 +115,29 @@ class Server:
     start = model.catalog.num_items
     model.catalog = model.catalog.extended(schema, new)
     self._set_model(model)
+    if self.raw_ids is not None:
+      self.raw_ids = (np.concatenate([self.raw_ids, raw_ids]) if raw_ids is not None else None)
     return np.arange(start, model.catalog.num_items, dtype=np.int64)
+
+  def _check_new_raw_ids(self, given: list, raw: np.ndarray) -> None:
+    _, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"add_items: raw id {given[first[counts > 1][0]]!r} is given twice")
+    if self.raw_ids is not None:
+      known = np.flatnonzero(np.isin(raw, self.raw_ids))
+      if len(known):
+        at = int(np.flatnonzero(self.raw_ids == raw[known[0]])[0])
+        raise ValueError(f"add_items: raw id {given[known[0]]!r} is already in the catalog "
+                         f"(item id {at}): score it by that id; add only new items")
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
                    buckets: Sequence[int] = DEFAULT_BUCKETS) -> "Server":
     """Serves the best (or a given) checkpoint of a training workdir, trained on a mesh or
     not (see `dmf_jax.train.loop.load_model`)."""
-    model, _, step = loop.load_model(workdir, step)
-    server = cls(model, buckets)
-    server.step = step
+    run = loop.restore_run(workdir, step)
+    server = cls(run.model(), buckets)
+    server.step, server.raw_ids = run.step, run.dataset.catalog.raw_ids
     return server
 
   @classmethod
@@ -140,6 +160,7 @@ class Server:
     return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
   def score(self, user_state, item_ids) -> np.ndarray:
+    check_user_state(user_state)
     return self.score_ids(user_state, self.layout.item_ids("item_ids", item_ids))
 
   def score_ids(self, user_state, ids: np.ndarray) -> np.ndarray:

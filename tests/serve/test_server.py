@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dmf_jax.core.errors import UserError
 from dmf_jax.models import registry as models
 from dmf_jax.serve import server as serving
 from dmf_jax.serve.export import export
@@ -187,6 +188,35 @@ def test_server_and_exported_scorer_check_requests_alike(exported, change, messa
       impl.encode_user(user)
 
 
+def test_unknown_user_fields_and_a_missing_state_are_refused_alike(exported):
+  from dmf_jax.serve.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
+
+  path, server = exported
+  scorer = ExportedScorer(str(path))
+  user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3], "user/grup": 1}
+  for impl in (server, scorer):
+    with pytest.raises(ValueError, match=r"unknown user features \['user/grup'\]: this model "
+                                         r"reads \['user/user_id', 'user/group'\]"):
+      impl.encode_user(user)
+    with pytest.raises(ValueError, match="user_state is None; pass what encode_user"):
+      impl.score(None, [1, 2])
+
+
+def test_export_refuses_to_overwrite_unless_forced(exported, tmp_path):
+  _, server = exported
+  target = tmp_path / "model.dmfx"
+  target.write_bytes(b"an earlier export")
+  with pytest.raises(UserError, match="exists; pass force=True"):
+    export(server, str(target))
+  assert target.read_bytes() == b"an earlier export"
+  export(server, str(target), force=True)
+  assert target.read_bytes()[:2] == b"PK"
+  with pytest.raises(UserError, match="its folder .*missing_dir does not exist"):
+    export(server, str(tmp_path / "missing_dir" / "model.dmfx"))
+  with pytest.raises(UserError, match="is a folder"):
+    export(server, str(tmp_path))
+
+
 def test_candidate_ids_are_checked_alike(exported):
   from dmf_jax.serve.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
 
@@ -325,6 +355,16 @@ def test_new_items_are_scored_from_their_side_fields_and_vectors(hashed_run, tmp
   with pytest.raises(ValueError, match="give the new items' raw_ids"):
     server.add_items(side={k: v[:2] for k, v in catalog.side.items()},
                      vectors={k: v[:2] for k, v in catalog.modalities.items()})
+  # A raw id the catalog holds (trained, or added above) is refused, naming its id.
+  for raw, at in ((3, 3), ("new-item-5", int(new[1]))):
+    with pytest.raises(ValueError, match=f"raw id {raw!r} is already in the catalog "
+                                         f"\\(item id {at}\\)"):
+      server.add_items(side={k: v[:1] for k, v in catalog.side.items()},
+                       vectors={k: v[:1] for k, v in catalog.modalities.items()}, raw_ids=[raw])
+  with pytest.raises(ValueError, match="raw id 'z' is given twice"):
+    server.add_items(side={k: v[:2] for k, v in catalog.side.items()},
+                     vectors={k: v[:2] for k, v in catalog.modalities.items()},
+                     raw_ids=["z", "z"])
   assert server.num_items == 120 + len(twins_of)
 
   # Exported afterwards, the scorer serves the new items too.
