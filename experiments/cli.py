@@ -37,10 +37,17 @@ def _short(message: str, lines: int = 4) -> str:
 
 def _unknown_field(error: Exception, argv: list[str]) -> str:
   """The message for an override of a field the config does not have."""
-  name = str(error).strip("'\"")
+  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(..))
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  first, *rest = text.splitlines() or [""]
+  name = first.strip("'\" ")
+  hint = next((line.strip() for line in rest if line.strip().startswith("Did you mean")), "")
+  hint = re.sub(r" instead of .*", "?", hint)
   culprit = next((a for a in argv[1:] if a.startswith("--config.") and
                   re.search(rf"[.]{re.escape(name)}(=|[.]|$)", a)), None)
   return (f"unknown config field {name!r}" + (f" in {culprit}" if culprit else "")
+          + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
           + ": the config has no such field (see dmf_jax/train/config.py default_config)")
 
 

@@ -54,6 +54,11 @@ def test_unknown_config_field(tmp_path):
   assert_user_error(done, "unknown config field 'no_such_field' in "
                           "--config.model_config.no_such_field=1")
   assert not (tmp_path / "w").exists()
+  done = run(["experiments.train", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+              "--config.model_config.bucket_dimm=1"])  # a misspelt nested field
+  assert_user_error(done, "unknown config field 'bucket_dimm' in "
+                          "--config.model_config.bucket_dimm=1 (did you mean \"bucket_dim\"?)")
+  assert "\\" not in done.stderr
 
 
 def test_positional_arguments_are_refused(tmp_path):
