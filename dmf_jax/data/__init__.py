@@ -218,8 +218,35 @@ def open_recorded(full_name: str, fingerprint: str, data_dir: str, *,
   return built
 
 
+def check_record_files(built: data_format.BuiltDataset) -> None:
+  """Raises `DataError` naming the file when a split's ArrayRecord file is damaged: it cannot
+  be opened, or holds another number of records than the build wrote (a truncated copy, a
+  partial sync). Reads each file's footer only, not its records."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+
+  for split, source in built.sources.items():
+    paths = getattr(getattr(source, "data_source", None), "_paths", None)
+    info = getattr(source, "dataset_info", None)
+    if not paths or info is None or split not in info.splits:
+      continue  # not an ArrayRecord-backed split: nothing to check here
+    for path, expected in zip(paths, info.splits[split].shard_lengths):
+      try:
+        reader = ArrayRecordReader(str(path), "readahead_buffer_size:0")
+        found = reader.num_records()
+        reader.close()
+      except Exception as e:  # pylint: disable=broad-except  (Riegeli raises RuntimeError)
+        raise DataError(f"{path} is damaged ({str(e).splitlines()[0].split(';')[0][:120]}): rebuild "
+                        f"{built.full_name} (move its folder {built.directory} away first)"
+                        ) from None
+      if found != expected:
+        raise DataError(f"{path} is damaged: it holds {found} records, the build wrote "
+                        f"{expected} (truncated?): rebuild {built.full_name} (move its folder "
+                        f"{built.directory} away first)")
+
+
 def _open(builder: tfds.core.DatasetBuilder) -> data_format.BuiltDataset:
   built = data_format.load_built_dataset(builder)
+  check_record_files(built)
   fingerprint = sources.build_fingerprint(
       builder.data_path, (data_format.SCHEMA_FILE, data_format.CATALOG_FILE))
   return dataclasses.replace(built, fingerprint=fingerprint)

@@ -116,3 +116,13 @@ def test_a_streamed_build_writes_the_generator_chunks_in_order(tmp_path):
     np.testing.assert_array_equal(lengths, np.minimum(want["hist_len"], built.schema.seq_len))
     np.testing.assert_array_equal(np.where(got["hist_mask"], got["hist_item_id"], 0),
                                   want["hist_item_id"][:, :built.schema.seq_len])
+
+
+@pytest.mark.parametrize("size", [20_000, 300_000])  # below Riegeli's minimum; mid-chunk
+def test_a_truncated_record_file_is_named_when_the_build_is_opened(tmp_path, size):
+  built = data.prepare("generated_ctr", "tiny", str(tmp_path))
+  path = next(pathlib.Path(built.directory).glob("*-train.array_record-*"))
+  with open(path, "r+b") as f:
+    f.truncate(size)
+  with pytest.raises(DataError, match=f"{path.name} is damaged.*rebuild generated_ctr/tiny"):
+    data.prepare("generated_ctr", "tiny", str(tmp_path))
