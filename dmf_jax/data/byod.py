@@ -436,9 +436,12 @@ def _modality(root: epath.Path, name: str, files: dict, items: pa.Array) -> np.n
   ids_path = _require(root, files["ids"], f"{name} ids")
   vectors = _vectors(vec_path)
   ids = read_ids_file(ids_path)
-  if vectors.ndim != 2 or len(vectors) != len(ids):
-    raise DataError(f"{vec_path}: shape {vectors.shape} does not match the {len(ids)} ids "
-                    f"in {ids_path}")
+  if vectors.ndim != 2:
+    raise DataError(f"{vec_path}: vectors must be a 2-D array [items, dims], got shape "
+                    f"{vectors.shape} (rank {vectors.ndim})")
+  if len(vectors) != len(ids):
+    raise DataError(f"{vec_path}: {len(vectors)} rows (shape {vectors.shape}) do not match the "
+                    f"{len(ids)} ids in {ids_path}")
   finite = np.isfinite(vectors).all(axis=1)
   if not finite.all():
     row = int(np.argmax(~finite))
@@ -587,6 +590,11 @@ class ByodCtr(CtrBuilder):
       events.write_chunk(index, columnar.lookup(chunk.strings("user"), scan.users),
                          columnar.lookup(chunk.strings("item"), item_vocab),
                          chunk.integers("timestamp", "timestamp"), _labels(chunk, config))
+    duplicates = _duplicate_events(events)
+    if duplicates:
+      _warn(f"{path}: {duplicates} interaction rows repeat an earlier row's user, item, "
+            f"timestamp and label; they are kept, each as its own event and example (a repeat "
+            f"can land in two splits): remove them from the file if they are not real repeats")
     examples = _PartitionExamples(events, user_table, seq_len, config.get("split", "per_user"))
     if examples.split == "global_time":
       examples.cuts = partitions.linear_quantiles(
@@ -604,6 +612,19 @@ class ByodCtr(CtrBuilder):
                           offsets[index])
               for index, name in enumerate(sequences.SPLITS)}
     return schema, catalog, splits
+
+
+def _duplicate_events(events: partitions.SpilledEvents) -> int:
+  """How many events repeat an earlier one exactly (user, item, timestamp, label); a user's
+  events all lie in one partition, so each is counted partition by partition."""
+  repeats = 0
+  for p in range(events.num_partitions):
+    e = events.load(p)
+    if len(e) > 1:
+      keys = ("user", "item", "timestamp", "label")
+      e = e[np.lexsort([e[k] for k in reversed(keys)])]
+      repeats += int(np.logical_and.reduce([e[k][1:] == e[k][:-1] for k in keys]).sum())
+  return repeats
 
 
 @dataclasses.dataclass

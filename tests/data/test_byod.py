@@ -81,8 +81,24 @@ def test_bad_vectors(tmp_path):
   bad = np.ones((4, 4), np.float32)
   bad[2, 1] = np.inf
   assert_fails_cleanly(tmp_path, r"text.npy: row 2 \(item 'i2'\) has NaN/inf", vectors=bad)
-  assert_fails_cleanly(tmp_path, r"text.npy: shape \(3, 4\) does not match the 4 ids",
+  assert_fails_cleanly(tmp_path, r"text.npy: 3 rows \(shape \(3, 4\)\) do not match the 4 ids",
                        vectors=np.ones((3, 4), np.float32))
+  for shape in ((4, 4, 2), (4,)):
+    assert_fails_cleanly(tmp_path, rf"text.npy: vectors must be a 2-D array \[items, dims\], "
+                                   rf"got shape \({shape[0]},", vectors=np.ones(shape, np.float32))
+
+
+def test_exact_duplicate_interaction_rows_are_counted_in_a_warning(tmp_path, capfd):
+  rows = ["user,item,timestamp,rating",
+          *[f"u{u},i{(u + k) % 4},{100 * k + u},{1 + (u * 3 + k) % 5}" for u in range(3)
+            for k in range(12)]]
+  built = build(write_example(tmp_path / "raw", interactions=rows + rows[1:3] + rows[5:6]),
+                tmp_path / "out")
+  err = capfd.readouterr().err
+  assert "interactions.csv: 3 interaction rows repeat an earlier row's user, item" in err
+  assert sum(len(s) for s in built.sources.values()) == 39  # kept, as the warning says
+  build(write_example(tmp_path / "raw2"), tmp_path / "out2")
+  assert "repeat an earlier row" not in capfd.readouterr().err
 
 
 def test_missing_files_and_bad_config(tmp_path):
