@@ -465,7 +465,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
     multihost_utils.sync_global_devices("workdir claimed")
   if ckpt is None:
     ckpt, iterator = _checkpoints(exp, workdir, is_main), new_iterator()
-  writer = writers.MetricWriter(workdir, enabled=is_main)
+  writer = writers.MetricWriter(workdir, enabled=is_main, start_step=step)
   train_steps = {phase: exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, phase)
                  for phase in ("pretrain", "main")}  # each compiles on its first call
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
@@ -478,8 +478,8 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []
   # Logged throughput: training steps only (the window restarts after evaluations, saves and
-  # the first, compiling, step).
-  window = (time.time(), step)
+  # the first, compiling, step of this process, resumed or not).
+  window, first_step = (time.time(), step), step
   while step < exp.total_steps and not book.stopped_early:
     phase = exp.phase(step)
     state, out = train_steps[phase](state, exp.to_model_batch(next(iterator)))
@@ -528,7 +528,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
     if save_now or book.stopped_early:
       book.train_seconds = seconds_before + time.time() - t0
       ckpt.save(step, state, iterator, book.to_json(), metrics=eval_metrics, force=True)
-    if save_now or step == 1:
+    if save_now or step == first_step + 1:
       jax.block_until_ready(state.step)
       window = (time.time(), step)
 

@@ -18,16 +18,28 @@ from dmf_jax.core import jsonio
 
 
 class MetricWriter:
-  def __init__(self, workdir: epath.PathLike, *, enabled: bool = True, tensorboard: bool = True):
+  """Appends reports to metrics.jsonl and TensorBoard. A run that resumed from a checkpoint at
+  `start_step` first drops what the interrupted run reported after that step (it is done
+  again), so that the curves never loop back: metrics.jsonl keeps the records up to
+  `start_step`, and TensorBoard purges the later events (`purge_step`)."""
+
+  def __init__(self, workdir: epath.PathLike, *, enabled: bool = True, tensorboard: bool = True,
+               start_step: int = 0):
     self.workdir = epath.Path(workdir)
     self.enabled = enabled
     self._tb = None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
+      kept = [r for r in read_metrics(self.workdir) if r["step"] <= start_step]
+      if (self.workdir / "metrics.jsonl").exists():
+        tmp = self.workdir / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.workdir / "metrics.jsonl")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._tb = SummaryWriter(str(self.workdir / "tensorboard"),
+                                 purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, kind: str, values: dict) -> None:
     if not self.enabled:

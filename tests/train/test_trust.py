@@ -70,6 +70,10 @@ def test_flipped_bits_in_the_latest_checkpoint_fall_back_and_keep_the_result(
   on_disk = json.loads((workdir / "results.json").read_text())
   assert on_disk["test"] == good["test"] and on_disk["best_step"] == 40
   assert [p.name.split("-")[0] for p in (workdir / "checkpoints" / "corrupt").iterdir()] == ["40"]
+  # The curves do not loop back: steps 35 and 40 were reported again, once each.
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  for kind, steps in (("train", list(range(5, 41, 5))), ("eval", [20, 40])):
+    assert [r["step"] for r in records if r["kind"] == kind] == steps
 
 
 def test_evaluate_of_a_damaged_step_exits_2_and_writes_nothing(finished, tmp_path):
