@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import shutil
 import sys
@@ -108,6 +109,26 @@ def _quiet_tfds():
     logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _quiet_build(builder: tfds.core.DatasetBuilder):
+  """A build announced in two lines of this project's own (start, end) instead of TFDS's
+  banner ("Downloading and preparing dataset Unknown size ...", printed to stdout) and its
+  tqdm bars (escape sequences in a log file)."""
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+
+  where = epath.Path(builder.data_path)
+  _log(f"building {builder.name}/{config_name(builder) or ''} into {where} (once: later runs "
+       f"reuse it)")
+  start, shown = time.time(), tqdm_utils._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_tfds():
+      yield
+  finally:
+    tfds.display_progress_bar(shown)
+  _log(f"built {builder.name}/{config_name(builder) or ''} in {time.time() - start:.0f} s")
+
+
 def _builder(name, config, data_dir, manual_dir,
              beam: bool = False) -> tuple[tfds.core.DatasetBuilder, bool]:
   """(the builder, whether it is built)."""
@@ -186,8 +207,26 @@ def prepare(name: str, config: str | None, data_dir: str, manual_dir: str | None
         download_config = beam.download_config(manual_dir)
       else:
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-      builder.download_and_prepare(download_config=download_config)
+      with _quiet_build(builder), _no_empty_folders_left(data_dir_path, builder):
+        builder.download_and_prepare(download_config=download_config)
   return _open(builder)
+
+
+@contextlib.contextmanager
+def _no_empty_folders_left(data_dir: epath.Path, builder: tfds.core.DatasetBuilder):
+  """A failed build leaves no folder it made (e.g. byod_ctr/src-<fingerprint>/) behind."""
+  folders, path = [], epath.Path(builder.data_path)
+  while path != data_dir and data_dir in path.parents:
+    if not path.exists():
+      folders.append(path)  # innermost first
+    path = path.parent
+  try:
+    yield
+  except BaseException:
+    for folder in folders:
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    raise
 
 
 def open_recorded(full_name: str, fingerprint: str, data_dir: str, *,
@@ -245,7 +284,8 @@ def check_record_files(built: data_format.BuiltDataset) -> None:
 
 
 def _open(builder: tfds.core.DatasetBuilder) -> data_format.BuiltDataset:
-  built = data_format.load_built_dataset(builder)
+  with _quiet_tfds():  # tfds.data_source makes a builder again: the same warnings
+    built = data_format.load_built_dataset(builder)
   check_record_files(built)
   fingerprint = sources.build_fingerprint(
       builder.data_path, (data_format.SCHEMA_FILE, data_format.CATALOG_FILE))

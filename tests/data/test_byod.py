@@ -57,8 +57,9 @@ def assert_fails_cleanly(tmp_path, match, exc=ValueError, **changes):
   manual = write_example(tmp_path / "raw", **changes)
   with pytest.raises(exc, match=match):
     build(manual, tmp_path / "out")
-  leftovers = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-  assert not leftovers, f"half-written files after a failed build: {leftovers}"
+  leftovers = [p for p in (tmp_path / "out").rglob("*")
+               if p.is_file() or (p.is_dir() and p.name.startswith("src-"))]
+  assert not leftovers, f"half-written files or folders after a failed build: {leftovers}"
 
 
 def test_malformed_row_names_file_and_line(tmp_path):

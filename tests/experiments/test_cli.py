@@ -101,3 +101,20 @@ def test_resuming_another_run_through_the_binary(tmp_path):
   assert_user_error(done, f"{workdir} holds another run", "model: 'dmf' in the workdir, 'din' now",
                     "--config.overwrite=True")
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_a_first_run_prints_only_the_projects_own_lines(tmp_path):
+  """A run that builds its dataset first, its output a log file (not a terminal): no TFDS
+  banner, no progress-bar escape sequences, no absl warnings; the build in two lines."""
+  done = run(["experiments.train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+              f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_train_steps=10",
+              "--config.eval_every_steps=10"])
+  assert done.returncode == 0, done.stderr[-3000:]
+  said = done.stdout + done.stderr
+  for noise in ("Downloading and preparing", "Unknown size", "\x1b[", "\r", "examples/s]",
+                "Using custom data configuration", "Subsequent calls will reuse"):
+    assert noise not in said, (noise, said[-3000:])
+  lines = done.stderr.splitlines()
+  assert lines[0].startswith("building generated_ctr/tiny into ") and lines[1].startswith(
+      "built generated_ctr/tiny in ")
+  assert "validation" in done.stdout and "test" in done.stdout
