@@ -266,7 +266,7 @@ def _check_ids(table: columnar.Chunk, column: str, what: str) -> None:
 
 def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_ids: int,
                  id_name: str, dim: int, declared_multi=None, hashed=None, table_name="",
-                 numeric=()):
+                 numeric=(), vocabularies: dict | None = None):
   """Encodes every non-id column of a side table: specs and arrays indexed by the dense id.
 
   dense: each row's dense id. declared_multi: the fields declared multi-valued (None:
@@ -274,7 +274,8 @@ def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_i
   the value "" ("missing", its own row). Multi-valued fields: an empty value is no values (all
   slots -1). Fields that `hashed` names as '<table>.<field>' are raw int64 ids of their values
   (`hashing.raw_id`). Columns in `numeric` are left out (`_numeric_columns`). Vocabularies
-  are the sorted distinct values.
+  are the sorted distinct values; `vocabularies` (when given) receives each vocabulary field's
+  values in index order, as '<table>.<field>'.
   """
   path, header = table.reader.path, table.reader.header
   hashed = hashed or {}
@@ -297,11 +298,14 @@ def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_i
       arr[dense] = hashing.raw_ids(text.to_pylist())
       specs.append(spec)
       arrays[field] = arr
+      if vocabularies is not None:
+        vocabularies[f"{table_name}.{field}"] = None  # hashed: raw values as they are
       continue
     multi = (field in declared_multi if declared_multi is not None
              else bool(len(text)) and pc.any(pc.match_substring(text, MULTI_SEPARATOR)).as_py())
     if multi:
-      arr, vocab_size = _multi_valued(text, dense, num_ids)
+      arr, vocab = _multi_valued(text, dense, num_ids)
+      vocab_size = len(vocab)
     else:
       vocab = columnar.sorted_unique(text)
       arr = np.zeros(num_ids, np.int32)
@@ -311,15 +315,17 @@ def _categorical(table: columnar.Chunk, id_column: str, dense: np.ndarray, num_i
         _warn(f"{path}: column {field!r} has a distinct value on every one of its {len(text)} "
               f"rows: as a categorical field it is a second {id_name} id (free text such as a "
               f"title belongs in a modality); drop the column unless that is intended")
+    if vocabularies is not None:
+      vocabularies[f"{table_name}.{field}"] = vocab.to_pylist()
     width = arr.shape[1] if multi else 1
     specs.append(FeatureSpec(field, max(1, vocab_size), dim, max_values=width))
     arrays[field] = arr
   return specs, arrays
 
 
-def _multi_valued(text: pa.Array, dense: np.ndarray, num_ids: int) -> tuple[np.ndarray, int]:
+def _multi_valued(text: pa.Array, dense: np.ndarray, num_ids: int) -> tuple[np.ndarray, pa.Array]:
   """'a|b' values as int32 [num_ids, width] vocabulary indices, -1 padded (width >= 2: a
-  multi-valued FeatureSpec has max_values > 1); and the vocabulary size."""
+  multi-valued FeatureSpec has max_values > 1); and the vocabulary (sorted values)."""
   empty = pc.equal(text, "").to_numpy(zero_copy_only=False)
   lists = pc.split_pattern(text, MULTI_SEPARATOR)
   lengths = np.where(empty, 0, pc.list_value_length(lists).to_numpy(zero_copy_only=False))
@@ -333,7 +339,7 @@ def _multi_valued(text: pa.Array, dense: np.ndarray, num_ids: int) -> tuple[np.n
   slot = np.arange(len(codes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
   arr = np.full((num_ids, width), -1, np.int32)
   arr[dense[row], slot] = codes
-  return arr, len(vocab)
+  return arr, vocab
 
 
 def _labels(chunk: columnar.Chunk, config: dict) -> np.ndarray:
@@ -396,7 +402,8 @@ def _sum_counts(tables: list[pa.Table]) -> pa.Table:
       ["user", "user_count"])
 
 
-def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field_dim: int):
+def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field_dim: int,
+                vocabularies: dict | None = None):
   """(user specs, user fields by dense user index): the id, then users.csv's fields (its
   numeric fields as float32, NaN = missing; their specs are `numeric_specs`)."""
   hashed = config.get("hash", {})
@@ -422,11 +429,33 @@ def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field
     numeric = numeric_specs(root / CONFIG_FILE, config).get("users", {})
     more_specs, arrays = _categorical(rows, "user", dense[known], len(users), "user",
                                       field_dim, config.get("multi_valued", {}).get("users"),
-                                      hashed, "users", numeric)
+                                      hashed, "users", numeric, vocabularies)
     specs += more_specs
     table |= arrays
     table |= _numeric_columns(rows, numeric, dense[known], len(users))
   return specs, table
+
+
+VOCABULARY_FILE = "dmf_vocabularies.json"
+
+
+def write_vocabularies(directory: epath.PathLike, vocabularies: dict) -> None:
+  """`VOCABULARY_FILE` in a build: {'item_id' | 'user_id' | 'items.<field>' | 'users.<field>':
+  the raw values in index order (value i has index i), or None for a hashed field (which
+  takes raw values as they are)}."""
+  (epath.Path(directory) / VOCABULARY_FILE).write_text(json.dumps(vocabularies))
+
+
+def read_vocabularies(directory: epath.PathLike) -> dict[str, dict[str, int] | None]:
+  """A BYOD build's raw value -> index maps ({field: {raw value: index}} or None for a
+  hashed field; `write_vocabularies`): what `Server.encode_user` and `score` take as ids.
+  Raises `DataError` for a build without them (made before they were recorded: rebuild)."""
+  path = epath.Path(directory) / VOCABULARY_FILE
+  if not path.exists():
+    raise DataError(f"{path} is missing: builds made before the vocabularies were recorded "
+                    f"lack it; rebuild the dataset (move its folder away first)")
+  return {field: None if values is None else {v: i for i, v in enumerate(values)}
+          for field, values in json.loads(path.read_text()).items()}
 
 
 def _modality(root: epath.Path, name: str, files: dict, items: pa.Array) -> np.ndarray:
@@ -549,6 +578,7 @@ class ByodCtr(CtrBuilder):
     # Items: the item table defines the vocabulary when given; otherwise the interactions do.
     numeric = numeric_specs(root / CONFIG_FILE, config)
     items_side, item_specs, item_vocab, item_numeric = {}, [], None, {}
+    vocabularies = {}  # raw value -> index maps of the vocabulary fields, for serving
     if config.get("items"):
       ipath = _require(root, config["items"], "items")
       items = columnar.TableReader(ipath, ["item"]).read_all()
@@ -557,13 +587,17 @@ class ByodCtr(CtrBuilder):
       item_specs, items_side = _categorical(
           items, "item", columnar.lookup(items.strings("item"), item_vocab), len(item_vocab),
           "item", field_dim, config.get("multi_valued", {}).get("items"), hashed, "items",
-          numeric.get("items", {}))
+          numeric.get("items", {}), vocabularies)
       item_numeric = _numeric_columns(items, numeric.get("items", {}),
                                       columnar.lookup(items.strings("item"), item_vocab),
                                       len(item_vocab))
     scan = _scan(interactions, config, item_vocab)
     item_vocab = scan.items
-    user_specs, user_table = _user_table(root, config, scan.users, dim, field_dim)
+    user_specs, user_table = _user_table(root, config, scan.users, dim, field_dim, vocabularies)
+    write_vocabularies(self.data_path, {
+        "item_id": item_vocab.to_pylist(),
+        "user_id": None if _hash_spec(hashed, "user", "user_id", dim) else scan.users.to_pylist(),
+        **vocabularies})
     modalities = {name: _modality(root, name, files, item_vocab)
                   for name, files in (config.get("modalities") or {}).items()}
 

@@ -51,6 +51,13 @@ def test_documented_example_builds(tmp_path):
   np.testing.assert_array_equal(built.catalog.modalities["text"][1], [5, 6, 7, 8])
   from dmf_jax.core import hashing
   np.testing.assert_array_equal(built.catalog.raw_ids, hashing.raw_ids(["i0", "i1", "i2", "i3"]))
+  # The raw value -> index maps that serving needs (README "Bring your own data").
+  vocab = data.byod.read_vocabularies(built.directory)
+  assert vocab["item_id"] == {"i0": 0, "i1": 1, "i2": 2, "i3": 3}
+  assert vocab["user_id"] == {"u0": 0, "u1": 1, "u2": 2}
+  assert vocab["users.country"] == {"de": 0, "fr": 1}
+  assert vocab["items.category"] == {"action": 0, "comedy": 1, "drama": 2}
+  assert vocab["items.tags"] == {"a": 0, "b": 1, "c": 2}  # i3 is a|c: [0, 2] above
 
 
 def assert_fails_cleanly(tmp_path, match, exc=ValueError, **changes):
@@ -318,6 +325,10 @@ def test_hashed_fields_keep_raw_ids_and_hash_when_read(tmp_path):
   assert batch["user/user_id"].shape == (len(records), 2)
   assert {tuple(r) for r in batch["user/user_id"]} == {tuple(r) for r in user_id.rows(raw_users)}
   assert set(batch["group"].tolist()) == set(hashing.fold32(raw_users).tolist())
+  vocab = data.byod.read_vocabularies(built.directory)  # hashed fields take raw values
+  assert vocab["user_id"] is None and vocab["items.category"] is None
+  assert vocab["item_id"] == {"i0": 0, "i1": 1, "i2": 2, "i3": 3}  # catalog indices
+  assert vocab["users.country"] == {"de": 0, "fr": 1}
 
 
 def test_bad_hash_settings(tmp_path):
