@@ -67,6 +67,7 @@ from dmf_jax.data import partitions
 from dmf_jax.data import sequences
 from dmf_jax.data import sources
 from dmf_jax.data.common import CtrBuilder, Parts
+from dmf_jax.data.format import read_vocabularies  # noqa: F401  (raw ids -> indices, for serving)
 
 CONFIG_FILE = "dataset.json"
 MULTI_SEPARATOR = "|"
@@ -436,28 +437,6 @@ def _user_table(root: epath.Path, config: dict, users: pa.Array, dim: int, field
   return specs, table
 
 
-VOCABULARY_FILE = "dmf_vocabularies.json"
-
-
-def write_vocabularies(directory: epath.PathLike, vocabularies: dict) -> None:
-  """`VOCABULARY_FILE` in a build: {'item_id' | 'user_id' | 'items.<field>' | 'users.<field>':
-  the raw values in index order (value i has index i), or None for a hashed field (which
-  takes raw values as they are)}."""
-  (epath.Path(directory) / VOCABULARY_FILE).write_text(json.dumps(vocabularies))
-
-
-def read_vocabularies(directory: epath.PathLike) -> dict[str, dict[str, int] | None]:
-  """A BYOD build's raw value -> index maps ({field: {raw value: index}} or None for a
-  hashed field; `write_vocabularies`): what `Server.encode_user` and `score` take as ids.
-  Raises `DataError` for a build without them (made before they were recorded: rebuild)."""
-  path = epath.Path(directory) / VOCABULARY_FILE
-  if not path.exists():
-    raise DataError(f"{path} is missing: builds made before the vocabularies were recorded "
-                    f"lack it; rebuild the dataset (move its folder away first)")
-  return {field: None if values is None else {v: i for i, v in enumerate(values)}
-          for field, values in json.loads(path.read_text()).items()}
-
-
 def _modality(root: epath.Path, name: str, files: dict, items: pa.Array) -> np.ndarray:
   """float32 [num_items, D] vectors of one modality by dense item index (zeros where the
   ids file has no row)."""
@@ -594,10 +573,10 @@ class ByodCtr(CtrBuilder):
     scan = _scan(interactions, config, item_vocab)
     item_vocab = scan.items
     user_specs, user_table = _user_table(root, config, scan.users, dim, field_dim, vocabularies)
-    write_vocabularies(self.data_path, {
+    self.vocabularies = {  # written beside the schema (CtrBuilder)
         "item_id": item_vocab.to_pylist(),
         "user_id": None if _hash_spec(hashed, "user", "user_id", dim) else scan.users.to_pylist(),
-        **vocabularies})
+        **vocabularies}
     modalities = {name: _modality(root, name, files, item_vocab)
                   for name, files in (config.get("modalities") or {}).items()}
 

@@ -126,6 +126,8 @@ class CtrBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC):
         self.source_files(manual_dir), self.build_parameters())
     schema, catalog, splits = self._prepare(dl_manager)
     data_format.write_side_files(self.data_path, schema, catalog)
+    if getattr(self, "vocabularies", None) is not None:  # set by _prepare (byod_ctr)
+      data_format.write_vocabularies(self.data_path, self.vocabularies)
     sources.write_build_record(self.data_path, record)
     return {name: self._generate_examples(schema, rows) for name, rows in splits.items()}
 

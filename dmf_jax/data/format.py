@@ -35,6 +35,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
+from dmf_jax.core.errors import DataError
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec, NumericSpec
 
 SCHEMA_FILE = "dmf_schema.json"
@@ -86,6 +87,29 @@ def schema_from_json(text: str) -> FeatureSchema:
 
 def _numeric_spec(raw: dict) -> NumericSpec:
   return NumericSpec(**{**raw, "boundaries": tuple(raw.get("boundaries", ()))})
+
+
+VOCABULARY_FILE = "dmf_vocabularies.json"
+
+
+def write_vocabularies(directory: epath.PathLike, vocabularies: dict) -> None:
+  """`VOCABULARY_FILE` in a build: {'item_id' | 'user_id' | 'items.<field>' | 'users.<field>':
+  the raw values in index order (value i has index i), or None for a hashed field (which
+  takes raw values as they are)}. Builds from your own files write it (byod_ctr)."""
+  (epath.Path(directory) / VOCABULARY_FILE).write_text(json.dumps(vocabularies))
+
+
+def read_vocabularies(directory: epath.PathLike) -> dict[str, dict[str, int] | None]:
+  """A build's raw value -> index maps ({field: {raw value: index}}, None for a hashed field;
+  `write_vocabularies`): what `Server.encode_user` and `score` take as ids. Raises
+  `DataError` for a build without them (generated data, or a build made before they were
+  recorded: rebuild it)."""
+  path = epath.Path(directory) / VOCABULARY_FILE
+  if not path.exists():
+    raise DataError(f"{path} is missing: only builds of your own files (byod_ctr) made by this "
+                    f"version record their vocabularies; rebuild it (move its folder away first)")
+  return {field: None if values is None else {v: i for i, v in enumerate(values)}
+          for field, values in json.loads(path.read_text()).items()}
 
 
 def write_side_files(directory: epath.PathLike, schema: FeatureSchema, catalog: ItemCatalog) -> None:
