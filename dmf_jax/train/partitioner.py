@@ -109,17 +109,46 @@ class Partitioner:
       state = dataclasses.replace(state, rest=jax.device_put(rest, shardings.rest))
     return graphdef, state, shardings
 
+  def abstract_init(
+      self,
+      model_factory: Callable[[ShardingRules, nnx.Rngs], nnx.Module],
+      tx: optax.GradientTransformation,
+      *,
+      seed: int = 0,
+  ) -> tuple[nnx.GraphDef, training.TrainState, object]:
+    """(graphdef, abstract TrainState, its shardings): `init` without creating anything, the
+    leaves `jax.ShapeDtypeStruct`s carrying their shardings (the catalog's too, at the size
+    the model's schema gives it). For compiling ahead of time for devices that are not
+    present (`jax.jit(...).trace(abstract_state, ...).lower().compile()`)."""
+    def create():
+      model = model_factory(self.rules, nnx.Rngs(seed))
+      return training.create_train_state(model, tx, seed)
+
+    with jax.set_mesh(self.mesh):
+      graphdef, abstract = nnx.eval_shape(create)
+      shardings = self.state_shardings(abstract)
+    return graphdef, self.abstract_state(shardings, abstract), shardings
+
+  def abstract_batch(self, batch_like: Mapping[str, object]) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a global batch (arrays or structs), split over 'data'."""
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=self.batch_sharding(np.ndim(v)))
+            for k, v in batch_like.items()}
+
   def abstract_state(self, shardings, state_like):
     """ShapeDtypeStructs with shardings, for restoring a checkpoint into this mesh."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
     )
 
+  def jit_train_step(self, graphdef, tx, shardings, phase: str = "main"):
+    """The `jax.jit` of the train step (call or trace it under `jax.set_mesh(self.mesh)`)."""
+    step = training.make_train_step(graphdef, tx, phase=phase, jit=False)
+    return jax.jit(step, in_shardings=(shardings, None),
+                   out_shardings=(shardings, self._replicated), donate_argnums=0)
+
   def train_step(self, graphdef, tx, shardings, phase: str = "main") -> Callable:
     """step(state, batch) -> (state, {'loss', ...}) for a training phase, state donated."""
-    step = training.make_train_step(graphdef, tx, phase=phase, jit=False)
-    jitted = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, self._replicated),
-                     donate_argnums=0)
+    jitted = self.jit_train_step(graphdef, tx, shardings, phase)
 
     def run(state, batch):
       with jax.set_mesh(self.mesh):

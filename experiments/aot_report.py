@@ -1,0 +1,319 @@
+r"""Every model compiled ahead of time for TPU and GPU targets that are not present: per-device
+memory, compile time, XLA's cost analysis and a roofline estimate of the step time.
+
+  python -m experiments.aot_report --targets=tpu:v5e:2x4 --models=din,dmf \
+      --num_items=1682,1000000 --output_json=/tmp/aot.json
+
+A target is `tpu:<chip>:<topology>` (libtpu: `pip install -e ".[aot]" -c requirements.lock`)
+or `gpu:<chip>:<count>` (the CUDA plugin: the `aot-gpu` extra; without it GPU rows say so).
+For each target, model and catalog size it compiles three phases:
+  train   the sharded, donated train step (the loop's own `Partitioner.jit_train_step`) at the
+          global batch `--batch_size` (MovieLens model dimensions and schema; catalogs of more
+          than `--shard_items` items are row-sharded over `mesh.model` = `--mesh_model`);
+  encode  serving's `encode_user` for one user with L = `--serve_seq_len` behaviours;
+  score   serving's `score_candidates` for N = `--candidates` candidates (one device).
+Each row: {"target", "model", "num_items", "mesh", "phase", "compiled", "error",
+"compile_seconds", "bytes_per_device": {"arguments", "outputs", "temp", "alias", "total"},
+"flops", "bytes_accessed", "collectives", "estimated_seconds", "estimated_examples_per_s"}.
+flops and bytes are XLA's cost analysis of the per-device program; the estimate is a
+roofline, max(flops / peak FLOP/s, bytes / HBM bandwidth), from the chip figures in `CHIPS`
+(published peaks: an estimate, not a measurement). Compiles run on this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for absent devices; run nothing
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dmf_jax.core.sharding import ShardingRules  # noqa: E402
+from dmf_jax.models import registry as models  # noqa: E402
+from dmf_jax.serve import server as serving  # noqa: E402
+from dmf_jax.serve.request import RequestLayout  # noqa: E402
+from dmf_jax.train import optimizers, partitioner as pt  # noqa: E402
+from experiments import bench_utils, cli  # noqa: E402
+from experiments.configs import movielens  # noqa: E402
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip peaks: dense bf16 matmul FLOP/s, HBM bandwidth (bytes/s), HBM bytes."""
+
+  flops: float
+  hbm_bandwidth: float
+  hbm_bytes: float
+  source: str
+
+
+# One table of the chips' published figures (per chip; dense, no sparsity).
+CHIPS = {
+    "v4": Chip(275e12, 1228e9, 32 * GiB, "cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip(197e12, 819e9, 16 * GiB, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(459e12, 2765e9, 95 * GiB, "cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(918e12, 1640e9, 32 * GiB, "cloud.google.com/tpu/docs/v6e"),
+    "h100": Chip(989e12, 3.35e12, 80 * GiB, "NVIDIA H100 SXM5 datasheet (BF16 dense)"),
+    "h200": Chip(989e12, 4.8e12, 141e9, "NVIDIA H200 SXM datasheet (BF16 dense)"),
+}
+
+_TARGETS = flags.DEFINE_list(
+    "targets", ["tpu:v5e:1x1", "tpu:v5e:2x4", "tpu:v6e:2x4", "tpu:v5p:2x2x1", "gpu:h100:8",
+                "gpu:h200:8"], "Targets: tpu:<chip>:<topology> or gpu:<chip>:<devices>.")
+_MODELS = flags.DEFINE_list("models", ["din", "dmf"], "Registered models, or 'all'.")
+_ITEMS = flags.DEFINE_list("num_items", ["1682", "1000000"], "Catalog sizes.")
+_PHASES = flags.DEFINE_list("phases", ["train", "encode", "score"], "Phases to compile.")
+_BATCH = flags.DEFINE_integer("batch_size", 4096, "Global train batch (MovieLens-size catalogs).")
+_LARGE_BATCH = flags.DEFINE_integer("large_batch_size", 1024,
+                                    "Global train batch for catalogs above --shard_items.")
+_SHARD_ITEMS = flags.DEFINE_integer("shard_items", 100_000,
+                                    "Catalogs above this many items are row-sharded.")
+_MESH_MODEL = flags.DEFINE_integer("mesh_model", 4, "mesh.model for the sharded catalogs.")
+_SPARSE = flags.DEFINE_integer("sparse_min_rows", 100_000,
+                               "Row-sparse Adam for tables of at least this many rows.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 50, "Behaviours per training example.")
+_SERVE_SEQ_LEN = flags.DEFINE_integer("serve_seq_len", 200, "Behaviours of the served user.")
+_CANDIDATES = flags.DEFINE_integer("candidates", 1200, "Candidates scored per request.")
+_OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the rows (JSON list).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A compile target: `tpu:v5e:2x4`, `gpu:h100:8`."""
+
+  name: str
+  platform: str  # 'tpu' | 'gpu'
+  chip: str
+  topology: str
+
+  @classmethod
+  def parse(cls, text: str) -> "Target":
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in ("tpu", "gpu") or parts[1] not in CHIPS:
+      raise ValueError(f"--targets: {text!r} is not tpu:<chip>:<topology> or "
+                       f"gpu:<chip>:<devices> with a chip of {sorted(CHIPS)}")
+    return cls(text, *parts)
+
+  def devices(self) -> list:
+    """The target's devices (abstract: nothing runs on them)."""
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+    if self.platform == "tpu":
+      if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError('TPU targets need libtpu: pip install -e ".[aot]" -c requirements.lock')
+      kwargs = {"chip_config_name": "megacore"} if self.chip == "v4" else {}
+      return list(topologies.get_topology_desc(f"{self.chip}:{self.topology}", "tpu",
+                                               **kwargs).devices)
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+      raise RuntimeError('GPU targets need the CUDA plugin: pip install -e ".[aot-gpu]" '
+                         "-c requirements.lock")
+    raise RuntimeError("GPU targets: not implemented in this version of the report")
+
+
+def mesh_shape(num_devices: int, num_items: int) -> tuple[int, int]:
+  """(data, model): row-sharded tables and catalog above --shard_items items."""
+  model = _MESH_MODEL.value if num_items > _SHARD_ITEMS.value else 1
+  model = min(model, num_devices)
+  while num_devices % model:
+    model -= 1
+  return num_devices // model, model
+
+
+def model_schema(num_items: int, seq_len: int):
+  return bench_utils.movielens_like_schema(seq_len, num_items)
+
+
+def model_config(name: str):
+  return bench_utils.model_config(movielens.get_config(), name)
+
+
+def memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+         "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
+  out["total"] = out["arguments"] + out["outputs"] + out["temp"] - out["alias"]
+  return out
+
+
+def costs(compiled) -> tuple[float | None, float | None]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return None, None
+  return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collectives(compiled) -> dict[str, int]:
+  """How many of each collective the compiled per-device program holds."""
+  text = compiled.as_text() or ""
+  found = {}
+  for op in COLLECTIVES:
+    n = len(re.findall(rf"= [^=\n]*\b{op}(-start)?\(", text))
+    if n:
+      found[op] = n
+  return found
+
+
+def estimate(chip: Chip, flops, bytes_accessed, examples: int) -> tuple[float | None, float | None]:
+  if flops is None or bytes_accessed is None:
+    return None, None
+  seconds = max(flops / chip.flops, bytes_accessed / chip.hbm_bandwidth)
+  return seconds, (examples / seconds if seconds > 0 else None)
+
+
+def compile_phase(fn, *args):
+  """(compiled, seconds): trace, lower and compile `fn` (a jax.jit) for abstract `args`."""
+  start = time.perf_counter()
+  compiled = fn.trace(*args).lower().compile()
+  return compiled, time.perf_counter() - start
+
+
+def train_program(devices, name: str, num_items: int, batch_size: int):
+  """(jitted train step, abstract state, abstract batch, mesh) on `devices`."""
+  data, model = mesh_shape(len(devices), num_items)
+  partitioner = pt.Partitioner(pt.MeshConfig(data=data, model=model), devices=devices)
+  schema = model_schema(num_items, _SEQ_LEN.value)
+  config = model_config(name)
+  tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
+      learning_rate=1e-3, sparse_min_rows=_SPARSE.value if num_items > _SHARD_ITEMS.value
+      else 0), 1000)
+  factory = lambda rules, rngs: models.build_model(config, schema, rngs=rngs, sharding=rules)
+  graphdef, state, shardings = partitioner.abstract_init(factory, tx)
+  like = bench_utils.random_batch(schema.replace(num_items=min(num_items, 1000)), 8,
+                                  np.random.default_rng(0))
+  batch = partitioner.abstract_batch({
+      k: jax.ShapeDtypeStruct((batch_size, *np.shape(like[k])[1:]), like[k].dtype)
+      for k in schema.batch_keys()})
+  return partitioner.jit_train_step(graphdef, tx, shardings), state, batch, partitioner
+
+
+def serving_programs(device, name: str, num_items: int):
+  """(encode_fn, score_fn, abstract params, abstract user, abstract ids) on one device."""
+  schema = model_schema(num_items, _SERVE_SEQ_LEN.value)
+  config = model_config(name)
+  abstract_model = nnx.eval_shape(
+      lambda: models.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
+  graphdef, params = nnx.split(abstract_model)
+  on_device = jax.sharding.SingleDeviceSharding(device)
+  place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device)
+  params = jax.tree.map(place, params)
+  layout = RequestLayout.from_schema(schema)
+  user = jax.tree.map(lambda x: place(np.asarray(x)),
+                      layout.user_features(layout.example_user() | {"hist_item_id": [0]}))
+  encode_fn, score_fn = serving.make_serving_fns(graphdef)
+  ids = place(np.zeros(_CANDIDATES.value, np.int32))
+  return encode_fn, score_fn, params, user, ids
+
+
+def report(target: Target, names, sizes, phases, log=print) -> list[dict]:
+  """The rows of one target (a failed compile is a row with its error)."""
+  rows = []
+  try:
+    devices = target.devices()
+  except Exception as e:  # pylint: disable=broad-except  (no libtpu / plugin: say so)
+    log(f"{target.name}: skipped: {e}")
+    return [{"target": target.name, "compiled": False, "error": str(e)}]
+  chip = CHIPS[target.chip]
+  for num_items in sizes:
+    for name in names:
+      batch_size = _BATCH.value if num_items <= _SHARD_ITEMS.value else _LARGE_BATCH.value
+      programs = {}
+      for phase in phases:
+        row = {"target": target.name, "model": name, "num_items": num_items, "phase": phase,
+               "compiled": False, "error": None}
+        try:
+          if phase == "train":
+            step, state, batch, partitioner = train_program(devices, name, num_items, batch_size)
+            row["mesh"] = dict(partitioner.mesh.shape)
+            with jax.set_mesh(partitioner.mesh):
+              compiled, seconds = compile_phase(step, state, batch)
+            examples = batch_size // partitioner.data_size  # per device
+          else:
+            if not programs:
+              programs["serving"] = serving_programs(devices[0], name, num_items)
+            encode_fn, score_fn, params, user, ids = programs["serving"]
+            row["mesh"] = {"devices": 1}
+            if phase == "encode":
+              compiled, seconds = compile_phase(encode_fn, params, user)
+              examples = 1
+            else:
+              user_state = jax.eval_shape(encode_fn, params, user)
+              user_state = jax.tree.map(
+                  lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ids.sharding),
+                  user_state)
+              compiled, seconds = compile_phase(score_fn, params, user_state, ids)
+              examples = _CANDIDATES.value
+          flops, bytes_accessed = costs(compiled)
+          est_s, est_rate = estimate(chip, flops, bytes_accessed, examples)
+          if phase == "train" and est_rate is not None:
+            est_rate *= row["mesh"]["data"]  # every data-parallel device does its share
+          row.update(compiled=True, compile_seconds=round(seconds, 2),
+                     bytes_per_device=memory(compiled), flops=flops,
+                     bytes_accessed=bytes_accessed, collectives=collectives(compiled),
+                     estimated_seconds=est_s, estimated_examples_per_s=est_rate,
+                     hbm_fraction=(memory(compiled).get("total", 0) / chip.hbm_bytes))
+        except Exception as e:  # pylint: disable=broad-except  (a failed compile is a result)
+          row["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+        rows.append(row)
+        log(_line(row))
+  return rows
+
+
+def _line(row: dict) -> str:
+  head = f"{row['target']:<14} {row['model']:<16} {row['num_items']:>8} {row['phase']:<7}"
+  if not row["compiled"]:
+    return f"{head} FAILED {row['error']}"
+  mem = row["bytes_per_device"]
+  return (f"{head} compile {row['compile_seconds']:6.1f} s  per device: args "
+          f"{mem.get('arguments', 0) / GiB:.3f} GiB temp {mem.get('temp', 0) / GiB:.3f} GiB "
+          f"alias {mem.get('alias', 0) / GiB:.3f} GiB  est "
+          f"{(row['estimated_seconds'] or 0) * 1e3:.3f} ms "
+          f"({(row['estimated_examples_per_s'] or 0):,.0f} ex/s)")
+
+
+def main(argv):
+  del argv
+  try:
+    targets = [Target.parse(t) for t in _TARGETS.value]
+  except ValueError as e:
+    cli.fail(str(e))
+  names = sorted(models.model_names()) if _MODELS.value == ["all"] else list(_MODELS.value)
+  unknown = sorted(set(names) - set(models.model_names()))
+  if unknown:
+    cli.fail(f"--models: unknown {unknown}; registered: {sorted(models.model_names())}")
+  try:
+    sizes = [int(n) for n in _ITEMS.value]
+  except ValueError:
+    cli.fail(f"--num_items: expected integers, got {_ITEMS.value}")
+  bad = sorted(set(_PHASES.value) - {"train", "encode", "score"})
+  if bad:
+    cli.fail(f"--phases: unknown {bad}; valid: train, encode, score")
+  rows = []
+  for target in targets:
+    rows += report(target, names, sizes, _PHASES.value, log=lambda m: print(m, flush=True))
+    if _OUTPUT.value:
+      with open(_OUTPUT.value, "w") as f:
+        json.dump(rows, f, indent=1)
+  failed = [r for r in rows if not r["compiled"]]
+  print(f"{len(rows) - len(failed)} of {len(rows)} compiled", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  cli.run(main)
