@@ -113,6 +113,9 @@ class Target:
       if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError('TPU targets need libtpu: pip install -e ".[aot]" -c requirements.lock')
       kwargs = {"chip_config_name": "megacore"} if self.chip == "v4" else {}
+      chips = [int(n) for n in self.topology.split("x")]
+      if np.prod(chips) < 4:  # fewer chips than a host's default 2x2 (Colab's single v5e)
+        kwargs["chips_per_host_bounds"] = [*chips, 1, 1][:3]
       return list(topologies.get_topology_desc(f"{self.chip}:{self.topology}", "tpu",
                                                **kwargs).devices)
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
@@ -121,9 +124,31 @@ class Target:
     raise RuntimeError("GPU targets: not implemented in this version of the report")
 
 
-def mesh_shape(num_devices: int, num_items: int) -> tuple[int, int]:
-  """(data, model): row-sharded tables and catalog above --shard_items items."""
-  model = _MESH_MODEL.value if num_items > _SHARD_ITEMS.value else 1
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a report compiles (the flags' values; the tests give their own)."""
+
+  seq_len: int = 50  # behaviours per training example
+  serve_seq_len: int = 200  # behaviours of the served user
+  candidates: int = 1200  # candidates scored per request
+  batch_size: int = 4096  # global train batch, catalogs up to shard_items
+  large_batch_size: int = 1024  # global train batch above shard_items
+  shard_items: int = 100_000  # catalogs above this are row-sharded over mesh.model
+  mesh_model: int = 4
+  sparse_min_rows: int = 100_000  # row-sparse Adam for tables this large (sharded catalogs)
+
+  @classmethod
+  def from_flags(cls) -> "Settings":
+    return cls(_SEQ_LEN.value, _SERVE_SEQ_LEN.value, _CANDIDATES.value, _BATCH.value,
+               _LARGE_BATCH.value, _SHARD_ITEMS.value, _MESH_MODEL.value, _SPARSE.value)
+
+  def batch(self, num_items: int) -> int:
+    return self.batch_size if num_items <= self.shard_items else self.large_batch_size
+
+
+def mesh_shape(num_devices: int, num_items: int, settings: Settings) -> tuple[int, int]:
+  """(data, model): row-sharded tables and catalog above `settings.shard_items` items."""
+  model = settings.mesh_model if num_items > settings.shard_items else 1
   model = min(model, num_devices)
   while num_devices % model:
     model -= 1
@@ -185,15 +210,18 @@ def compile_phase(fn, *args):
   return compiled, time.perf_counter() - start
 
 
-def train_program(devices, name: str, num_items: int, batch_size: int):
-  """(jitted train step, abstract state, abstract batch, mesh) on `devices`."""
-  data, model = mesh_shape(len(devices), num_items)
+def train_program(devices, name: str, num_items: int, settings: Settings, schema=None,
+                  config=None):
+  """(jitted train step, abstract state, abstract batch, partitioner) on `devices`; schema and
+  config default to MovieLens's at `num_items` items."""
+  data, model = mesh_shape(len(devices), num_items, settings)
   partitioner = pt.Partitioner(pt.MeshConfig(data=data, model=model), devices=devices)
-  schema = model_schema(num_items, _SEQ_LEN.value)
-  config = model_config(name)
+  schema = schema or model_schema(num_items, settings.seq_len)
+  config = config or model_config(name)
+  batch_size = settings.batch(num_items)
   tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
-      learning_rate=1e-3, sparse_min_rows=_SPARSE.value if num_items > _SHARD_ITEMS.value
-      else 0), 1000)
+      learning_rate=1e-3, sparse_min_rows=settings.sparse_min_rows
+      if num_items > settings.shard_items else 0), 1000)
   factory = lambda rules, rngs: models.build_model(config, schema, rngs=rngs, sharding=rules)
   graphdef, state, shardings = partitioner.abstract_init(factory, tx)
   like = bench_utils.random_batch(schema.replace(num_items=min(num_items, 1000)), 8,
@@ -204,10 +232,10 @@ def train_program(devices, name: str, num_items: int, batch_size: int):
   return partitioner.jit_train_step(graphdef, tx, shardings), state, batch, partitioner
 
 
-def serving_programs(device, name: str, num_items: int):
+def serving_programs(device, name: str, num_items: int, settings: Settings, config=None):
   """(encode_fn, score_fn, abstract params, abstract user, abstract ids) on one device."""
-  schema = model_schema(num_items, _SERVE_SEQ_LEN.value)
-  config = model_config(name)
+  schema = model_schema(num_items, settings.serve_seq_len)
+  config = config or model_config(name)
   abstract_model = nnx.eval_shape(
       lambda: models.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
   graphdef, params = nnx.split(abstract_model)
@@ -218,11 +246,11 @@ def serving_programs(device, name: str, num_items: int):
   user = jax.tree.map(lambda x: place(np.asarray(x)),
                       layout.user_features(layout.example_user() | {"hist_item_id": [0]}))
   encode_fn, score_fn = serving.make_serving_fns(graphdef)
-  ids = place(np.zeros(_CANDIDATES.value, np.int32))
+  ids = place(np.zeros(settings.candidates, np.int32))
   return encode_fn, score_fn, params, user, ids
 
 
-def report(target: Target, names, sizes, phases, log=print) -> list[dict]:
+def report(target: Target, names, sizes, phases, settings: Settings, log=print) -> list[dict]:
   """The rows of one target (a failed compile is a row with its error)."""
   rows = []
   try:
@@ -233,21 +261,20 @@ def report(target: Target, names, sizes, phases, log=print) -> list[dict]:
   chip = CHIPS[target.chip]
   for num_items in sizes:
     for name in names:
-      batch_size = _BATCH.value if num_items <= _SHARD_ITEMS.value else _LARGE_BATCH.value
       programs = {}
       for phase in phases:
         row = {"target": target.name, "model": name, "num_items": num_items, "phase": phase,
                "compiled": False, "error": None}
         try:
           if phase == "train":
-            step, state, batch, partitioner = train_program(devices, name, num_items, batch_size)
+            step, state, batch, partitioner = train_program(devices, name, num_items, settings)
             row["mesh"] = dict(partitioner.mesh.shape)
             with jax.set_mesh(partitioner.mesh):
               compiled, seconds = compile_phase(step, state, batch)
-            examples = batch_size // partitioner.data_size  # per device
+            examples = settings.batch(num_items) // partitioner.data_size  # per device
           else:
             if not programs:
-              programs["serving"] = serving_programs(devices[0], name, num_items)
+              programs["serving"] = serving_programs(devices[0], name, num_items, settings)
             encode_fn, score_fn, params, user, ids = programs["serving"]
             row["mesh"] = {"devices": 1}
             if phase == "encode":
@@ -259,7 +286,7 @@ def report(target: Target, names, sizes, phases, log=print) -> list[dict]:
                   lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ids.sharding),
                   user_state)
               compiled, seconds = compile_phase(score_fn, params, user_state, ids)
-              examples = _CANDIDATES.value
+              examples = settings.candidates
           flops, bytes_accessed = costs(compiled)
           est_s, est_rate = estimate(chip, flops, bytes_accessed, examples)
           if phase == "train" and est_rate is not None:
@@ -282,8 +309,8 @@ def _line(row: dict) -> str:
     return f"{head} FAILED {row['error']}"
   mem = row["bytes_per_device"]
   return (f"{head} compile {row['compile_seconds']:6.1f} s  per device: args "
-          f"{mem.get('arguments', 0) / GiB:.3f} GiB temp {mem.get('temp', 0) / GiB:.3f} GiB "
-          f"alias {mem.get('alias', 0) / GiB:.3f} GiB  est "
+          f"{mem.get('arguments', 0) / 2**20:.1f} MiB temp {mem.get('temp', 0) / 2**20:.1f} MiB "
+          f"alias {mem.get('alias', 0) / 2**20:.1f} MiB  est "
           f"{(row['estimated_seconds'] or 0) * 1e3:.3f} ms "
           f"({(row['estimated_examples_per_s'] or 0):,.0f} ex/s)")
 
@@ -307,7 +334,8 @@ def main(argv):
     cli.fail(f"--phases: unknown {bad}; valid: train, encode, score")
   rows = []
   for target in targets:
-    rows += report(target, names, sizes, _PHASES.value, log=lambda m: print(m, flush=True))
+    rows += report(target, names, sizes, _PHASES.value, Settings.from_flags(),
+                   log=lambda m: print(m, flush=True))
     if _OUTPUT.value:
       with open(_OUTPUT.value, "w") as f:
         json.dump(rows, f, indent=1)
