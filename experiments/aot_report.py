@@ -315,6 +315,31 @@ def _line(row: dict) -> str:
           f"({(row['estimated_examples_per_s'] or 0):,.0f} ex/s)")
 
 
+def markdown(rows: list[dict]) -> str:
+  """One line per (target, model, catalog size): the train step's per-device memory, compile
+  time and estimated examples/s, and serving's score compile time and candidates/s."""
+  by_key: dict[tuple, dict] = {}
+  for r in rows:
+    if "phase" in r:
+      by_key.setdefault((r["target"], r["model"], r["num_items"]), {})[r["phase"]] = r
+  lines = ["| target | model | items | mesh | train: MiB per device | train: compile s | "
+           "train: est. examples/s | score: compile s | score: est. candidates/s |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+  for (target, model, items), phases in by_key.items():
+    train, score = phases.get("train", {}), phases.get("score", {})
+    fmt = lambda r, k, f: (f.format(r[k]) if r.get("compiled") and r.get(k) is not None
+                           else ("failed" if r else ""))
+    mesh = "x".join(str(v) for v in (train.get("mesh") or {}).values())
+    mib = (f"{train['bytes_per_device']['total'] / 2**20:,.0f}"
+           if train.get("compiled") else fmt(train, "x", ""))
+    lines.append(f"| {target} | {model} | {items:,} | {mesh} | {mib} | "
+                 f"{fmt(train, 'compile_seconds', '{:.1f}')} | "
+                 f"{fmt(train, 'estimated_examples_per_s', '{:,.0f}')} | "
+                 f"{fmt(score, 'compile_seconds', '{:.1f}')} | "
+                 f"{fmt(score, 'estimated_examples_per_s', '{:,.0f}')} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   try:
@@ -340,6 +365,7 @@ def main(argv):
       with open(_OUTPUT.value, "w") as f:
         json.dump(rows, f, indent=1)
   failed = [r for r in rows if not r["compiled"]]
+  print(markdown(rows))
   print(f"{len(rows) - len(failed)} of {len(rows)} compiled", file=sys.stderr)
 
 
