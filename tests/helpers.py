@@ -140,3 +140,18 @@ def flip_array_bytes(workdir, step):
     data[i] ^= 0x10
   target.write_bytes(bytes(data))
   return target
+
+
+def copy_run(finished, tmp_path, name="copy"):
+  """A copy of a finished run's workdir (`finished`: (workdir, results)) under tmp_path."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path / name
+  shutil.copytree(finished[0], workdir)
+  return workdir
+
+
+def snapshot(directory):
+  """{relative path: bytes} of every file below `directory`."""
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(directory.rglob("*")) if p.is_file()}

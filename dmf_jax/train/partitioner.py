@@ -81,6 +81,13 @@ class Partitioner:
     return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
                         is_leaf=lambda x: isinstance(x, P))
 
+  def _creator(self, model_factory, tx, seed: int):
+    """() -> (graphdef, TrainState) of a new model on this mesh's sharding rules."""
+    def create():
+      model = model_factory(self.rules, nnx.Rngs(seed))
+      return training.create_train_state(model, tx, seed)
+    return create
+
   def init(
       self,
       model_factory: Callable[[ShardingRules, nnx.Rngs], nnx.Module],
@@ -95,10 +102,7 @@ class Partitioner:
     `model_factory(rules, rngs)` builds the model with a placeholder catalog; the real catalog
     is validated and put on the devices afterwards, so it is never baked into the program.
     """
-    def create():
-      model = model_factory(self.rules, nnx.Rngs(seed))
-      return training.create_train_state(model, tx, seed)
-
+    create = self._creator(model_factory, tx, seed)
     with jax.set_mesh(self.mesh):
       graphdef, abstract_state = nnx.eval_shape(create)
       shardings = self.state_shardings(abstract_state)
@@ -120,12 +124,8 @@ class Partitioner:
     leaves `jax.ShapeDtypeStruct`s carrying their shardings (the catalog's too, at the size
     the model's schema gives it). For compiling ahead of time for devices that are not
     present (`jax.jit(...).trace(abstract_state, ...).lower().compile()`)."""
-    def create():
-      model = model_factory(self.rules, nnx.Rngs(seed))
-      return training.create_train_state(model, tx, seed)
-
     with jax.set_mesh(self.mesh):
-      graphdef, abstract = nnx.eval_shape(create)
+      graphdef, abstract = nnx.eval_shape(self._creator(model_factory, tx, seed))
       shardings = self.state_shardings(abstract)
     return graphdef, self.abstract_state(shardings, abstract), shardings
 

@@ -4,7 +4,6 @@ moved aside so that the run finishes."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from dmf_jax.core import locking
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import runs
 from dmf_jax.train import loop as train_lib
-from helpers import tiny_train_config
+from helpers import copy_run, snapshot, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +29,6 @@ def finished(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("runs") / "dmf"
   results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   return workdir, results
-
-
-def copy_run(finished, tmp_path, name="copy"):
-  workdir = tmp_path / name
-  shutil.copytree(finished[0], workdir)
-  return workdir
-
-
-def snapshot(directory):
-  return {str(p.relative_to(directory)): p.read_bytes()
-          for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_changed_config_refuses_and_leaves_the_run_intact(data_dir, finished, tmp_path):

@@ -15,7 +15,7 @@ from dmf_jax.train import checkpointing
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
 from dmf_jax.train import runs
-from helpers import flip_array_bytes, tiny_train_config
+from helpers import copy_run, flip_array_bytes, snapshot, tiny_train_config
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -32,12 +32,6 @@ def finished(data_dir, tmp_path_factory):
   results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   assert results["best_step"] == 40 and results["steps"] == 40
   return workdir, results
-
-
-def copy_run(finished, tmp_path, name="copy"):
-  workdir = tmp_path / name
-  shutil.copytree(finished[0], workdir)
-  return workdir
 
 
 def test_every_saved_step_has_a_manifest_of_its_files(finished):
@@ -132,11 +126,6 @@ def test_results_are_never_replaced_by_a_non_finite_or_worse_evaluation(tmp_path
 
 
 # --- a refused run changes nothing ---------------------------------------------------------
-
-
-def snapshot(directory):
-  return {str(p.relative_to(directory)): p.read_bytes()
-          for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_a_refused_run_without_run_json_writes_nothing(data_dir, finished, tmp_path):
