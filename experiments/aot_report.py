@@ -342,6 +342,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  # Programs for absent devices cannot be loaded back from a persistent cache: skip it.
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     targets = [Target.parse(t) for t in _TARGETS.value]
   except ValueError as e:

@@ -24,6 +24,15 @@ def parsed_flags():
     flags.FLAGS(["test"])  # the report's flags at their defaults
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_cache():
+  """Programs for absent devices cannot be loaded from the suite's compilation cache."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", before)
+
+
 @pytest.fixture(scope="module")
 def v5e_2x4():
   return aot.Target.parse("tpu:v5e:2x4").devices()
