@@ -447,8 +447,11 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   # Every check before the workdir is claimed (run.json, config.json written): a refused run
   # changes nothing. The latest checkpoint must fit the model, a warm start's source too.
   fresh = config.get("overwrite", False) and runs.holds_run(workdir)  # the old run moves away
+  resume = not fresh and (workdir / "checkpoints").exists()
+  if jax.process_count() > 1:  # every process decides on the workdir before anyone moves it
+    multihost_utils.sync_global_devices("workdir inspected")
   restored, iterator, ckpt = None, None, None
-  if not fresh and (workdir / "checkpoints").exists():
+  if resume:
     ckpt = _checkpoints(exp, workdir, is_main)
     restored, iterator = ckpt.restore_latest(
         abstract, new_iterator, catalog=catalog_of(exp.state),
