@@ -27,10 +27,14 @@ def parsed_flags():
 @pytest.fixture(scope="module", autouse=True)
 def no_persistent_cache():
   """Programs for absent devices cannot be loaded from the suite's compilation cache."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+
   before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # the flag is read once per process: read it again
   yield
   jax.config.update("jax_enable_compilation_cache", before)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
