@@ -55,20 +55,13 @@ CORRUPT_DIR = "corrupt"
 METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step record (holds the bookkeeping)
 
 
-def _record(step_dir: epath.Path) -> dict:
-  """Orbax's record of a step ({} when unreadable)."""
+def _record(step_dir: epath.Path) -> dict | None:
+  """Orbax's record of a step (None when it is missing, empty or garbled)."""
   try:
     record = json.loads((step_dir / METADATA_FILE).read_text())
   except (OSError, ValueError):
-    return {}
-  return record if isinstance(record, dict) else {}
-
-
-def _record_is_readable(step_dir: epath.Path) -> bool:
-  try:
-    return isinstance(json.loads((step_dir / METADATA_FILE).read_text()), dict)
-  except (OSError, ValueError):
-    return False
+    return None
+  return record if isinstance(record, dict) else None
 
 
 class CheckpointMismatchError(UserError):
@@ -159,7 +152,7 @@ class CheckpointManager:
     self._moved: list[epath.Path] = []
     if repair and self.directory.exists():
       for path in sorted(self.directory.iterdir()):
-        if path.is_dir() and path.name.isdigit() and not _record_is_readable(path):
+        if path.is_dir() and path.name.isdigit() and _record(path) is None:
           self._moved.append(self._move(int(path.name)))
           log(f"WARNING: checkpoint at step {path.name} is unreadable (its record "
               f"{path / METADATA_FILE} is empty or garbled); moved it to {self._moved[-1]}")
@@ -204,7 +197,7 @@ class CheckpointManager:
       except integrity.IntegrityError as e:
         raise CorruptCheckpointError(step, self.directory, str(e)) from None
       return True
-    if _record(step_dir).get("custom_metadata", {}).get(MANIFEST_KEY):
+    if ((_record(step_dir) or {}).get("custom_metadata") or {}).get(MANIFEST_KEY):
       raise CorruptCheckpointError(
           step, self.directory, f"its content manifest {step_dir / integrity.MANIFEST_FILE} is "
           f"missing (the save was cut off), so its files cannot be checked")

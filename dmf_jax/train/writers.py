@@ -30,8 +30,9 @@ class MetricWriter:
     self._tb = None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      kept = [r for r in read_metrics(self.workdir) if r["step"] <= start_step]
-      if (self.workdir / "metrics.jsonl").exists():
+      records = read_metrics(self.workdir)
+      kept = [r for r in records if r["step"] <= start_step]
+      if len(kept) < len(records):
         tmp = self.workdir / ".metrics.jsonl.tmp"
         tmp.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))
         tmp.replace(self.workdir / "metrics.jsonl")

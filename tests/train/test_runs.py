@@ -18,19 +18,6 @@ from dmf_jax.train import loop as train_lib
 from helpers import copy_run, snapshot, tiny_train_config
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def finished(data_dir, tmp_path_factory):
-  """A finished tiny run (checkpoints at 30 and 40, the best kept too)."""
-  workdir = tmp_path_factory.mktemp("runs") / "dmf"
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
-  return workdir, results
-
-
 def test_changed_config_refuses_and_leaves_the_run_intact(data_dir, finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   before = snapshot(workdir)

@@ -20,22 +20,9 @@ from helpers import copy_run, flip_array_bytes, snapshot, tiny_train_config
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def finished(data_dir, tmp_path_factory):
-  """A finished tiny run: checkpoints at 30 and 40 (the best), results.json."""
-  workdir = tmp_path_factory.mktemp("runs") / "dmf"
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
-  assert results["best_step"] == 40 and results["steps"] == 40
-  return workdir, results
-
-
 def test_every_saved_step_has_a_manifest_of_its_files(finished):
-  workdir, _ = finished
+  workdir, results = finished
+  assert results["best_step"] == 40 and results["steps"] == 40  # the step damaged below
   for step_dir in (workdir / "checkpoints").iterdir():
     if step_dir.name.isdigit():
       manifest = json.loads((step_dir / integrity.MANIFEST_FILE).read_text())
@@ -47,6 +34,7 @@ def test_every_saved_step_has_a_manifest_of_its_files(finished):
 
 def test_flipped_bits_in_the_latest_checkpoint_fall_back_and_keep_the_result(
     data_dir, finished, tmp_path, capsys):
+  assert finished[1]["best_step"] == 40 and finished[1]["steps"] == 40
   workdir = copy_run(finished, tmp_path)
   good = json.loads((workdir / "results.json").read_text())
   damaged = flip_array_bytes(workdir, 40)
