@@ -31,6 +31,9 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for absent devices; run nothing
+# libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when loaded; compiling needs no TPU,
+# so several processes (test workers, a report beside them) may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -291,11 +294,12 @@ def report(target: Target, names, sizes, phases, settings: Settings, log=print) 
           est_s, est_rate = estimate(chip, flops, bytes_accessed, examples)
           if phase == "train" and est_rate is not None:
             est_rate *= row["mesh"]["data"]  # every data-parallel device does its share
+          held = memory(compiled)
           row.update(compiled=True, compile_seconds=round(seconds, 2),
-                     bytes_per_device=memory(compiled), flops=flops,
+                     bytes_per_device=held, flops=flops,
                      bytes_accessed=bytes_accessed, collectives=collectives(compiled),
                      estimated_seconds=est_s, estimated_examples_per_s=est_rate,
-                     hbm_fraction=(memory(compiled).get("total", 0) / chip.hbm_bytes))
+                     hbm_fraction=held.get("total", 0) / chip.hbm_bytes)
         except Exception as e:  # pylint: disable=broad-except  (a failed compile is a result)
           row["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
         rows.append(row)
@@ -330,8 +334,8 @@ def markdown(rows: list[dict]) -> str:
     fmt = lambda r, k, f: (f.format(r[k]) if r.get("compiled") and r.get(k) is not None
                            else ("failed" if r else ""))
     mesh = "x".join(str(v) for v in (train.get("mesh") or {}).values())
-    mib = (f"{train['bytes_per_device']['total'] / 2**20:,.0f}"
-           if train.get("compiled") else fmt(train, "x", ""))
+    mib = (f"{train['bytes_per_device']['total'] / 2**20:,.0f}" if train.get("compiled")
+           else ("failed" if train else ""))
     lines.append(f"| {target} | {model} | {items:,} | {mesh} | {mib} | "
                  f"{fmt(train, 'compile_seconds', '{:.1f}')} | "
                  f"{fmt(train, 'estimated_examples_per_s', '{:,.0f}')} | "
