@@ -30,10 +30,16 @@ import re
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for absent devices; run nothing
+# Compile for absent devices; run nothing (`--targets=local` needs JAX_PLATFORMS set to the
+# attached accelerator's platform, plus cpu: e.g. JAX_PLATFORMS=cuda,cpu).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when loaded; compiling needs no TPU,
 # so several processes (test workers, a report beside them) may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# GPU rows take their cost analysis from the same program compiled for as many CPU devices.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -88,7 +94,12 @@ _SPARSE = flags.DEFINE_integer("sparse_min_rows", 100_000,
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 50, "Behaviours per training example.")
 _SERVE_SEQ_LEN = flags.DEFINE_integer("serve_seq_len", 200, "Behaviours of the served user.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 1200, "Candidates scored per request.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                           "The models' compute dtype (model_config.compute_dtype).")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the rows (JSON list).")
+_GPU_CONFIGS = flags.DEFINE_string(
+    "gpu_target_configs", None, "Folder of openxla/xla's GPU target specs (h100_sxm.txtpb, "
+    "h200.txtpb; default $DMF_GPU_TARGET_CONFIGS) for gpu:<chip>:<n> targets.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +113,32 @@ class Target:
 
   @classmethod
   def parse(cls, text: str) -> "Target":
+    if text == "local":  # this machine's accelerators (experiments/accelerator_check.sh)
+      return cls.local()
     parts = text.split(":")
     if len(parts) != 3 or parts[0] not in ("tpu", "gpu") or parts[1] not in CHIPS:
       raise ValueError(f"--targets: {text!r} is not tpu:<chip>:<topology> or "
                        f"gpu:<chip>:<devices> with a chip of {sorted(CHIPS)}")
     return cls(text, *parts)
 
+  @classmethod
+  def local(cls) -> "Target":
+    """The attached devices, compiled for as they are (the chip: the first of `CHIPS` that
+    their device kind names, e.g. 'NVIDIA H200' -> h200)."""
+    devices = jax.devices()
+    kind = devices[0].device_kind.lower().replace(" ", "")
+    chip = next((c for c in CHIPS if c in kind), None)
+    if devices[0].platform not in ("tpu", "gpu") or chip is None:
+      raise ValueError(f"--targets=local: the attached devices ({devices[0].device_kind!r}, "
+                       f"{devices[0].platform}) are not an accelerator of {sorted(CHIPS)}")
+    return cls("local", "local-" + devices[0].platform, chip, str(len(devices)))
+
   def devices(self) -> list:
     """The target's devices (abstract: nothing runs on them)."""
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
+    if self.platform.startswith("local"):
+      return jax.devices()
     if self.platform == "tpu":
       if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError('TPU targets need libtpu: pip install -e ".[aot]" -c requirements.lock')
@@ -124,7 +151,31 @@ class Target:
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
       raise RuntimeError('GPU targets need the CUDA plugin: pip install -e ".[aot-gpu]" '
                          "-c requirements.lock")
-    raise RuntimeError("GPU targets: not implemented in this version of the report")
+    return list(topologies.get_topology_desc(
+        platform="cuda", topology=f"1x1x{int(self.topology)}",
+        target_config=gpu_target_config(self.chip)).devices)
+
+
+# openxla/xla's GpuTargetConfigProto files (xla/backends/gpu/target_config/specs/) per chip.
+GPU_SPEC_FILES = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
+# Fields of newer specs that jaxlib 0.10.2's proto does not know (its parser rejects the file).
+GPU_SPEC_FIELDS_UNKNOWN = ("collective_memory_granularity",)
+
+
+def gpu_target_config(chip: str) -> str:
+  """The text of `chip`'s GpuTargetConfigProto from --gpu_target_configs (a folder holding
+  openxla/xla's spec files, e.g. h100_sxm.txtpb), without the fields this jaxlib rejects."""
+  folder = _GPU_CONFIGS.value or os.environ.get("DMF_GPU_TARGET_CONFIGS", "")
+  if not folder:
+    raise RuntimeError("GPU targets need --gpu_target_configs (or DMF_GPU_TARGET_CONFIGS): a "
+                       "folder with openxla/xla's xla/backends/gpu/target_config/specs/"
+                       f"{GPU_SPEC_FILES.get(chip, chip + '.txtpb')}")
+  path = os.path.join(folder, GPU_SPEC_FILES.get(chip, f"{chip}.txtpb"))
+  if not os.path.isfile(path):
+    raise RuntimeError(f"--gpu_target_configs: no {path}")
+  with open(path) as f:
+    lines = f.read().splitlines()
+  return "\n".join(l for l in lines if l.strip().split(":")[0] not in GPU_SPEC_FIELDS_UNKNOWN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +190,13 @@ class Settings:
   shard_items: int = 100_000  # catalogs above this are row-sharded over mesh.model
   mesh_model: int = 4
   sparse_min_rows: int = 100_000  # row-sparse Adam for tables this large (sharded catalogs)
+  compute_dtype: str = "float32"  # the models' compute dtype (mixed precision: 'bfloat16')
 
   @classmethod
   def from_flags(cls) -> "Settings":
     return cls(_SEQ_LEN.value, _SERVE_SEQ_LEN.value, _CANDIDATES.value, _BATCH.value,
-               _LARGE_BATCH.value, _SHARD_ITEMS.value, _MESH_MODEL.value, _SPARSE.value)
+               _LARGE_BATCH.value, _SHARD_ITEMS.value, _MESH_MODEL.value, _SPARSE.value,
+               _DTYPE.value)
 
   def batch(self, num_items: int) -> int:
     return self.batch_size if num_items <= self.shard_items else self.large_batch_size
@@ -162,8 +215,14 @@ def model_schema(num_items: int, seq_len: int):
   return bench_utils.movielens_like_schema(seq_len, num_items)
 
 
-def model_config(name: str):
-  return bench_utils.model_config(movielens.get_config(), name)
+def model_config(name: str, compute_dtype: str = "float32", platform: str = "cpu"):
+  """MovieLens's model config of `name`; `lookup_mode='auto'` resolves by the backend of the
+  process that builds the model, so for a TPU target it is stated: one-hot, as on a TPU."""
+  config = movielens.get_config()
+  config.model_config.compute_dtype = compute_dtype
+  if platform == "tpu":
+    config.model_config.lookup_mode = "one_hot"
+  return bench_utils.model_config(config, name)
 
 
 def memory(compiled) -> dict:
@@ -206,10 +265,18 @@ def estimate(chip: Chip, flops, bytes_accessed, examples: int) -> tuple[float | 
   return seconds, (examples / seconds if seconds > 0 else None)
 
 
-def compile_phase(fn, *args):
+# Compiling for GPUs that are not present: XLA's CUB radix sort (the sorts of row-sparse Adam's
+# unique rows, above ~1,000 keys) sizes its scratch on a live device ("invalid device ordinal"
+# without one), and the Triton GEMM emitter, untuned without a device, finds no tiling for some
+# fused dots ("Couldn't find output tile sizes", BST's attention output, DMF/EM3 backward dots
+# at 1M items). Without a device, sorts and GEMMs compile as XLA's own sort and cuBLAS calls.
+GPU_AOT_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False, "xla_gpu_enable_triton_gemm": False}
+
+
+def compile_phase(fn, *args, options=None):
   """(compiled, seconds): trace, lower and compile `fn` (a jax.jit) for abstract `args`."""
   start = time.perf_counter()
-  compiled = fn.trace(*args).lower().compile()
+  compiled = fn.trace(*args).lower().compile(compiler_options=options)
   return compiled, time.perf_counter() - start
 
 
@@ -220,7 +287,7 @@ def train_program(devices, name: str, num_items: int, settings: Settings, schema
   data, model = mesh_shape(len(devices), num_items, settings)
   partitioner = pt.Partitioner(pt.MeshConfig(data=data, model=model), devices=devices)
   schema = schema or model_schema(num_items, settings.seq_len)
-  config = config or model_config(name)
+  config = config or model_config(name, settings.compute_dtype, devices[0].platform)
   batch_size = settings.batch(num_items)
   tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
       learning_rate=1e-3, sparse_min_rows=settings.sparse_min_rows
@@ -238,7 +305,7 @@ def train_program(devices, name: str, num_items: int, settings: Settings, schema
 def serving_programs(device, name: str, num_items: int, settings: Settings, config=None):
   """(encode_fn, score_fn, abstract params, abstract user, abstract ids) on one device."""
   schema = model_schema(num_items, settings.serve_seq_len)
-  config = config or model_config(name)
+  config = config or model_config(name, settings.compute_dtype, device.platform)
   abstract_model = nnx.eval_shape(
       lambda: models.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
   graphdef, params = nnx.split(abstract_model)
@@ -253,8 +320,43 @@ def serving_programs(device, name: str, num_items: int, settings: Settings, conf
   return encode_fn, score_fn, params, user, ids
 
 
+def cpu_devices() -> list:
+  """The CPU devices (none where JAX_PLATFORMS leaves the CPU out)."""
+  try:
+    return jax.devices("cpu")
+  except RuntimeError:
+    return []
+
+
+def compile_program(devices, name: str, num_items: int, phase: str, settings: Settings,
+                    cache: dict, options=None):
+  """(compiled, seconds, examples per device-program, mesh) of one phase on `devices`;
+  `cache` keeps the serving programs of (devices, name, num_items) between phases."""
+  if phase == "train":
+    step, state, batch, partitioner = train_program(devices, name, num_items, settings)
+    with jax.set_mesh(partitioner.mesh):
+      compiled, seconds = compile_phase(step, state, batch, options=options)
+    return (compiled, seconds, settings.batch(num_items) // partitioner.data_size,
+            dict(partitioner.mesh.shape))
+  key = (devices[0], name, num_items)
+  if key not in cache:
+    cache[key] = serving_programs(devices[0], name, num_items, settings)
+  encode_fn, score_fn, params, user, ids = cache[key]
+  if phase == "encode":
+    compiled, seconds = compile_phase(encode_fn, params, user, options=options)
+    return compiled, seconds, 1, {"devices": 1}
+  user_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ids.sharding),
+                            jax.eval_shape(encode_fn, params, user))
+  compiled, seconds = compile_phase(score_fn, params, user_state, ids, options=options)
+  return compiled, seconds, settings.candidates, {"devices": 1}
+
+
 def report(target: Target, names, sizes, phases, settings: Settings, log=print) -> list[dict]:
-  """The rows of one target (a failed compile is a row with its error)."""
+  """The rows of one target (a failed compile is a row with its error).
+
+  XLA's GPU compiler gives no cost analysis: a GPU row's flops and bytes are those of the same
+  program compiled for as many CPU devices (`cost_source`: 'cpu'; run with
+  XLA_FLAGS=--xla_force_host_platform_device_count=N, as `main` does)."""
   rows = []
   try:
     devices = target.devices()
@@ -262,44 +364,31 @@ def report(target: Target, names, sizes, phases, settings: Settings, log=print) 
     log(f"{target.name}: skipped: {e}")
     return [{"target": target.name, "compiled": False, "error": str(e)}]
   chip = CHIPS[target.chip]
+  options = GPU_AOT_OPTIONS if target.platform == "gpu" else None  # no device to tune on
+  cache, cpu_cache = {}, {}
   for num_items in sizes:
     for name in names:
-      programs = {}
       for phase in phases:
         row = {"target": target.name, "model": name, "num_items": num_items, "phase": phase,
-               "compiled": False, "error": None}
+               "compute_dtype": settings.compute_dtype, "compiled": False, "error": None, "compiler_options": options or {}}
         try:
-          if phase == "train":
-            step, state, batch, partitioner = train_program(devices, name, num_items, settings)
-            row["mesh"] = dict(partitioner.mesh.shape)
-            with jax.set_mesh(partitioner.mesh):
-              compiled, seconds = compile_phase(step, state, batch)
-            examples = settings.batch(num_items) // partitioner.data_size  # per device
-          else:
-            if not programs:
-              programs["serving"] = serving_programs(devices[0], name, num_items, settings)
-            encode_fn, score_fn, params, user, ids = programs["serving"]
-            row["mesh"] = {"devices": 1}
-            if phase == "encode":
-              compiled, seconds = compile_phase(encode_fn, params, user)
-              examples = 1
-            else:
-              user_state = jax.eval_shape(encode_fn, params, user)
-              user_state = jax.tree.map(
-                  lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ids.sharding),
-                  user_state)
-              compiled, seconds = compile_phase(score_fn, params, user_state, ids)
-              examples = settings.candidates
+          compiled, seconds, examples, row["mesh"] = compile_program(
+              devices, name, num_items, phase, settings, cache, options)
+          held = memory(compiled)
+          row.update(compiled=True, compile_seconds=round(seconds, 2), bytes_per_device=held,
+                     collectives=collectives(compiled),
+                     hbm_fraction=held.get("total", 0) / chip.hbm_bytes)
           flops, bytes_accessed = costs(compiled)
+          row["cost_source"] = target.platform
+          if flops is None and len(cpu_devices()) >= len(devices):
+            flops, bytes_accessed = costs(compile_program(
+                cpu_devices()[:len(devices)], name, num_items, phase, settings, cpu_cache)[0])
+            row["cost_source"] = "cpu"
           est_s, est_rate = estimate(chip, flops, bytes_accessed, examples)
           if phase == "train" and est_rate is not None:
             est_rate *= row["mesh"]["data"]  # every data-parallel device does its share
-          held = memory(compiled)
-          row.update(compiled=True, compile_seconds=round(seconds, 2),
-                     bytes_per_device=held, flops=flops,
-                     bytes_accessed=bytes_accessed, collectives=collectives(compiled),
-                     estimated_seconds=est_s, estimated_examples_per_s=est_rate,
-                     hbm_fraction=held.get("total", 0) / chip.hbm_bytes)
+          row.update(flops=flops, bytes_accessed=bytes_accessed, estimated_seconds=est_s,
+                     estimated_examples_per_s=est_rate)
         except Exception as e:  # pylint: disable=broad-except  (a failed compile is a result)
           row["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
         rows.append(row)

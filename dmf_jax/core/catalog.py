@@ -190,7 +190,10 @@ class CatalogTables(nnx.Module):
       sharding: ShardingRules = NO_SHARDING,
       pairwise: bool = False,
       vector_dtype: str = "float32",
+      pairwise_lookup: str = "gather",
   ):
+    """pairwise_lookup: how `pairwise_similarity` reads the matrix: 'gather' (one scalar gather
+    per pair) or 'one_hot' (the targets' rows, then a one-hot matmul over the items: TPU's)."""
     if vector_dtype not in VECTOR_DTYPES:
       raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {tuple(VECTOR_DTYPES)}")
     catalog = catalog or ItemCatalog.zeros(schema)
@@ -198,6 +201,7 @@ class CatalogTables(nnx.Module):
     self.num_items = schema.num_items
     self.sharding = sharding
     self.vector_dtype = vector_dtype
+    self.pairwise_lookup = pairwise_lookup
     self.has_pairwise = pairwise and bool(catalog.modalities)
     self.hashed_ids = schema.item_id_spec.hashed
     tables = self._tables(schema, catalog)  # unpadded
@@ -287,7 +291,8 @@ class CatalogTables(nnx.Module):
     n = len(arrays[0])
     new.validate(schema.replace(num_items=n))
     total = schema.replace(num_items=self.num_items + n)
-    out = CatalogTables(total, sharding=self.sharding, vector_dtype=self.vector_dtype)
+    out = CatalogTables(total, sharding=self.sharding, vector_dtype=self.vector_dtype,
+                        pairwise_lookup=self.pairwise_lookup)
     for key, value in out._tables(schema.replace(num_items=n), new).items():
       old = np.asarray(jax.device_get(self._stored(key)[...]))[:self.num_items]
       merged = np.concatenate([old.astype(value.dtype), value])
@@ -346,6 +351,11 @@ class CatalogTables(nnx.Module):
 
   def pairwise_similarity(self, name: str, target_ids: jax.Array, item_ids: jax.Array) -> jax.Array:
     """cos(m_t, m_j) from the precomputed matrix: target [...], items [..., L] (broadcast) -> [..., L]."""
+    if self.pairwise_lookup == "one_hot":  # rows [..., V] . one_hot(items) [..., L, V]
+      matrix = self.pairwise[name][...]
+      rows = take_rows(matrix, self.safe_ids(target_ids), force=self.sharding.on_mesh)
+      items = jax.nn.one_hot(self.safe_ids(item_ids), matrix.shape[1], dtype=rows.dtype)
+      return jnp.einsum("...v,...lv->...l", rows, items)
     flat = self.safe_ids(target_ids)[..., None] * self.num_items + self.safe_ids(item_ids)
     return take_rows(self.pairwise[name][...].reshape(-1), flat, force=self.sharding.on_mesh)
 

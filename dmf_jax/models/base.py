@@ -29,7 +29,9 @@ from dmf_jax.nn.embedding import FeatureEmbedding
 from dmf_jax.nn.layers import ACTIVATIONS, PredictionHead
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.numeric import NumericFeatures
-from dmf_jax.nn.similarity import SIMILARITY_MODES, TargetAwareSimilarity
+from dmf_jax.nn.precision import COMPUTE_DTYPES
+from dmf_jax.nn.similarity import (LOOKUP_MODES, SIMILARITY_MODES, TargetAwareSimilarity,
+                                   resolve_lookup_mode)
 from dmf_jax.nn.simtier import SIMTIER_NORMALIZATIONS
 
 Batch = Mapping[str, jax.Array]
@@ -66,6 +68,9 @@ class ModelConfig:
   # How the catalog holds the frozen vectors on the devices ('bfloat16': half the memory;
   # lookups return float32 either way).
   vector_dtype: str = checks.field("float32", tuple(VECTOR_DTYPES))
+  # The forward's dtype ('bfloat16': mixed precision, `nn.precision`); parameters, optimizer
+  # state, logits, losses and softmax normalisation stay float32.
+  compute_dtype: str = checks.field("float32", tuple(COMPUTE_DTYPES))
 
   def __post_init__(self):
     problems = checks.check_fields(self) + self.cross_field_problems()
@@ -112,6 +117,10 @@ class MultimodalConfig(ModelConfig):
   num_tiers: int = checks.field(20, "positive_int")
   simtier_normalization: str = checks.field("log1p", SIMTIER_NORMALIZATIONS)
   simtier_hidden: tuple[int, ...] = checks.field((64, 32), "sizes")
+  # How small lookups run: DTA's bucket scores and mass, SimTier's counts, the pairwise cosine
+  # matrix ('gather': scalar gathers and segment sums; 'one_hot': the same sums as matmuls;
+  # 'auto': one_hot on TPU, where a scalar gather costs a whole memory tile).
+  lookup_mode: str = checks.field("auto", LOOKUP_MODES)
 
   def cross_field_problems(self) -> list[str]:
     problems = super().cross_field_problems()
@@ -248,8 +257,9 @@ class CTRModel(nnx.Module):
                 and schema.num_items <= config.pairwise_similarity_max_items)
     self.schema = schema
     self.config = config
-    self.catalog = CatalogTables(schema, catalog, sharding, pairwise=pairwise,
-                                 vector_dtype=config.vector_dtype)
+    self.catalog = CatalogTables(
+        schema, catalog, sharding, pairwise=pairwise, vector_dtype=config.vector_dtype,
+        pairwise_lookup=resolve_lookup_mode(config.lookup_mode) if similarity else "gather")
     self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
     self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
     self.similarity = TargetAwareSimilarity(
@@ -257,6 +267,11 @@ class CTRModel(nnx.Module):
         projection_dim=config.projection_dim, rngs=rngs,
     ) if similarity else None
     self.content = content
+
+  @property
+  def dtype(self):
+    """The forward's dtype (`config.compute_dtype`): item and user features enter it here."""
+    return COMPUTE_DTYPES[self.config.compute_dtype]
 
   # -- items ----------------------------------------------------------------------------------
 
@@ -275,14 +290,15 @@ class CTRModel(nnx.Module):
     return item_rows(item_ids, self.catalog.num_items, positions)
 
   def modality_vectors(self, item_ids: jax.Array) -> list[jax.Array]:
-    """K arrays [..., D_k] of frozen vectors, in schema order."""
-    return [self.catalog.vectors(name, item_ids) for name in self.schema.modality_names]
+    """K arrays [..., D_k] of frozen vectors (compute dtype), in schema order."""
+    return [self.catalog.vectors(name, item_ids).astype(self.dtype)
+            for name in self.schema.modality_names]
 
   def item_tokens(self, rows: Rows, *, sequence: bool = False, train: bool = False,
                   rngs: nnx.Rngs | None = None) -> Rows:
     """Rows of ids -> Rows of tokens [R, token_dim] = [e ; content] (sequence: behaviour side)."""
     def encode(ids):
-      e = self.items(self.catalog, ids)
+      e = self.items(self.catalog, ids).astype(self.dtype)
       if self.content is None:
         return e
       c = self.content(self.modality_vectors(ids), sequence=sequence, train=train, rngs=rngs)
@@ -301,8 +317,8 @@ class CTRModel(nnx.Module):
     return self.item_tokens(rows, train=train, rngs=rngs).take()
 
   def user_embedding(self, batch: Batch) -> jax.Array:
-    """[B, user_dim] from the batch's user/<field> arrays."""
-    return self.users(batch, batch["hist_mask"].shape[0])
+    """[B, user_dim] from the batch's user/<field> arrays (compute dtype)."""
+    return self.users(batch, batch["hist_mask"].shape[0]).astype(self.dtype)
 
   # -- similarities ---------------------------------------------------------------------------
 
@@ -322,7 +338,8 @@ class CTRModel(nnx.Module):
               "inv_norms": [rows.map(lambda ids, n=n: self.catalog.inverse_norms(n, ids)).take()
                             for n in names]}
     vectors = [rows.map(lambda ids, k=k, name=name: self.similarity.prepare(
-        k, self.catalog.vectors(name, ids))).take() for k, name in enumerate(names)]
+        k, self.catalog.vectors(name, ids).astype(self.dtype))).take()
+        for k, name in enumerate(names)]
     return {"vectors": vectors}
 
   def candidate_similarities(self, state: Mapping, candidates: jax.Array, mask: jax.Array
@@ -339,7 +356,8 @@ class CTRModel(nnx.Module):
                        * inv[:, None, :], -1.0, 1.0)
               for name, h, inv in zip(names, state["vectors"], state["inv_norms"])]
     else:
-      sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.similarity.prepare(k, t), h), -1.0, 1.0)
+      sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.similarity.prepare(k, t), h,
+                                  preferred_element_type=jnp.float32), -1.0, 1.0)
               for k, (t, h) in enumerate(zip(self.modality_vectors(candidates),
                                              state["vectors"]))]
     return jnp.stack(self.calibrate(sims), axis=-1) * mask[:, None, :, None]

@@ -125,7 +125,8 @@ class DinSimTier(DIN):
   def __init__(self, schema, config, *, rngs, catalog=None, sharding=NO_SHARDING):
     self.simtier = SimTier(
         len(schema.modalities), num_tiers=config.num_tiers,
-        normalization=config.simtier_normalization, hidden=config.simtier_hidden, rngs=rngs)
+        normalization=config.simtier_normalization, hidden=config.simtier_hidden,
+        lookup_mode=config.lookup_mode, rngs=rngs)
     self.extra_dim = self.simtier.out_dim
     super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
                      similarity=True)

@@ -62,6 +62,7 @@ class DMF(CTRModel):
       self.attention = ATTENTIONS[attention](
           id_dim=d, num_buckets=config.num_buckets, bucket_dim=config.bucket_dim,
           num_modalities=k, num_heads=config.num_heads, head_dim=config.head_dim, rngs=rngs,
+          lookup_mode=config.lookup_mode,
       )
     else:
       self.attention = MultiHeadTargetAttention(
@@ -71,7 +72,7 @@ class DMF(CTRModel):
     if use_mc:
       self.simtier = SimTier(
           k, num_tiers=config.num_tiers, normalization=config.simtier_normalization,
-          hidden=config.simtier_hidden, rngs=rngs,
+          hidden=config.simtier_hidden, lookup_mode=config.lookup_mode, rngs=rngs,
       )
       self.cmm = CMM(
           rep_dim, self.simtier.out_dim, mode=config.cmm, dim=config.cmm_dim,

@@ -42,7 +42,7 @@ from flax import nnx
 from dmf_jax.core import checks
 from dmf_jax.core.rows import Rows
 from dmf_jax.core.sharding import merge_leading, segment_sum_rows, split_leading, take_rows
-from dmf_jax.nn.similarity import SimilarityBucketEmbedding
+from dmf_jax.nn.similarity import SimilarityBucketEmbedding, resolve_lookup_mode
 
 _KERNEL_INIT = jax.nn.initializers.lecun_normal()
 DIN_NORMALIZATIONS = ("none", "softmax")
@@ -60,13 +60,16 @@ class TargetAttention(Protocol):
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
-  """Softmax over `axis` restricted to mask == True; all-masked slices give zeros (no NaN)."""
+  """Softmax over `axis` restricted to mask == True; all-masked slices give zeros (no NaN).
+  Normalised in float32 (bfloat16 scores too); returned in the scores' dtype."""
+  dtype = scores.dtype
+  scores = scores.astype(jnp.promote_types(dtype, jnp.float32))
   floor = jnp.finfo(scores.dtype).min
   scores = jnp.where(mask, scores, floor)
   peak = jax.lax.stop_gradient(jnp.max(scores, axis=axis, keepdims=True))
   e = jnp.exp(scores - peak) * mask
   total = jnp.sum(e, axis=axis, keepdims=True)
-  return e / jnp.where(total > 0, total, 1.0)
+  return (e / jnp.where(total > 0, total, 1.0)).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +390,10 @@ class _FusionAttention(nnx.Module):
 
   def __init__(self, *, id_dim: int, num_buckets: int, bucket_dim: int, num_modalities: int,
                num_heads: int, head_dim: int, rngs: nnx.Rngs | None = None,
-               weights: FusionAttentionWeights | None = None):
+               weights: FusionAttentionWeights | None = None, lookup_mode: str = "gather"):
+    """lookup_mode: how DTA reads its per-bucket scores and sums its attention mass per
+    bucket (`nn.similarity.LOOKUP_MODES`; early fusion embeds each position's bucket)."""
+    self.lookup_mode = resolve_lookup_mode(lookup_mode)
     if weights is None:
       if rngs is None:
         raise ValueError(f"{type(self).__name__} needs `rngs` (or existing `weights`)")
@@ -462,9 +468,10 @@ class DecoupledTargetAttention(_FusionAttention):
   """Early fusion's function, with the per-user part separated from the per-candidate part."""
 
   @classmethod
-  def from_early_fusion(cls, ef: EarlyFusionTargetAttention) -> "DecoupledTargetAttention":
+  def from_early_fusion(cls, ef: EarlyFusionTargetAttention, lookup_mode: str = "gather"
+                        ) -> "DecoupledTargetAttention":
     """A DTA sharing `ef`'s weights (the same Params: training one trains the other)."""
-    return cls(**ef.weights.config(), weights=ef.weights)
+    return cls(**ef.weights.config(), weights=ef.weights, lookup_mode=lookup_mode)
 
   def encode_user(self, behaviors: Rows | jax.Array, mask: jax.Array) -> HeadsUserState:
     """Target-agnostic part: W^id e_j for keys and values, [B, H, L, d_h] (on the R rows)."""
@@ -492,16 +499,24 @@ class DecoupledTargetAttention(_FusionAttention):
     q = w.queries(merge_leading(query))  # [E, H, d_h]
     buckets = merge_leading(jnp.clip(side, 0, nb - 1))  # [E, L, K]
     q_side = jnp.einsum("ehd,kmhd->ekhm", q, w.bucket_tables(w.key[...]))  # [E, K, H, nb]
-    index = jnp.transpose(buckets, (0, 2, 1))[:, :, None, :]  # [E, K, 1, L]
-    side_scores = jnp.take_along_axis(q_side, index, axis=3).sum(axis=1)  # [E, H, L]
+    if self.lookup_mode == "one_hot":  # the gathers and the segment sum as matmuls
+      onehot = jax.nn.one_hot(buckets, nb, dtype=q_side.dtype)  # [E, L, K, nb]
+      side_scores = jnp.einsum("elkm,ekhm->ehl", onehot, q_side)  # [E, H, L]
+    else:
+      index = jnp.transpose(buckets, (0, 2, 1))[:, :, None, :]  # [E, K, 1, L]
+      side_scores = jnp.take_along_axis(q_side, index, axis=3).sum(axis=1)  # [E, H, L]
     id_scores = merge_leading(head_scores(split_leading(q, batch, n), state.key_id))
     scores = (id_scores + side_scores) / jnp.sqrt(dh)
     mask = merge_leading(jnp.broadcast_to(state.mask[:, None], (batch, n, seq_len)))
     a = masked_softmax(scores, mask[:, None, :])  # [E, H, L]
-    per_token = jnp.broadcast_to(jnp.transpose(a, (0, 2, 1))[:, :, None, :], (e, seq_len, k, h))
-    segment = (jnp.arange(e)[:, None, None] * k + jnp.arange(k)[None, None, :]) * nb + buckets
-    mass = segment_sum_rows(per_token.reshape(-1, h), segment.reshape(-1), e * k * nb)
-    mass = mass.reshape(e, k, nb, h)  # [E, K, nb, H]
+    if self.lookup_mode == "one_hot":
+      mass = jnp.einsum("ehl,elkm->ekmh", a, onehot.astype(a.dtype))  # [E, K, nb, H]
+    else:
+      per_token = jnp.broadcast_to(jnp.transpose(a, (0, 2, 1))[:, :, None, :],
+                                   (e, seq_len, k, h))
+      segment = (jnp.arange(e)[:, None, None] * k + jnp.arange(k)[None, None, :]) * nb + buckets
+      mass = segment_sum_rows(per_token.reshape(-1, h), segment.reshape(-1), e * k * nb)
+      mass = mass.reshape(e, k, nb, h)  # [E, K, nb, H]
     id_part = merge_leading(head_mix(split_leading(a, batch, n), state.value_id))
     out = id_part + jnp.einsum("ekmh,kmhd->ehd", mass, w.bucket_tables(w.value[...]))
     return split_leading(out.reshape(e, h * dh), batch, n)

@@ -95,7 +95,7 @@ class RowProbes:
     k = len(self.calls)
     self.calls.append((self.tables[id(table)], rows))
     out = gather_rows(jax.lax.stop_gradient(table.embedding[...]), rows, table.sharding)
-    return out if self.probes is None else out + self.probes[k]
+    return out if self.probes is None else out + self.probes[k].astype(out.dtype)
 
 
 _ROW_PROBES: contextvars.ContextVar[RowProbes | None] = contextvars.ContextVar(

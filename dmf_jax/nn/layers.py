@@ -105,8 +105,9 @@ class CrossNetwork(nnx.Module):
 
 
 class PredictionHead(nnx.Module):
-  """[B, in_dim] -> [B]: an MLP tower then one logit; with cross_layers > 0 DCNv2's stacked
-  form, `CrossNetwork` (of rank `cross_rank`) before the tower."""
+  """[B, in_dim] -> float32 [B]: an MLP tower then one logit; with cross_layers > 0 DCNv2's
+  stacked form, `CrossNetwork` (of rank `cross_rank`) before the tower. The logit is float32
+  whatever the compute dtype (`nn.precision`)."""
 
   def __init__(
       self,
@@ -127,4 +128,4 @@ class PredictionHead(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
     if self.cross is not None:
       x = self.cross(x)
-    return self.logit(self.tower(x, train=train, rngs=rngs))[..., 0]
+    return self.logit(self.tower(x, train=train, rngs=rngs))[..., 0].astype(jnp.float32)

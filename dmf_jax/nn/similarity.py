@@ -18,6 +18,20 @@ from dmf_jax.core.sharding import take_rows
 
 SIMILARITY_MODES = ("frozen", "projected")
 NORM_EPS = 1e-8
+# How small lookups run (DTA's per-bucket scores and attention mass, SimTier's counts, the
+# pairwise cosine matrix): 'gather' (scalar gathers and segment sums) or 'one_hot' (the same
+# sums as one-hot matmuls: on a TPU a scalar gather or scatter costs a whole memory tile, a
+# matmul the MXU); 'auto': one_hot on a TPU backend, gather elsewhere.
+LOOKUP_MODES = ("auto", "gather", "one_hot")
+
+
+def resolve_lookup_mode(lookup: str) -> str:
+  """'auto' -> 'one_hot' on a TPU backend, else 'gather'; the others as they are."""
+  if lookup not in LOOKUP_MODES:
+    raise ValueError(f"lookup_mode {lookup!r} is not one of {LOOKUP_MODES}")
+  if lookup == "auto":
+    return "one_hot" if jax.default_backend() == "tpu" else "gather"
+  return lookup
 
 
 def l2_normalize(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:

@@ -11,13 +11,14 @@ from flax import nnx
 from dmf_jax.core import checks
 from dmf_jax.nn.layers import MLP
 from dmf_jax.core.sharding import merge_leading, segment_sum_rows, split_leading
-from dmf_jax.nn.similarity import bucketize
+from dmf_jax.nn.similarity import bucketize, resolve_lookup_mode
 
 SIMTIER_NORMALIZATIONS = ("count", "normalized", "log1p")
 
 
 def simtier_histogram(
-    similarity: jax.Array, mask: jax.Array, num_tiers: int, normalization: str = "log1p"
+    similarity: jax.Array, mask: jax.Array, num_tiers: int, normalization: str = "log1p",
+    lookup: str = "gather",
 ) -> jax.Array:
   """Counts of similarities in T equal-width tiers over [-1, 1], padding not counted.
 
@@ -36,10 +37,14 @@ def simtier_histogram(
   similarity = jnp.where(mask[..., None], similarity, 0.0)
   batch, seq_len, k = similarity.shape
   tiers = bucketize(similarity, num_tiers)  # [B, L, K]
-  segment = (jnp.arange(batch)[:, None, None] * k + jnp.arange(k)[None, None, :]) * num_tiers
-  weights = jnp.broadcast_to(mask[..., None], tiers.shape).astype(jnp.float32)
-  counts = segment_sum_rows(weights.reshape(-1), (segment + tiers).reshape(-1),
-                            batch * k * num_tiers).reshape(batch, k, num_tiers)
+  if resolve_lookup_mode(lookup) == "one_hot":  # counts[b,k,t] = sum_l mask[b,l] [tier = t]
+    counts = jnp.einsum("bl,blkt->bkt", mask.astype(jnp.float32),
+                        jax.nn.one_hot(tiers, num_tiers, dtype=jnp.float32))
+  else:
+    segment = (jnp.arange(batch)[:, None, None] * k + jnp.arange(k)[None, None, :]) * num_tiers
+    weights = jnp.broadcast_to(mask[..., None], tiers.shape).astype(jnp.float32)
+    counts = segment_sum_rows(weights.reshape(-1), (segment + tiers).reshape(-1),
+                              batch * k * num_tiers).reshape(batch, k, num_tiers)
   if normalization == "normalized":
     valid = jnp.sum(mask, axis=-1).astype(counts.dtype)[:, None, None]
     return counts / jnp.maximum(valid, 1.0)
@@ -59,14 +64,17 @@ class SimTier(nnx.Module):
       normalization: str = "log1p",
       hidden: Sequence[int] = (64, 32),
       activation: str = "relu",
+      lookup_mode: str = "gather",
       rngs: nnx.Rngs,
   ):
+    """lookup_mode: how the histogram is counted (`nn.similarity.LOOKUP_MODES`)."""
     if normalization not in SIMTIER_NORMALIZATIONS:
       raise ValueError(
           f"SimTier normalization {normalization!r} is not one of {SIMTIER_NORMALIZATIONS}"
       )
     self.num_tiers = num_tiers
     self.normalization = normalization
+    self.lookup_mode = resolve_lookup_mode(lookup_mode)
     self.mlp = MLP(num_modalities * num_tiers, hidden, activation=activation, rngs=rngs)
 
   @property
@@ -79,5 +87,8 @@ class SimTier(nnx.Module):
       batch, n = similarity.shape[:2]
       mask = merge_leading(jnp.broadcast_to(mask[:, None], similarity.shape[:3]))
       return split_leading(self(merge_leading(similarity), mask, train=train), batch, n)
-    hist = simtier_histogram(similarity, mask, self.num_tiers, self.normalization)
+    hist = simtier_histogram(similarity, mask, self.num_tiers, self.normalization,
+                             self.lookup_mode)
+    # The histogram (counted in float32) enters the MLP in its parameters' (compute) dtype.
+    hist = hist.astype(self.mlp.layers[0].kernel.dtype)
     return self.mlp(hist.reshape(hist.shape[0], -1), train=train)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
+from dmf_jax.nn import precision
 from dmf_jax.serve.request import (DEFAULT_BUCKETS, RequestLayout, check_buckets,
                                    check_user_state, chunks)
 from dmf_jax.train import loop
@@ -31,16 +32,20 @@ from dmf_jax.train import loop
 def make_serving_fns(graphdef: nnx.GraphDef):
   """(encode_user, score_candidates), both jitted pure functions of the model state."""
 
+  def model(params):  # a working copy in the model's compute dtype (`nn.precision`)
+    model = nnx.merge(graphdef, params)
+    return precision.to_compute_dtype(model, model.config.compute_dtype)
+
   @jax.jit
   def encode_user(params, user):
     """One user's features (user/<field>, hist_item_id [L], hist_mask [L]) -> its state."""
     batch = {k: jnp.asarray(v)[None] for k, v in user.items()}  # a batch of one user
-    return nnx.merge(graphdef, params).encode_user(batch)
+    return model(params).encode_user(batch)
 
   @jax.jit
   def score_candidates(params, user_state, item_ids):
     """item_ids int [N] -> logits [N]."""
-    return nnx.merge(graphdef, params).score(user_state, item_ids[None])[0]
+    return model(params).score(user_state, item_ids[None])[0]
 
   return encode_user, score_candidates
 

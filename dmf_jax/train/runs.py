@@ -51,7 +51,9 @@ ADDED_FIELDS = {"init_from": "", "init_from_optimizer": False,
                 "model_config.head": "mlp", "model_config.cross_layers": 3,
                 "model_config.cross_rank": 0, "model_config.bst_dim": 32,
                 "model_config.bst_heads": 2, "model_config.bst_layers": 1,
-                "model_config.bst_ffn_dim": 64, "model_config.dien_aux_weight": 1.0}
+                "model_config.bst_ffn_dim": 64, "model_config.dien_aux_weight": 1.0,
+                "model_config.compute_dtype": "float32",
+                "model_config.lookup_mode": "auto"}
 MAX_LISTED = 8
 
 

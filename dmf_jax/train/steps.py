@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dmf_jax.nn import precision
 from dmf_jax.nn.embedding import EmbeddingTable, RowProbes, row_probes
 from dmf_jax.train import sparse
 
@@ -83,9 +84,11 @@ def make_train_step(
     table_names = {"/".join(sparse.path_names(kp)) for kp, _ in
                    jax.tree_util.tree_flatten_with_path(tables)[0]}
     traced = []  # the RowProbes of each trace of `loss_fn` (the lookups, recorded when traced)
+    compute_dtype = nnx.merge(graphdef, state.params, state.rest).config.compute_dtype
 
     def loss_fn(params, probes):
-      model = nnx.merge(graphdef, params, tables, state.rest)
+      model = nnx.merge(graphdef, precision.cast_params(params, compute_dtype),
+                        precision.cast_params(tables, compute_dtype), state.rest)
       names = {id(m): name for path, m in nnx.iter_modules(model)
                if isinstance(m, EmbeddingTable)
                and (name := "/".join(map(str, path)) + "/embedding") in table_names}
@@ -132,6 +135,6 @@ def make_predict_step(graphdef: nnx.GraphDef, *, jit: bool = True):
 
   def predict(state: TrainState, batch):
     model = nnx.merge(graphdef, state.params, state.rest)
-    return model(batch, train=False)
+    return precision.to_compute_dtype(model, model.config.compute_dtype)(batch, train=False)
 
   return jax.jit(predict) if jit else predict

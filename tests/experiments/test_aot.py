@@ -86,10 +86,13 @@ def test_a_large_catalog_is_split_over_the_model_axis(v5e_2x4):
                          pytest.approx(np.prod(v.shape), rel=0.01) for v in vectors)
 
 
-def test_the_colab_notebooks_run_compiles_for_one_v5e_chip():
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_the_colab_notebooks_run_compiles_for_one_v5e_chip(compute_dtype):
   devices = aot.Target.parse("tpu:v5e:1x1").devices()
   assert len(devices) == 1
   config = default_config()  # the notebook's settings: generated_ctr/default, 128 per device
+  config.model_config.compute_dtype = compute_dtype
+  config.model_config.lookup_mode = "one_hot"  # what 'auto' is on a TPU
   schema = synthetic.schema_for(synthetic.SyntheticConfig())
   settings = dataclasses.replace(SMALL, batch_size=128)
   model_config = bench_utils.model_config(config, "dmf")
@@ -98,3 +101,31 @@ def test_the_colab_notebooks_run_compiles_for_one_v5e_chip():
   with jax.set_mesh(partitioner.mesh):
     compiled, _ = aot.compile_phase(step, state, batch)
   assert aot.memory(compiled)["alias"] >= 0.95 * state_bytes_per_device(state)
+  # Mixed precision keeps the parameters and the optimizer state float32; the program's
+  # matmuls run in the compute dtype.
+  assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+          if np.issubdtype(x.dtype, np.floating)} == {np.dtype("float32")}
+  text = compiled.as_text()
+  assert (" bf16[" in text) == (compute_dtype == "bfloat16")
+
+
+def test_gpu_targets_read_openxlas_spec_files_and_say_what_is_missing(tmp_path, monkeypatch):
+  """GPU specs come from a folder of openxla/xla's files; fields this jaxlib's proto does not
+  know are dropped; without the folder (or the CUDA plugin) a target's row says so."""
+  monkeypatch.delenv("DMF_GPU_TARGET_CONFIGS", raising=False)
+  with pytest.raises(RuntimeError, match="GPU targets need --gpu_target_configs"):
+    aot.gpu_target_config("h100")
+  (tmp_path / "h100_sxm.txtpb").write_text(
+      "gpu_device_info {\n  core_count: 132\n  collective_memory_granularity: 2097152\n}\n"
+      'platform_name: "CUDA"\n')
+  monkeypatch.setenv("DMF_GPU_TARGET_CONFIGS", str(tmp_path))
+  text = aot.gpu_target_config("h100")
+  assert "core_count: 132" in text and "collective_memory_granularity" not in text
+  with pytest.raises(RuntimeError, match=r"no .*h200\.txtpb"):
+    aot.gpu_target_config("h200")
+  with pytest.raises(ValueError, match="gpu:<chip>:<devices>"):
+    aot.Target.parse("gpu:a999:8")
+  rows = aot.report(aot.Target.parse("gpu:h200:8"), ["dmf"], [1682], ["train"], SMALL,
+                    log=lambda m: None)
+  assert len(rows) == 1 and not rows[0]["compiled"]
+  assert "aot-gpu" in rows[0]["error"] or "h200.txtpb" in rows[0]["error"]

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from helpers import batches, take, tiny_problem
+from helpers import batches, jitted, take, tiny_problem
 from dmf_jax.core.rows import Rows
 from dmf_jax.models import base as model_base
 from dmf_jax.models import registry as models
@@ -99,6 +99,38 @@ def test_dmf_and_early_fusion_compute_the_same_function():
 
   for (path, a), (_, b) in zip(nnx.to_flat_state(grads(ef)), nnx.to_flat_state(grads(dta))):
     np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=2e-4, atol=1e-6,
+                               err_msg=str(path))
+
+
+@pytest.mark.parametrize("name", ["dmf", "dmf_no_mc", "simtier"])
+def test_one_hot_lookup_modes_compute_the_same_function(name):
+  """lookup_mode='one_hot' (TPU's) and 'gather': the same logits and gradients; 'auto' is
+  gather on this CPU."""
+  _, _, splits = tiny_problem()
+  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(40)).items()}
+  gather, one_hot = build(name, lookup_mode="gather"), build(name, lookup_mode="one_hot")
+  assert build(name).config.lookup_mode == "auto"
+  assert (build(name).catalog.pairwise_lookup, one_hot.catalog.pairwise_lookup) == (
+      "gather", "one_hot") and one_hot.catalog.has_pairwise
+  if name != "simtier":
+    assert (build(name).attention.lookup_mode, one_hot.attention.lookup_mode) == (
+        "gather", "one_hot")
+  # N candidates per user, as serving scores them
+  candidates = jnp.asarray(np.random.default_rng(0).integers(0, 90, (40, 13)), jnp.int32)
+  scores = [jitted(m, "score")(jitted(m, "encode_user")(batch), candidates)
+            for m in (gather, one_hot)]
+  np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5, atol=1e-6)
+
+  def value_and_grads(model):
+    graphdef, params, rest = training.split_model(model)
+    def loss(p):
+      return bce_with_logits(nnx.merge(graphdef, p, rest)(batch), batch["label"])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (want, g_want), (got, g_got) = value_and_grads(gather), value_and_grads(one_hot)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g_want), nnx.to_flat_state(g_got)):
+    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-7,
                                err_msg=str(path))
 
 

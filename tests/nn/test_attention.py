@@ -65,14 +65,17 @@ def test_early_fusion_matches_numpy_reference(seq_len, num_modalities, num_heads
   assert np.all(got[0] == 0.0)
 
 
+@pytest.mark.parametrize("lookup_mode", ["gather", "one_hot"])
 @pytest.mark.parametrize(
     "seq_len,num_modalities,num_heads,head_dim",
     [(1, 1, 1, 4), (7, 2, 2, 4), (20, 3, 4, 8), (33, 1, 3, 5)],
 )
-def test_dta_equals_early_fusion_values_and_gradients(seq_len, num_modalities, num_heads, head_dim):
+def test_dta_equals_early_fusion_values_and_gradients(seq_len, num_modalities, num_heads, head_dim,
+                                                      lookup_mode):
+  """Both bucket lookups (scalar gathers and a segment sum; one-hot matmuls, TPU's)."""
   rng = np.random.default_rng(100 + seq_len)
   ef = make_ef(num_modalities, num_heads, head_dim, seed=seq_len)
-  dta = DecoupledTargetAttention.from_early_fusion(ef)
+  dta = DecoupledTargetAttention.from_early_fusion(ef, lookup_mode=lookup_mode)
   t, e, b, m = make_inputs(rng, 6, seq_len, num_modalities)
   cot = jnp.asarray(rng.normal(size=(6, num_heads * head_dim)), jnp.float32)
 

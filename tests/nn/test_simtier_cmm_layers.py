@@ -13,13 +13,15 @@ from dmf_jax.nn.simtier import SimTier, simtier_histogram
 
 
 @pytest.mark.parametrize("normalization", ["count", "normalized", "log1p"])
-def test_simtier_histogram_matches_numpy_and_ignores_padding(normalization):
+@pytest.mark.parametrize("lookup", ["gather", "one_hot"])
+def test_simtier_histogram_matches_numpy_and_ignores_padding(normalization, lookup):
   rng = np.random.default_rng(0)
   s = rng.uniform(-1, 1, size=(4, 9, 2)).astype(np.float32)
   mask = rng.random((4, 9)) < 0.6
   mask[3] = False
   s_garbage = np.where(mask[..., None], s, np.nan).astype(np.float32)  # padding holds NaN
-  got = np.asarray(simtier_histogram(jnp.asarray(s_garbage), jnp.asarray(mask), 20, normalization))
+  got = np.asarray(simtier_histogram(jnp.asarray(s_garbage), jnp.asarray(mask), 20, normalization,
+                                     lookup))
   np.testing.assert_allclose(got, reference.simtier(s, mask, 20, normalization), rtol=1e-6)
   assert np.all(got[3] == 0)
   if normalization == "count":
