@@ -5,9 +5,10 @@
 #
 # 1. a virtualenv with the locked jax and its CUDA plugin (the aot-gpu extra; DMF_CHECK_VENV,
 #    default /tmp/dmf_accelerator_venv; an existing one is reused, nothing is downloaded again);
-# 2. the device-relevant tests (tests/nn, tests/models, tests/serve) on the GPU;
+# 2. the device-relevant tests (the layers, mixed precision, the models' forward, serving) on
+#    the GPU;
 # 3. benchmark_train (din, dmf; batch 512 and 4096), benchmark_serving (N = 1200, L = 200),
-#    benchmark_scale's catalog rows (1,000 / 100,000 / 1,000,000 items) and the AOT report
+#    benchmark_scale's catalog rows (1,000 and 1,000,000 items) and the AOT report
 #    for the local GPU (`--targets=local`: compiled on the device, with autotuning).
 # Every JSON and log lands in OUT_DIR; summary.txt says what passed. Each part has its own time
 # limit, so one slow part cannot starve the others. DMF_CHECK_ALLOW_CPU=1 runs the same steps
@@ -56,8 +57,9 @@ export JAX_PLATFORMS=$platforms XLA_PYTHON_CLIENT_PREALLOCATE=false
 part devices 60 "$py" -c 'import jax; print(jax.devices()); print(jax.devices()[0].device_kind)'
 
 # The tests' conftest adds 8 fake CPU devices; with JAX_PLATFORMS=cuda,cpu the default device
-# is the GPU. One process: the tests share the GPU.
-part tests 240 "$py" -m pytest -q -n 0 tests/nn tests/models tests/serve
+# is the GPU (shared by the 4 workers: no preallocation).
+part tests 180 "$py" -m pytest -q -n 4 tests/nn tests/models/test_precision.py \
+    tests/models/test_forward.py tests/serve/test_server.py
 
 data="$out/data"
 for batch in 512 4096; do
@@ -69,7 +71,7 @@ done
 part serving 90 "$py" -m experiments.benchmark_serving --candidates=1200 --seq_len=200 \
     --scopes=attention,model --output_json="$out/benchmark_serving.json"
 part scale 150 "$py" -m experiments.benchmark_scale --data_dir="$data" --build_config= \
-    --num_items=1000,100000,1000000 --long_seq_items=0 --steps=10 --sparse_min_rows=100000 \
+    --num_items=1000,1000000 --long_seq_items=0 --steps=10 --sparse_min_rows=100000 \
     --output_json="$out/benchmark_scale.json"
 if [ "$platforms" != cpu ]; then
   part aot 150 "$py" -m experiments.aot_report --targets=local --models=din,dmf \

@@ -48,6 +48,7 @@ from flax import nnx  # noqa: E402
 
 from dmf_jax.core.sharding import ShardingRules  # noqa: E402
 from dmf_jax.models import registry as models  # noqa: E402
+from dmf_jax.nn import precision  # noqa: E402
 from dmf_jax.serve import server as serving  # noqa: E402
 from dmf_jax.serve.request import RequestLayout  # noqa: E402
 from dmf_jax.train import optimizers, partitioner as pt  # noqa: E402
@@ -308,7 +309,11 @@ def serving_programs(device, name: str, num_items: int, settings: Settings, conf
   config = config or model_config(name, settings.compute_dtype, device.platform)
   abstract_model = nnx.eval_shape(
       lambda: models.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
-  graphdef, params = nnx.split(abstract_model)
+  graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  # As `Server` holds them: Params in the compute dtype, cast once.
+  dtype = precision.COMPUTE_DTYPES[config.compute_dtype]
+  params = nnx.merge_state(jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, dtype if x.dtype == np.float32 else x.dtype), params), rest)
   on_device = jax.sharding.SingleDeviceSharding(device)
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device)
   params = jax.tree.map(place, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -12,6 +13,7 @@ from flax import nnx
 from dmf_jax.data.movielens import FIELD_DIM, ID_DIM, USER_FIELDS
 from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline as ip
+from dmf_jax.data import synthetic
 from dmf_jax.models import registry as models
 from dmf_jax.train import loop as train_lib
 from dmf_jax.train import optimizers
@@ -127,13 +129,29 @@ def random_catalog(schema, rng) -> ItemCatalog:
   return ItemCatalog(side, mods)
 
 
-def random_batch(schema, batch_size: int, rng) -> dict:
-  """A random training batch for `schema` (80% of history slots valid)."""
+@functools.lru_cache(maxsize=4)
+def _exposure_cdf(exposure: str, num_items: int) -> np.ndarray:
+  return np.cumsum(synthetic.exposure_weights(exposure, num_items, seed=0))
+
+
+def item_ids(num_items: int, shape, rng, exposure: str = "uniform") -> np.ndarray:
+  """Random item ids int32 `shape`: uniform, or 'zipf:A' (`synthetic.exposure_weights`)."""
+  if exposure == "uniform":
+    return rng.integers(0, num_items, shape)
+  cdf = _exposure_cdf(exposure, num_items)
+  ids = np.searchsorted(cdf, rng.random(shape) * cdf[-1], side="right")
+  return np.minimum(ids, num_items - 1)
+
+
+def random_batch(schema, batch_size: int, rng, exposure: str = "uniform") -> dict:
+  """A random training batch for `schema` (80% of history slots valid); item ids drawn with
+  `exposure` ('uniform' or 'zipf:A')."""
   b, seq_len = batch_size, schema.seq_len
   batch = {f"user/{f.name}": jnp.asarray(rng.integers(0, f.vocab_size, b), jnp.int32)
            for f in schema.user_features}
   return batch | {
-      "item_id": jnp.asarray(rng.integers(0, schema.num_items, b), jnp.int32),
-      "hist_item_id": jnp.asarray(rng.integers(0, schema.num_items, (b, seq_len)), jnp.int32),
+      "item_id": jnp.asarray(item_ids(schema.num_items, b, rng, exposure), jnp.int32),
+      "hist_item_id": jnp.asarray(item_ids(schema.num_items, (b, seq_len), rng, exposure),
+                                  jnp.int32),
       "hist_mask": jnp.asarray(rng.random((b, seq_len)) < 0.8),
       "label": jnp.asarray(rng.random(b) < 0.5, jnp.float32), "weight": jnp.ones(b)}

@@ -23,6 +23,7 @@ cores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import resource
 import subprocess
@@ -37,6 +38,7 @@ from flax import nnx
 
 from dmf_jax import data
 from dmf_jax.models import registry as models
+from dmf_jax.data import synthetic
 from dmf_jax.train import memory
 from experiments import bench_utils, cli
 from experiments.configs import movielens
@@ -60,6 +62,9 @@ _SPARSE = flags.DEFINE_integer(
     "sparse_min_rows", 0, "Row-sparse (lazy) Adam for the tables of at least this many rows "
     "(optimizer.sparse_min_rows; 0: dense Adam, as training's default).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Input worker processes to time.")
+_EXPOSURE = flags.DEFINE_string(
+    "exposure", "zipf:1.0", "Item exposure of the catalog rows' random batches: 'uniform' or "
+    "'zipf:A' (exposure ~ 1 / rank^A over a seeded permutation of the items).")
 
 BUILD_RECORD = "benchmark_scale_build.json"  # beside the build: the figures of its making
 
@@ -76,7 +81,13 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   state, step = bench_utils.train_setup(model, sparse_min_rows=_SPARSE.value)
   del model
   held = memory.per_device_summary(state)
-  batches = [bench_utils.random_batch(schema, _BATCH.value, rng) for _ in range(4)]
+  batches = [bench_utils.random_batch(schema, _BATCH.value, rng, _EXPOSURE.value)
+             for _ in range(4)]
+  distinct = float(np.mean([len(np.unique(np.concatenate(
+      [np.asarray(b["item_id"]).ravel(), np.asarray(b["hist_item_id"]).ravel()])))
+      for b in batches]))
+  floor = floor_bytes(state, batches[0], distinct, num_items <= config.pairwise_similarity_max_items,
+                      schema)
   holder = {"state": state, "i": 0}
 
   def one():
@@ -87,16 +98,61 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   start = time.perf_counter()
   times = bench_utils.time_calls(one, min_seconds=0.0, min_reps=_STEPS.value,
                                  max_reps=_STEPS.value, warmup=2)
+  step_s = float(np.median(times))
   row = {"num_items": num_items, "model": "dmf", "seq_len": seq_len,
-         "train_examples_per_s": round(_BATCH.value / float(np.median(times)), 1),
+         "exposure": _EXPOSURE.value, "distinct_items_per_batch": round(distinct, 1),
+         "train_examples_per_s": round(_BATCH.value / step_s, 1),
          "device_bytes": int(held["total"]),
          "device_bytes_by_part": {k: int(v) for k, v in held.items() if k != "total"},
          "step_ms_median": round(1e3 * float(np.median(times)), 2),
          "pairwise_matrix": num_items <= config.pairwise_similarity_max_items,
          "vector_dtype": _VECTOR_DTYPE.value, "sparse_min_rows": _SPARSE.value,
-         "seconds_with_compile": round(time.perf_counter() - start, 1)}
+         "seconds_with_compile": round(time.perf_counter() - start, 1),
+         "floor_bytes": int(floor), "floor_ratio": round(step_s / (floor / bandwidth()), 1)}
   print(json.dumps(row), flush=True)
   return row
+
+
+def floor_bytes(state, batch, distinct_items: float, pairwise: bool, schema) -> float:
+  """The bytes a DMF train step must move at least, per step:
+
+  - dense parameters and Adam's moments, read and written: 6 x their bytes;
+  - embedding tables: under row-sparse Adam (`--sparse_min_rows`) the rows the batch looks up
+    (the item-id table: its distinct items; user tables: one row per example; side-field
+    tables: whole, they are small), 6 x each row's bytes; under dense Adam the whole table;
+  - the catalog rows of the distinct items: side fields and, without the all-pairs matrix,
+    every modality's vector (the frozen cosine reads each once); with the matrix, the B x L x K
+    similarities it gathers;
+  - the batch itself.
+  """
+  total = 0.0
+  for path, x in jax.tree_util.tree_leaves_with_path(state.params):
+    names = jax.tree_util.keystr(path)
+    size = x.size * x.dtype.itemsize
+    if names.endswith("['embedding']") and x.shape[0] >= max(_SPARSE.value, 1) \
+        and _SPARSE.value:
+      rows = distinct_items if "['items']['item_id']" in names else len(batch["item_id"])
+      total += 6 * min(rows, x.shape[0]) * x.shape[1] * x.dtype.itemsize
+    else:
+      total += 6 * size
+  per_item = 4 * (len(schema.item_features) + 1) + (
+      0 if pairwise else sum(m.dim * 4 for m in schema.modalities))
+  total += distinct_items * per_item
+  if pairwise:
+    total += batch["hist_item_id"].size * len(schema.modalities) * 4
+  return total + sum(np.asarray(v).nbytes for v in batch.values())
+
+
+@functools.lru_cache(maxsize=1)
+def bandwidth() -> float:
+  """This device's memory bandwidth, bytes/s: a STREAM-like copy (read + write of 256 MiB,
+  jitted, the best of 5), measured once per run."""
+  x = jax.numpy.ones(64 * 2**20, jax.numpy.float32)
+  copy = jax.jit(lambda a: a * 1.0)
+  copy(x).block_until_ready()
+  best = min(bench_utils.time_calls(lambda: copy(x).block_until_ready(), min_seconds=0.0,
+                                    min_reps=5, max_reps=5, warmup=1))
+  return 2 * x.nbytes / best
 
 
 def build_row(data_dir: str, config: str) -> dict:
@@ -138,8 +194,12 @@ def pipeline_row(data_dir: str, config: str) -> dict:
 
 def main(argv):
   del argv
+  try:
+    synthetic.zipf_exponent_of(_EXPOSURE.value)
+  except ValueError as e:
+    cli.fail(f"--exposure: {e}")
   out = {"machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
-         "catalog": []}
+         "memory_bandwidth_bytes_per_s": round(bandwidth()), "catalog": []}
   if _BUILD.value:
     out["build"] = build_row(_DATA_DIR.value, _BUILD.value)
   for n in (int(s) for s in _SIZES.value):

@@ -46,7 +46,7 @@ TINY_HASHED = dataclasses.replace(TINY, user_id_hash_buckets=64, item_id_hash_bu
 LARGE = synthetic.SyntheticConfig(
     num_users=1_000_000, num_items=1_000_000, num_topics=64, latent_dim=16, events_per_user=10,
     seq_len=50, modalities=(("text", 384, 0.6),), num_categories=1000, max_tags=3,
-    num_tags=5000, user_id_hash_buckets=1 << 19, num_hashes=2, seed=0,
+    num_tags=5000, user_id_hash_buckets=1 << 19, num_hashes=2, seed=0, item_exposure="zipf:1.0",
 )
 
 
@@ -90,6 +90,8 @@ class GeneratedCtr(CtrBuilder):
 
   def build_parameters(self) -> dict:
     params = {"synthetic": dataclasses.asdict(self.builder_config.synthetic)}
+    if params["synthetic"]["item_exposure"] == "uniform":  # builds before the option: the same
+      del params["synthetic"]["item_exposure"]
     if self.builder_config.streamed:
       params["streamed"] = {"chunk_users": self.builder_config.chunk_users,
                             "window": dataclasses.asdict(self.builder_config.window)}

@@ -50,6 +50,11 @@ class SyntheticConfig:
   user_id_hash_buckets: int = 0
   item_id_hash_buckets: int = 0
   num_hashes: int = 1
+  # How often each item is shown: 'uniform' (every item alike) or 'zipf:A' (exposure
+  # proportional to 1 / rank^A, the ranks a seeded permutation of the items; real catalogs are
+  # skewed: MovieLens-100K's slope is 0.67 over its top half, large catalogs near 1). Draws
+  # within a topic follow the same weights.
+  item_exposure: str = "uniform"
 
   def __post_init__(self):
     for field in ("num_users", "num_items", "num_topics", "latent_dim", "events_per_user",
@@ -58,6 +63,58 @@ class SyntheticConfig:
         raise ValueError(f"synthetic config: {field} must be >= 1, got {getattr(self, field)}")
     if not 0.0 <= self.cold_item_fraction < 1.0:
       raise ValueError("synthetic config: cold_item_fraction must be in [0, 1)")
+    zipf_exponent_of(self.item_exposure)  # validates
+
+
+def zipf_exponent_of(exposure: str) -> float | None:
+  """'uniform' -> None; 'zipf:A' -> A (> 0); anything else is an error naming the value."""
+  if exposure == "uniform":
+    return None
+  kind, _, value = exposure.partition(":")
+  try:
+    exponent = float(value)
+  except ValueError:
+    exponent = -1.0
+  if kind != "zipf" or not exponent > 0:
+    raise ValueError(f"item exposure {exposure!r} is not 'uniform' or 'zipf:A' with A > 0")
+  return exponent
+
+
+def exposure_weights(exposure: str, num_items: int, seed: int) -> np.ndarray | None:
+  """Each item's relative exposure, float64 [num_items] (None: uniform): 1 / rank^A with the
+  ranks 1..V a permutation seeded by `seed` (its own stream: the uniform draws are unchanged)."""
+  exponent = zipf_exponent_of(exposure)
+  if exponent is None:
+    return None
+  rank = np.random.default_rng((seed, 11)).permutation(num_items) + 1
+  return rank.astype(np.float64) ** -exponent
+
+
+def fit_zipf_exponent(counts: np.ndarray, top: float = 0.5) -> float:
+  """The rank-frequency slope A of exposure counts (count ~ rank^-A): least squares of
+  log(count) on log(rank) over the `top` fraction of the items by count (the tail of
+  single-digit counts is flat by discreteness)."""
+  counts = np.sort(np.asarray(counts, np.float64))[::-1]
+  counts = counts[:max(2, int(len(counts) * top))]
+  counts = counts[counts > 0]
+  rank = np.arange(1, len(counts) + 1, dtype=np.float64)
+  slope = np.polyfit(np.log(rank), np.log(counts), 1)[0]
+  return float(-slope)
+
+
+class _WeightedPools:
+  """Draws from fixed pools of item ids with the items' exposure weights (inverse CDF)."""
+
+  def __init__(self, weights: np.ndarray):
+    self.weights = weights
+    self.cdfs: dict[int, np.ndarray] = {}
+
+  def draw(self, rng, pool: np.ndarray) -> int:
+    cdf = self.cdfs.get(id(pool))
+    if cdf is None:
+      cdf = self.cdfs[id(pool)] = np.cumsum(self.weights[pool])
+    return int(pool[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"),
+                        len(pool) - 1)])
 
 
 def schema_for(config: SyntheticConfig, item_id_dim: int = 16, field_dim: int = 8) -> FeatureSchema:
@@ -128,6 +185,8 @@ def generate(config: SyntheticConfig):
   group = (np.argsort(np.argsort(bias)) * config.num_user_groups // n_users).astype(np.int32)
   users = user_table(config, group)
 
+  weights = exposure_weights(config.item_exposure, n_items, config.seed)
+  weighted = _WeightedPools(weights) if weights is not None else None
   warm_items, all_items = np.flatnonzero(~cold), np.arange(n_items)
   by_topic = [np.flatnonzero((topic == t) & ~cold) for t in range(config.num_topics)]
   by_topic_all = [np.flatnonzero(topic == t) for t in range(config.num_topics)]
@@ -149,7 +208,7 @@ def generate(config: SyntheticConfig):
         pool = all_items if split[i] else warm_items
       if len(pool) == 0:
         pool = all_items if split[i] else warm_items
-      it = int(rng.choice(pool))
+      it = int(rng.choice(pool)) if weighted is None else weighted.draw(rng, pool)
       if clicked:
         ref = _unit(latent[clicked[-config.seq_len:]].mean(axis=0))
       else:
@@ -234,6 +293,12 @@ class StreamedProblem:
     self.warm_topic_start = np.searchsorted(self.topic[warm], np.arange(config.num_topics + 1))
     self.warm_items = np.flatnonzero(~self.cold)
     self.offset = float(np.quantile(self.popularity, 0.5)) * config.popularity_weight + 1.0
+    # Zipf exposure: cumulative weights along each array that draws index (inverse CDF).
+    weights = exposure_weights(config.item_exposure, n_items, config.seed)
+    self.cdf = None if weights is None else {
+        "by_topic": np.cumsum(weights[self.by_topic]),
+        "warm_by_topic": np.cumsum(weights[self.warm_by_topic]),
+        "items": np.cumsum(weights), "warm_items": np.cumsum(weights[self.warm_items])}
 
   @property
   def num_chunks(self) -> int:
@@ -321,10 +386,32 @@ class StreamedProblem:
     topic = interests[user, rng.integers(0, 2, n)]
     lo = np.where(held_out, self.topic_start[topic], self.warm_topic_start[topic])
     hi = np.where(held_out, self.topic_start[topic + 1], self.warm_topic_start[topic + 1])
-    pick = lo + (rng.random(n) * np.maximum(hi - lo, 1)).astype(np.int64)
+    if self.cdf is None:
+      pick = lo + (rng.random(n) * np.maximum(hi - lo, 1)).astype(np.int64)
+    else:  # by weight within [lo, hi) of the held-out or warm topic-ordered array
+      u, pick = rng.random(n), np.empty(n, np.int64)
+      for rows, cdf in ((held_out, self.cdf["by_topic"]), (~held_out, self.cdf["warm_by_topic"])):
+        pick[rows] = _weighted_pick(cdf, lo[rows], hi[rows], u[rows])
     by_topic = np.where(held_out, self.by_topic[np.minimum(pick, len(self.by_topic) - 1)],
                         self.warm_by_topic[np.minimum(pick, len(self.warm_by_topic) - 1)])
-    anywhere = np.where(held_out, rng.integers(0, config.num_items, n),
-                        self.warm_items[rng.integers(0, len(self.warm_items), n)])
+    if self.cdf is None:
+      anywhere = np.where(held_out, rng.integers(0, config.num_items, n),
+                          self.warm_items[rng.integers(0, len(self.warm_items), n)])
+    else:
+      every = _weighted_pick(self.cdf["items"], 0, config.num_items, rng.random(n))
+      warm = _weighted_pick(self.cdf["warm_items"], 0, len(self.warm_items), rng.random(n))
+      anywhere = np.where(held_out, every, self.warm_items[warm])
     use_topic = (rng.random(n) < config.interest_share) & (hi > lo)
     return np.where(use_topic, by_topic, anywhere).astype(np.int32)
+
+
+def _weighted_pick(cdf: np.ndarray, lo, hi, u: np.ndarray) -> np.ndarray:
+  """Indices in [lo, hi) drawn by weight: cdf the cumulative weights of the whole array, u
+  uniform [n] (empty ranges give lo)."""
+  lo, hi = np.broadcast_to(lo, u.shape), np.broadcast_to(hi, u.shape)
+  if not len(cdf):
+    return lo.astype(np.int64)
+  start = np.where(lo > 0, cdf[np.clip(lo - 1, 0, len(cdf) - 1)], 0.0)
+  end = np.where(hi > 0, cdf[np.clip(hi - 1, 0, len(cdf) - 1)], 0.0)
+  pick = np.searchsorted(cdf, start + u * (end - start), side="right")
+  return np.clip(pick, lo, np.maximum(hi - 1, lo))

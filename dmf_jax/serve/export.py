@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmf_jax.core.errors import UserError
@@ -63,13 +64,17 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None, *,
         params_spec, state_spec, jax.ShapeDtypeStruct((size,), np.int32))
     files[f"score_candidates_{size}.bin"] = exp.serialize()
   weights = io.BytesIO()
-  np.savez(weights, *[np.asarray(x) for x in leaves])
+  arrays = [np.asarray(x) for x in leaves]
+  # .npz has no bfloat16: a bfloat16 model's weights are stored as their uint16 bit patterns.
+  bf16 = [i for i, a in enumerate(arrays) if a.dtype == jnp.bfloat16]
+  np.savez(weights, *[a.view(np.uint16) if i in bf16 else a for i, a in enumerate(arrays)])
   files["weights.npz"] = weights.getvalue()
   manifest = {
       "format_version": FORMAT_VERSION,
       "buckets": list(sizes),
       "layout": server.layout.to_json(),
       "num_weights": len(leaves),
+      "bfloat16_weights": bf16,
   }
   files["manifest.json"] = json.dumps(manifest, indent=2).encode()
   tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")

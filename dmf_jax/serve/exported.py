@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmf_jax.serve.request import RequestLayout, check_buckets, check_user_state, chunks
@@ -44,7 +45,9 @@ class ExportedScorer:
     self.manifest = manifest
     try:
       npz = np.load(io.BytesIO(self._member(files, "weights.npz")), allow_pickle=False)
-      self.weights = [jax.device_put(npz[f"arr_{i}"]) for i in range(num_weights)]
+      bf16 = set(manifest.get("bfloat16_weights", []))  # stored as uint16 bit patterns
+      self.weights = [jax.device_put(npz[f"arr_{i}"].view(jnp.bfloat16) if i in bf16
+                                     else npz[f"arr_{i}"]) for i in range(num_weights)]
     except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise ValueError(f"{path}: weights.npz is damaged ({type(e).__name__}: {e})") from None
     self._encode = self._program(files, "encode_user.bin")

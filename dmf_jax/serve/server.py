@@ -76,7 +76,11 @@ class Server:
     # Item ids index the model's catalog: the trained items and any added since.
     self.layout = dataclasses.replace(RequestLayout.from_schema(model.schema),
                                       num_items=model.catalog.num_items)
-    self.graphdef, self.params = nnx.split(model)
+    self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # A bfloat16 model serves from Params cast once, here (the serving functions' own cast is
+    # then a no-op: no per-request conversion of whole embedding tables).
+    self.params = nnx.merge_state(
+        precision.cast_params(params, model.config.compute_dtype), rest)
     # The jitted pure functions of (params, ...) (`make_serving_fns`): for export and timing.
     self.encode_fn, self.score_fn = make_serving_fns(self.graphdef)
 

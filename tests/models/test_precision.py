@@ -117,10 +117,17 @@ def test_bfloat16_training_keeps_float32_state_and_learns():
   assert logits.dtype == jnp.float32
 
 
-def test_serving_follows_the_models_dtype():
+def test_serving_and_export_follow_the_models_dtype(tmp_path):
+  from dmf_jax.serve.export import export  # pylint: disable=g-import-not-at-top
+  from dmf_jax.serve.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
+
   _, _, splits = tiny_problem()
   model = build("dmf", "bfloat16")
   server = serving.Server(model, buckets=(8, 64))
+  params = [x for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  assert all(p[...].dtype == jnp.float32 for p in params)  # the caller's model is not cast
+  served = jax.tree.leaves(server.params)
+  assert any(x.dtype == jnp.bfloat16 for x in served)  # cast once, for every request
   split = splits["validation"]
   user = {k: split[k][3] for k in split if k.startswith("user/")}
   user["hist_item_id"] = split["hist_item_id"][3][split["hist_mask"][3]]
@@ -133,6 +140,10 @@ def test_serving_follows_the_models_dtype():
   want = compute_call(model)(batch)
   assert got.dtype == np.float32
   np.testing.assert_allclose(got, np.asarray(want), rtol=0.02, atol=0.02)
+  export(server, str(tmp_path / "model.dmfx"))
+  scorer = ExportedScorer(str(tmp_path / "model.dmfx"))
+  exported = scorer.score(scorer.encode_user(user), ids)
+  np.testing.assert_allclose(exported, got, rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_with_row_sparse_tables_updates_float32_rows():
