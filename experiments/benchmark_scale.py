@@ -38,6 +38,7 @@ from flax import nnx
 
 from dmf_jax import data
 from dmf_jax.models import registry as models
+from dmf_jax.core import rows
 from dmf_jax.data import synthetic
 from dmf_jax.train import memory
 from experiments import bench_utils, cli
@@ -62,6 +63,13 @@ _SPARSE = flags.DEFINE_integer(
     "sparse_min_rows", 0, "Row-sparse (lazy) Adam for the tables of at least this many rows "
     "(optimizer.sparse_min_rows; 0: dense Adam, as training's default).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Input worker processes to time.")
+_UNIQUE = flags.DEFINE_bool(
+    "unique_rows", True, "Batches carry their distinct items per data shard "
+    "(`core.rows.batch_unique_rows`, as the input pipeline sends them): per-item work once per "
+    "distinct item. False: the catalog or per-position rows.")
+_MODALITY_DIM = flags.DEFINE_integer(
+    "modality_dim", 0, "Shrink every modality to this many dims (0: MovieLens's 384 and 1280): "
+    "how much of a step is reading vectors.")
 _EXPOSURE = flags.DEFINE_string(
     "exposure", "zipf:1.0", "Item exposure of the catalog rows' random batches: 'uniform' or "
     "'zipf:A' (exposure ~ 1 / rank^A over a seeded permutation of the items).")
@@ -73,6 +81,9 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   """Examples/s of the jitted DMF train step over a random catalog of `num_items` items."""
   rng = np.random.default_rng(0)
   schema = bench_utils.movielens_like_schema(seq_len, num_items)
+  if _MODALITY_DIM.value:
+    schema = schema.replace(modalities=tuple(dataclasses.replace(m, dim=_MODALITY_DIM.value)
+                                             for m in schema.modalities))
   catalog = bench_utils.random_catalog(schema, rng)
   config = bench_utils.model_config(movielens.get_config(), "dmf")
   config = dataclasses.replace(config, vector_dtype=_VECTOR_DTYPE.value)
@@ -83,6 +94,9 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   held = memory.per_device_summary(state)
   batches = [bench_utils.random_batch(schema, _BATCH.value, rng, _EXPOSURE.value)
              for _ in range(4)]
+  if _UNIQUE.value:
+    batches = [b | {k: jax.numpy.asarray(v) for k, v in rows.batch_unique_rows(
+        np.asarray(b["item_id"]), np.asarray(b["hist_item_id"])).items()} for b in batches]
   distinct = float(np.mean([len(np.unique(np.concatenate(
       [np.asarray(b["item_id"]).ravel(), np.asarray(b["hist_item_id"]).ravel()])))
       for b in batches]))
@@ -101,6 +115,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   step_s = float(np.median(times))
   row = {"num_items": num_items, "model": "dmf", "seq_len": seq_len,
          "exposure": _EXPOSURE.value, "distinct_items_per_batch": round(distinct, 1),
+         "unique_rows": (int(batches[0]["unique_items"].shape[1]) if _UNIQUE.value else None),
          "train_examples_per_s": round(_BATCH.value / step_s, 1),
          "device_bytes": int(held["total"]),
          "device_bytes_by_part": {k: int(v) for k, v in held.items() if k != "total"},
@@ -129,7 +144,7 @@ def floor_bytes(state, batch, distinct_items: float, pairwise: bool, schema) -> 
   for path, x in jax.tree_util.tree_leaves_with_path(state.params):
     names = jax.tree_util.keystr(path)
     size = x.size * x.dtype.itemsize
-    if names.endswith("['embedding']") and x.shape[0] >= max(_SPARSE.value, 1) \
+    if "['embedding']" in names and x.shape[0] >= max(_SPARSE.value, 1) \
         and _SPARSE.value:
       rows = distinct_items if "['items']['item_id']" in names else len(batch["item_id"])
       total += 6 * min(rows, x.shape[0]) * x.shape[1] * x.dtype.itemsize

@@ -13,26 +13,40 @@ the last row the out-of-range id) when that is fewer rows than the batch's item 
 small catalog, or a training batch of B x L behaviours — and the positions themselves otherwise
 (R = positions, index None: no gather, no scatter in the backward pass). Within one compiled
 step the catalog rows are computed once (XLA merges the identical computations).
+
+Large catalogs: the input pipeline sends each batch's distinct items (`batch_unique_rows`,
+numpy, in the Grain workers): per data shard s (the batch's examples split into S equal
+groups, as the mesh splits them) the distinct ids of its targets and behaviours, padded to a
+static count U from a few buckets, and each position's row within its shard. `Rows` with
+`shards=S` holds values [S, U, ...] and an index local to each shard, so per-item work runs
+once per distinct item of each device's examples and every gather stays on its device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dmf_jax.core.sharding import take_rows
+from jax.sharding import PartitionSpec as P
+
+from dmf_jax.core.sharding import leading_axis, take_rows
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Rows:
-  """Per-item `values` [R, ...] and the row `index` int32 [...] of each position (or None)."""
+  """Per-item `values` [R, ...] and the row `index` int32 [...] of each position (or None).
+
+  shards = S > 0: values [S, U, ...] grouped by data shard, index [B, ...] with the B
+  positions' leading dim split into S equal groups, each indexing its own shard's U rows."""
 
   values: jax.Array
   index: jax.Array | None = None
+  shards: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def positions(self) -> tuple[int, ...]:
@@ -43,13 +57,27 @@ class Rows:
 
   def map(self, fn: Callable[[jax.Array], jax.Array]) -> "Rows":
     """`fn` applied to the rows (row-wise `fn`: [R, ...] -> [R, ...]); the index is kept."""
-    return Rows(fn(self.values), self.index)
+    if not self.shards:
+      return Rows(fn(self.values), self.index)
+    s, u = self.values.shape[:2]
+    out = fn(_reshape(self.values, (s * u, *self.values.shape[2:])))
+    return Rows(_reshape(out, (s, u, *out.shape[1:])), self.index, self.shards)
 
   def take(self) -> jax.Array:
     """The values at the positions: [..., ...] (`values` itself when per position)."""
     if self.index is None:
       return self.values
-    return take_rows(self.values, self.index)
+    if not self.shards:
+      return take_rows(self.values, self.index)
+    s, b, rest = self.shards, self.index.shape[0], self.index.shape[1:]
+    n = self.index.size // s  # each shard's positions, its own rows
+    index = _reshape(self.index, (s, n, *([1] * (self.values.ndim - 2))))
+    out = jnp.take_along_axis(self.values, index, axis=1, mode="promise_in_bounds")
+    return _reshape(out, (b, *rest, *self.values.shape[2:]))
+
+  def per_position_rows(self) -> int:
+    """Rows computed per position of the batch (for the catalog-or-unique choice)."""
+    return self.values.shape[1] if self.shards else self.values.shape[0]
 
 
 def item_rows(item_ids: jax.Array, num_items: int, positions: int | None = None) -> Rows:
@@ -66,3 +94,56 @@ def item_rows(item_ids: jax.Array, num_items: int, positions: int | None = None)
     return Rows(item_ids)
   safe = jnp.where((item_ids >= 0) & (item_ids < num_items), item_ids, num_items)
   return Rows(jnp.arange(num_items + 1, dtype=jnp.int32), safe)
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """x.reshape(shape) keeping a mesh split of the leading dimension on the new leading one
+  (the data shards: their groups stay on their devices)."""
+  axis = leading_axis(x)
+  if axis is None:
+    return x.reshape(shape)
+  return jax.lax.reshape(x, shape, out_sharding=P(axis, *([None] * (len(shape) - 1))))
+
+
+# Distinct-item counts a batch's unique rows are padded to: static shapes, so each size is a
+# compiled program; 8 sizes per octave (256 .. 131,072) pad by at most 12.5%, and a stream of
+# similar batches meets one or two of them.
+UNIQUE_ROW_BUCKETS = tuple(sorted({m << (k - 3) for k in range(8, 17) for m in range(8, 17)}))
+
+
+def unique_row_count(distinct: int, positions: int,
+                     buckets: Sequence[int] = UNIQUE_ROW_BUCKETS) -> int:
+  """The smallest bucket holding `distinct` ids (never more than `positions`, which always
+  holds them: an overflowing batch takes the next bucket, no id is dropped)."""
+  for size in buckets:
+    if distinct <= size:
+      return min(size, positions)
+  return positions
+
+
+def batch_unique_rows(item_id: np.ndarray, hist_item_id: np.ndarray, shards: int = 1,
+                      buckets: Sequence[int] = UNIQUE_ROW_BUCKETS) -> dict[str, np.ndarray]:
+  """A batch's distinct items per data shard (numpy; the input pipeline's workers run it).
+
+  item_id int [B], hist_item_id int [B, L], B divisible by `shards` -> {
+    'unique_items': int32 [S, U]  each shard's distinct ids (targets and behaviours, padding
+                                  included), padded with the shard's first id,
+    'item_row': int32 [B], 'hist_item_row': int32 [B, L]  each position's row in its shard}
+  with U one bucket for the whole batch (`unique_row_count` of the largest shard).
+  """
+  item_id, hist = np.asarray(item_id), np.asarray(hist_item_id)
+  b, seq_len = hist.shape
+  if b % shards:
+    raise ValueError(f"batch of {b} examples does not split into {shards} data shards")
+  per = b // shards
+  ids = np.concatenate([item_id[:, None], hist], axis=1).reshape(shards, per * (seq_len + 1))
+  uniques, rows = [], np.empty_like(ids, dtype=np.int32)
+  for s in range(shards):
+    values, inverse = np.unique(ids[s], return_inverse=True)
+    uniques.append(values)
+    rows[s] = inverse
+  u = unique_row_count(max(len(v) for v in uniques), per * (seq_len + 1), buckets)
+  table = np.stack([np.pad(v, (0, u - len(v)), constant_values=v[0]) for v in uniques])
+  rows = rows.reshape(b, seq_len + 1)
+  return {"unique_items": table.astype(np.int32), "item_row": rows[:, 0].copy(),
+          "hist_item_row": rows[:, 1:].copy()}

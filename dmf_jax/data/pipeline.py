@@ -32,6 +32,7 @@ import math
 import grain
 import numpy as np
 
+from dmf_jax.core import rows
 from dmf_jax.data.format import RawRecords, RecordParser
 
 PAD_INDEX = -1
@@ -98,6 +99,18 @@ class ReadBatch(grain.transforms.Map):
     return batch
 
 
+class UniqueRows(grain.transforms.Map):
+  """Adds a batch's distinct items per data shard (`core.rows.batch_unique_rows`: unique_items
+  [S, U], item_row [B], hist_item_row [B, L]), so the model's per-item work runs once per
+  distinct item; vectorised numpy in the pipeline's workers."""
+
+  def __init__(self, shards: int):
+    self._shards = shards
+
+  def map(self, batch):
+    return batch | rows.batch_unique_rows(batch["item_id"], batch["hist_item_id"], self._shards)
+
+
 def local_batch_size(global_batch_size: int, shard: ShardInfo) -> int:
   if global_batch_size < 1 or global_batch_size % shard.count:
     raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of the "
@@ -149,17 +162,20 @@ def train_dataset(
     shard: ShardInfo = ShardInfo(),
     num_epochs: int | None = None,
     in_memory: bool = False,
+    unique_row_shards: int = 0,
 ) -> grain.MapDataset:
   """This process's part of shuffled full global batches; `num_epochs=None` repeats forever.
 
   in_memory: parse the whole split once now (`ParsedSplit`) instead of every batch as read.
+  unique_row_shards: S > 0 adds each batch's distinct items per data shard (`UniqueRows`).
   """
   if len(records) < global_batch_size:
     raise ValueError(f"the split has {len(records)} examples, fewer than one batch of "
                      f"{global_batch_size}")
   source = ShuffledBatches(len(records), global_batch_size, seed, num_epochs, shard)
   split = ParsedSplit(records, parser) if in_memory else StreamedSplit(records, parser)
-  return grain.MapDataset.source(source).map(ReadBatch(split))
+  ds = grain.MapDataset.source(source).map(ReadBatch(split))
+  return ds.map(UniqueRows(unique_row_shards)) if unique_row_shards else ds
 
 
 def eval_num_batches(num_records: int, global_batch_size: int) -> int:

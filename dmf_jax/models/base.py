@@ -289,6 +289,26 @@ class CTRModel(nnx.Module):
     checks.check_ids_in_range(self.items.item_id.table.name, item_ids, self.catalog.num_items)
     return item_rows(item_ids, self.catalog.num_items, positions)
 
+  def history_rows(self, batch: Batch) -> Rows:
+    """Rows of the behaviours hist_item_id [B, L]: the batch's own distinct items when the
+    input pipeline sent them (`core.rows.batch_unique_rows`: per data shard, fewer rows than
+    the catalog), else `item_rows` (the catalog, or every position)."""
+    unique = self._unique_rows(batch, "hist_item_row")
+    return unique if unique is not None else self.item_rows(batch["hist_item_id"])
+
+  def _unique_rows(self, batch: Batch, key: str) -> Rows | None:
+    """Rows(unique_items [S, U], batch[key], shards=S) when the batch has them and U is below
+    the catalog's V + 1 rows (the catalog path is cheaper otherwise); else None."""
+    unique = batch.get("unique_items")
+    if unique is None or unique.shape[1] >= self.catalog.num_items + 1:
+      return None
+    checks.check_integer("batch['unique_items']", unique)
+    checks.check_ids_in_range("batch['unique_items']", unique, self.catalog.num_items)
+    checks.check_shape(f"batch[{key!r}]", batch[key], batch["item_id"].shape
+                       if key == "item_row" else batch["hist_item_id"].shape)
+    return Rows(jnp.asarray(unique, jnp.int32), jnp.asarray(batch[key], jnp.int32),
+                shards=unique.shape[0])
+
   def modality_vectors(self, item_ids: jax.Array) -> list[jax.Array]:
     """K arrays [..., D_k] of frozen vectors (compute dtype), in schema order."""
     return [self.catalog.vectors(name, item_ids).astype(self.dtype)
@@ -307,7 +327,10 @@ class CTRModel(nnx.Module):
     return rows.map(encode)
 
   def candidate_rows(self, state: Mapping, candidates: jax.Array) -> Rows:
-    """Rows of the candidates int [B, N], counting the users' B x L history positions too."""
+    """Rows of the candidates int [B, N], counting the users' B x L history positions too (in
+    a training forward over a batch with unique rows: the targets' rows among them)."""
+    if "candidate_rows" in state:
+      return state["candidate_rows"]
     return self.item_rows(candidates, candidates.size + state["mask"].size)
 
   def candidate_tokens(self, state: Mapping, candidates: jax.Array, *, train: bool = False,
@@ -333,6 +356,8 @@ class CTRModel(nnx.Module):
       return {"history": rows.take()}
     names = self.schema.modality_names
     if self.config.similarity == "frozen":
+      if rows.shards:  # a batch's distinct items: a plain read per position moves fewer bytes
+        rows = Rows(rows.take())  # than gathering the distinct rows and then the positions
       return {"vectors": [rows.map(lambda ids, n=n: self.catalog.stored_vectors(n, ids)).take()
                           for n in names],
               "inv_norms": [rows.map(lambda ids, n=n: self.catalog.inverse_norms(n, ids)).take()
@@ -364,7 +389,7 @@ class CTRModel(nnx.Module):
 
   def similarities(self, batch: Batch) -> jax.Array:
     """Each example's target-aware similarities s [B, L, K] (0 at masked positions)."""
-    state = self.encode_similarities(self.item_rows(batch["hist_item_id"]))
+    state = self.encode_similarities(self.history_rows(batch))
     return self.candidate_similarities(state, batch["item_id"][:, None], batch["hist_mask"])[:, 0]
 
   def calibrate(self, sims: list[jax.Array]) -> list[jax.Array]:
@@ -403,6 +428,10 @@ class CTRModel(nnx.Module):
     """Logits [B]: each example's user against its own target item."""
     validate_batch(self.schema, batch)
     state = self.encode_user(batch, train=train, rngs=rngs)
+    targets = self._unique_rows(batch, "item_row")
+    if targets is not None:  # the targets' rows among the batch's distinct items
+      state = {**state, "candidate_rows": Rows(targets.values, targets.index[:, None],
+                                               targets.shards)}
     return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
 
   # -- training hooks: the loss of a phase and which parameters it updates. Phases run in

@@ -59,7 +59,7 @@ class BST(CTRModel):
 
   def encode_user(self, batch, *, train=False, rngs=None):
     """user [B, u]; mask [B, L]; the projected history with positions [B, L, bst_dim]."""
-    mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
+    mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs).take()
     length = mask.shape[1]
     return {"user": self.user_embedding(batch), "mask": mask,

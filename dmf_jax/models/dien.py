@@ -55,7 +55,7 @@ class DIEN(CTRModel):
   def encode_user(self, batch, *, train=False, rngs=None):
     """user [B, u]; mask [B, L]; the behaviour tokens and interest states [B, L, d]; the
     AUGRU's input side of the interests [B, L, 3d] (the same for every candidate)."""
-    mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
+    mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs).take()
     interests = self.extractor(tokens, mask)
     return {"user": self.user_embedding(batch), "mask": mask, "tokens": tokens,

@@ -52,7 +52,7 @@ class DIN(CTRModel):
         rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
-    mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
+    mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
     state = {"user": self.user_embedding(batch), "mask": mask,
              "attention": self.attention.encode_user(tokens, mask)}

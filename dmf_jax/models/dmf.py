@@ -84,7 +84,7 @@ class DMF(CTRModel):
   def encode_user(self, batch, *, train=False, rngs=None):
     """user [B, u]; mask [B, L]; the similarities' history side; the attention's user part
     (DTA: per-head W^id e_j; ID-only: K and V; early fusion: the tokens)."""
-    mask, rows = batch["hist_mask"], self.item_rows(batch["hist_item_id"])
+    mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
     return {"user": self.user_embedding(batch), "mask": mask,
             "similarity": self.encode_similarities(rows),

@@ -90,12 +90,13 @@ def _behaviour_rows(module: str, behaviors: Rows | jax.Array, mask: jax.Array, d
     checks.check_same_dims(
         [("behavior_id_emb", rows.values.shape[1]), ("mask", mask.shape[1])],
         "L (sequence length)")
-  else:
-    checks.check_rank(f"{module}: item rows", rows.values, 2)
-    checks.check_shape(f"{module}: item rows", rows.values, (None, dim))
+  else:  # [R, d], or [S, U, d] rows per data shard
+    checks.check_rank(f"{module}: item rows", rows.values, 3 if rows.shards else 2)
+    checks.check_shape(f"{module}: item rows", rows.values, (None,) * (rows.values.ndim - 1)
+                       + (dim,))
     checks.check_integer(f"{module}: rows", rows.index)
     checks.check_shape(f"{module}: rows", rows.index, mask.shape)
-    checks.check_ids_in_range(f"{module}: rows", rows.index, rows.values.shape[0])
+    checks.check_ids_in_range(f"{module}: rows", rows.index, rows.per_position_rows())
   return rows
 
 
@@ -136,8 +137,9 @@ def head_major(rows: Rows, kernel: jax.Array, num_heads: int, head_dim: int) -> 
   With an index the R rows are projected once and gathered straight into the head-major layout
   (row h * R + i of the head-major table), the layout XLA's CPU backend runs fastest.
   """
-  if rows.index is None:
-    out = (rows.values @ kernel).reshape(*rows.values.shape[:-1], num_heads, head_dim)
+  if rows.index is None or rows.shards:  # per position, or rows per data shard
+    projected = rows.map(lambda v: v @ kernel).take()  # [B, L, H * d_h]
+    out = projected.reshape(*projected.shape[:-1], num_heads, head_dim)
     return jnp.swapaxes(out, -3, -2)
   r = rows.values.shape[0]
   proj = (rows.values @ kernel).reshape(r, num_heads, head_dim)

@@ -99,12 +99,25 @@ class Experiment:
     """Whether the training split is small enough to be parsed into memory up front."""
     return len(self.records("train")) <= self.config.in_memory_max_records
 
+  @property
+  def unique_row_shards(self) -> int:
+    """Data shards whose distinct items each training batch carries (0: none): when the
+    catalog has more rows than a shard's item positions, so that per-item work runs once per
+    distinct item instead of once per position, and one process feeds the whole mesh (each
+    process's distinct counts would differ, the arrays' shapes must not)."""
+    if jax.process_count() > 1:
+      return 0
+    shards = self.partitioner.data_size
+    schema = self.dataset.schema
+    positions = self.config.batch_size // shards * (schema.seq_len + 1)
+    return shards if schema.num_items + 1 > positions else 0
+
   def train_dataset(self, *, seed: int | None = None) -> grain.MapDataset:
     """This process's shuffled training batches (a small split is parsed into memory now)."""
     return ip.train_dataset(
         self.records("train"), self.parser, global_batch_size=self.config.batch_size,
         seed=self.config.seed if seed is None else seed, shard=self.shard,
-        in_memory=self.train_in_memory)
+        in_memory=self.train_in_memory, unique_row_shards=self.unique_row_shards)
 
   def train_iterator(self, ds: grain.MapDataset | None = None) -> grain.DatasetIterator:
     """A checkpointable iterator over `ds` (default: a new `train_dataset()`). An in-memory
@@ -116,7 +129,8 @@ class Experiment:
 
   def to_model_batch(self, local: dict, extra: tuple[str, ...] = ()) -> dict:
     """The model's keys of a parsed local batch (plus `extra` ones), split over the mesh."""
-    keys = self.dataset.schema.batch_keys() + extra
+    keys = self.dataset.schema.batch_keys() + extra + tuple(
+        k for k in ("unique_items", "item_row", "hist_item_row") if k in local)
     return self.partitioner.shard_batch({k: local[k] for k in keys})
 
 

@@ -1,9 +1,12 @@
-"""Item rows: the distinct set chosen by shape, and take(map(f)) == f at every position."""
+"""Item rows: the distinct set chosen by shape, a batch's distinct items per data shard, and
+take(map(f)) == f at every position."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from dmf_jax.core.rows import Rows, item_rows
+from dmf_jax.core.rows import Rows, batch_unique_rows, item_rows, unique_row_count
 
 
 def test_whole_catalog_when_fewer_items_than_positions():
@@ -33,3 +36,54 @@ def test_rows_is_a_pytree():
   rows = Rows(jnp.ones((3, 2)), jnp.zeros((4,), jnp.int32))
   assert len(jax.tree.leaves(rows)) == 2
   assert len(jax.tree.leaves(Rows(jnp.ones((3, 2))))) == 1
+
+
+def test_batch_unique_rows_per_shard_reconstruct_every_position():
+  rng = np.random.default_rng(0)
+  item_id = rng.integers(0, 50, 12)
+  hist = rng.integers(0, 50, (12, 7))
+  for shards in (1, 3, 4):
+    out = batch_unique_rows(item_id, hist, shards, buckets=(8, 16, 32, 64))
+    table, row, hist_row = out["unique_items"], out["item_row"], out["hist_item_row"]
+    s, u = table.shape
+    per = 12 // shards
+    assert s == shards and table.dtype == np.int32
+    for b in range(12):  # every position reads its own id from its own shard's rows
+      assert table[b // per, row[b]] == item_id[b]
+      np.testing.assert_array_equal(table[b // per, hist_row[b]], hist[b])
+    distinct = max(len(np.unique(np.concatenate([item_id[k * per:(k + 1) * per],
+                                                  hist[k * per:(k + 1) * per].ravel()])))
+                   for k in range(shards))
+    # the smallest bucket, never more rows than the shard's positions
+    assert u == min(min(b for b in (8, 16, 32, 64) if b >= distinct), per * 8)
+
+
+def test_an_overflowing_batch_takes_the_next_bucket_and_never_drops_an_id():
+  item_id, hist = np.arange(10), np.arange(10, 40).reshape(10, 3)  # 40 distinct ids
+  assert unique_row_count(40, 40, (8, 16)) == 40  # past the largest bucket: all positions
+  out = batch_unique_rows(item_id, hist, 1, buckets=(8, 16))
+  assert out["unique_items"].shape == (1, 40)
+  assert sorted(out["unique_items"][0]) == list(range(40))
+  assert batch_unique_rows(item_id, hist, 1, buckets=(8, 64))["unique_items"].shape == (1, 40)
+  assert batch_unique_rows(item_id[:2], hist[:2], 1, buckets=(8, 64))["unique_items"].shape == (
+      1, 8)
+  with pytest.raises(ValueError, match="batch of 10 examples does not split into 3"):
+    batch_unique_rows(item_id, hist, 3)
+
+
+def test_sharded_rows_take_and_gradients_equal_the_direct_gather():
+  rng = np.random.default_rng(2)
+  item_id, hist = rng.integers(0, 30, 8), rng.integers(0, 30, (8, 5))
+  out = batch_unique_rows(item_id, hist, 4, buckets=(16, 64))
+  table = jnp.asarray(rng.normal(size=(30, 3)), jnp.float32)
+
+  def via_rows(t):
+    rows = Rows(jnp.asarray(out["unique_items"]), jnp.asarray(out["hist_item_row"]), shards=4)
+    return rows.map(lambda ids: jnp.tanh(t[ids])).take()
+
+  direct = lambda t: jnp.tanh(t[jnp.asarray(hist)])
+  np.testing.assert_allclose(via_rows(table), direct(table), rtol=1e-6)
+  cot = jnp.asarray(rng.normal(size=(8, 5, 3)), jnp.float32)
+  g1 = jax.grad(lambda t: jnp.sum(via_rows(t) * cot))(table)
+  g2 = jax.grad(lambda t: jnp.sum(direct(t) * cot))(table)
+  np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)

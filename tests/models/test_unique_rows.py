@@ -1,0 +1,107 @@
+"""Batch-unique item rows (the input pipeline's distinct items per data shard): the same logits
+and gradients as the per-position path, for every family, on one device and on a mesh; the
+training loop sends them when the catalog is larger than a shard's positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from helpers import take, tiny_problem, tiny_train_config
+from dmf_jax.core.rows import batch_unique_rows
+from dmf_jax.models import registry as models
+from dmf_jax.nn.losses import bce_with_logits
+from dmf_jax.train import partitioner as pt
+from dmf_jax.train import steps as training
+
+SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
+             mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8,
+             pairwise_similarity_max_items=0)  # frozen cosines from the vectors, per position
+
+
+def with_unique_rows(batch, shards, buckets=(16, 32, 64)):
+  rows = batch_unique_rows(np.asarray(batch["item_id"]), np.asarray(batch["hist_item_id"]),
+                           shards, buckets=buckets)
+  return batch | {k: jnp.asarray(v) for k, v in rows.items()}
+
+
+@pytest.mark.parametrize("name", ["din", "dmf", "dmf_early_fusion", "bst", "dien", "em3",
+                                  "make", "simtier", "din_mm_concat"])
+@pytest.mark.parametrize("examples,shards", [(4, 1), (40, 4)])
+def test_unique_rows_equal_the_per_position_path(name, examples, shards):
+  schema, catalog, splits = tiny_problem()
+  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(examples)).items()}
+  unique = with_unique_rows(batch, shards)
+  assert unique["unique_items"].shape[1] < schema.num_items + 1  # the unique path is taken
+  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  graphdef, params, rest = training.split_model(model)
+
+  def loss(p, b):
+    return bce_with_logits(nnx.merge(graphdef, p, rest)(b), b["label"])
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  (want, g_want), (got, g_got) = value_and_grad(params, batch), value_and_grad(params, unique)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g_want), nnx.to_flat_state(g_got)):
+    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-7,
+                               err_msg=str(path))
+  # the logits themselves, and a catalog larger than U but smaller than the positions
+  np.testing.assert_allclose(jax.jit(lambda p, b: nnx.merge(graphdef, p, rest)(b))(params, unique),
+                             jax.jit(lambda p, b: nnx.merge(graphdef, p, rest)(b))(params, batch),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_range_unique_ids_are_refused_eagerly():
+  schema, catalog, splits = tiny_problem()
+  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(4)).items()}
+  unique = with_unique_rows(batch, 1)
+  unique["unique_items"] = unique["unique_items"].at[0, 0].set(schema.num_items)
+  model = models.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  with pytest.raises(ValueError, match=r"unique_items.\]: id 90 at index \(0, 0\) is out of range"):
+    model(unique)
+
+
+def test_unique_rows_on_a_mesh_train_like_per_position_rows():
+  """4x2 ('data', 'model') mesh: unique_items [4, U] split over 'data', each device gathering
+  its own rows; three train steps from the same init give the same losses and parameters."""
+  schema, catalog, splits = tiny_problem()
+  factory = lambda rules, rngs: models.build_model({"name": "dmf", **SMALL}, schema, rngs=rngs,
+                                                   sharding=rules)
+  partitioner = pt.Partitioner(pt.MeshConfig(model=2))
+  assert partitioner.data_size == 4
+  results = {}
+  for unique in (False, True):
+    tx = optax.adam(1e-2)
+    graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
+                                                  catalog=catalog)
+    step = partitioner.train_step(graphdef, tx, shardings)
+    losses = []
+    for i in range(3):
+      local = {k: v[i * 16:(i + 1) * 16] for k, v in splits["train"].items()}
+      if unique:
+        local |= batch_unique_rows(local["item_id"], local["hist_item_id"], 4, buckets=(16, 64))
+        assert local["unique_items"].shape[1] < schema.num_items + 1
+      batch = partitioner.shard_batch(local)
+      state, out = step(state, batch)
+      losses.append(float(out["loss"]))
+    results[unique] = (losses, jax.device_get(state.params))
+  np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[False][1]), jax.tree.leaves(results[True][1])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_the_loop_sends_unique_rows_only_when_the_catalog_exceeds_a_shards_positions(tmp_path):
+  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+
+  big = train_lib.build_experiment(tiny_train_config(tmp_path, batch_size=32))
+  # tiny: 120 items, L = 12; 8 data shards (the suite's fake devices): 4 examples a shard
+  # hold 52 positions, fewer than the 121 catalog rows
+  shards = big.partitioner.data_size
+  assert shards == 8 and big.unique_row_shards == shards
+  batch = big.train_dataset()[0]
+  assert batch["unique_items"].shape[0] == shards
+  assert set(big.to_model_batch(batch)) >= {"unique_items", "item_row", "hist_item_row"}
+  small = train_lib.build_experiment(tiny_train_config(tmp_path, batch_size=80))  # 130 > 121
+  assert small.unique_row_shards == 0 and "unique_items" not in small.train_dataset()[0]
