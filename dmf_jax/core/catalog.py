@@ -191,9 +191,12 @@ class CatalogTables(nnx.Module):
       pairwise: bool = False,
       vector_dtype: str = "float32",
       pairwise_lookup: str = "gather",
+      vectors: bool = True,
   ):
     """pairwise_lookup: how `pairwise_similarity` reads the matrix: 'gather' (one scalar gather
-    per pair) or 'one_hot' (the targets' rows, then a one-hot matmul over the items: TPU's)."""
+    per pair) or 'one_hot' (the targets' rows, then a one-hot matmul over the items: TPU's).
+    vectors=False: the modality vectors (and what derives from them) are not held, for a
+    model that never reads them (an ID-only model: 6.6 GB less at 1,000,000 items)."""
     if vector_dtype not in VECTOR_DTYPES:
       raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {tuple(VECTOR_DTYPES)}")
     catalog = catalog or ItemCatalog.zeros(schema)
@@ -202,7 +205,8 @@ class CatalogTables(nnx.Module):
     self.sharding = sharding
     self.vector_dtype = vector_dtype
     self.pairwise_lookup = pairwise_lookup
-    self.has_pairwise = pairwise and bool(catalog.modalities)
+    self.holds_vectors = vectors
+    self.has_pairwise = pairwise and vectors and bool(catalog.modalities)
     self.hashed_ids = schema.item_id_spec.hashed
     tables = self._tables(schema, catalog)  # unpadded
     if self.has_pairwise:
@@ -222,8 +226,12 @@ class CatalogTables(nnx.Module):
     self.numeric = nnx.Dict({k[8:]: self._variable(v, float32=True) for k, v in tables.items()
                              if k.startswith("numeric/")})
     self.cosine_ranges = nnx.Dict(
-        {k: CatalogTable(jnp.asarray(cosine_range(v))) for k, v in catalog.modalities.items()}
+        {k: CatalogTable(jnp.asarray(cosine_range(v))) for k, v in self._modalities(catalog)}
     )
+
+  def _modalities(self, catalog: ItemCatalog):
+    """(name, vectors) of the modalities this catalog holds (none without `vectors`)."""
+    return list(catalog.modalities.items()) if self.holds_vectors else []
 
   def _tables(self, schema: FeatureSchema, catalog: ItemCatalog) -> dict[str, np.ndarray]:
     """The stored per-item tables by key (side/<field> with hashed fields as rows,
@@ -232,7 +240,7 @@ class CatalogTables(nnx.Module):
     for spec in schema.item_features:
       value = np.asarray(catalog.side[spec.name])
       tables[f"side/{spec.name}"] = spec.rows(value) if spec.hashed else value.astype(np.int32)
-    for name, value in catalog.modalities.items():
+    for name, value in self._modalities(catalog):
       tables[f"modality/{name}"] = np.asarray(value, np.float32)
       tables[f"inv_norm/{name}"] = inverse_norms(value)
     if self.hashed_ids:
@@ -271,7 +279,7 @@ class CatalogTables(nnx.Module):
     for key, value in self._tables(schema, catalog).items():
       variable = self._stored(key)
       variable.set_value(jnp.asarray(self._padded(value), variable[...].dtype))
-    for name, value in catalog.modalities.items():
+    for name, value in self._modalities(catalog):
       self.cosine_ranges[name].set_value(jnp.asarray(cosine_range(value)))
       if self.has_pairwise:
         self.pairwise[name].set_value(jnp.asarray(cosine_matrix(value)))
@@ -292,7 +300,7 @@ class CatalogTables(nnx.Module):
     new.validate(schema.replace(num_items=n))
     total = schema.replace(num_items=self.num_items + n)
     out = CatalogTables(total, sharding=self.sharding, vector_dtype=self.vector_dtype,
-                        pairwise_lookup=self.pairwise_lookup)
+                        pairwise_lookup=self.pairwise_lookup, vectors=self.holds_vectors)
     for key, value in out._tables(schema.replace(num_items=n), new).items():
       old = np.asarray(jax.device_get(self._stored(key)[...]))[:self.num_items]
       merged = np.concatenate([old.astype(value.dtype), value])
@@ -372,11 +380,14 @@ def without_vectors(tables: Mapping, name: str, missing: np.ndarray,
     pairwise[name][i, :] = [:, i] = 0  (the precomputed cosines agree)
     side[flag_field][i] = 1            (a '<name>_missing' flag field, where the data has one)
   Everything else is kept, the cosine range (the trained calibration) included: the model
-  sees the items as a catalog without their vectors looks at serving time. Returns new
+  sees the items as a catalog without their vectors looks at serving time. A catalog that
+  holds no vectors (`vectors=False`) only gets the flag. Returns new
   variables with the same shardings; `tables` is left unchanged.
   """
   missing = np.asarray(missing, bool)
-  if name not in tables.get("modalities", {}):
+  if not tables.get("modalities") and flag_field is None:
+    return {group: dict(variables) for group, variables in tables.items()}  # holds no vectors
+  if tables.get("modalities") and name not in tables["modalities"]:
     raise ValueError(f"catalog has no modality {name!r}; it has {sorted(tables['modalities'])}")
   if flag_field is not None and flag_field not in tables.get("side", {}):
     raise ValueError(f"catalog has no side field {flag_field!r}")
@@ -391,9 +402,10 @@ def without_vectors(tables: Mapping, name: str, missing: np.ndarray,
     return variable.replace(jax.device_put(jnp.asarray(new_value, old.dtype), old.sharding))
 
   out = {group: dict(variables) for group, variables in tables.items()}
-  vectors = tables["modalities"][name]
-  drop = rows(vectors.shape[0])
-  out["modalities"][name] = replaced(vectors, jnp.where(drop[:, None], 0, vectors[...]))
+  if tables.get("modalities"):  # a catalog without vectors (an ID-only model): the flag only
+    vectors = tables["modalities"][name]
+    drop = rows(vectors.shape[0])
+    out["modalities"][name] = replaced(vectors, jnp.where(drop[:, None], 0, vectors[...]))
   if name in tables.get("pairwise", {}):
     pair = tables["pairwise"][name]
     drop = rows(pair.shape[0])

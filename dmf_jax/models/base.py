@@ -234,8 +234,12 @@ def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
 class CTRModel(nnx.Module):
   """Catalog, item and user encoders, optional similarities and content tower, the head.
 
-  Subclasses build `self.head` and implement `encode_user` and `score`.
+  Subclasses build `self.head` and implement `encode_user` and `score`. The catalog holds the
+  modality vectors only for a model that reads them (similarities, a content tower, or
+  READS_VECTORS, e.g. MAKE's own tower): an ID-only model leaves them on the host.
   """
+
+  READS_VECTORS = False  # True: the model calls `modality_vectors` itself
 
   def __init__(
       self,
@@ -259,7 +263,8 @@ class CTRModel(nnx.Module):
     self.config = config
     self.catalog = CatalogTables(
         schema, catalog, sharding, pairwise=pairwise, vector_dtype=config.vector_dtype,
-        pairwise_lookup=resolve_lookup_mode(config.lookup_mode) if similarity else "gather")
+        pairwise_lookup=resolve_lookup_mode(config.lookup_mode) if similarity else "gather",
+        vectors=similarity or content is not None or self.READS_VECTORS)
     self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
     self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
     self.similarity = TargetAwareSimilarity(

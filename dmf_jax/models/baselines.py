@@ -166,6 +166,8 @@ class MAKE(DIN):
   model, or everything but `mm` (whose outputs are then constants) with `make_freeze`.
   """
 
+  READS_VECTORS = True  # its pre-trained multimodal tower
+
   def __init__(self, schema, config, *, rngs, catalog=None, sharding=NO_SHARDING):
     self.mm = MultimodalTower(schema, config, rngs=rngs)
     self.extra_dim = self.mm.out_dim

@@ -286,3 +286,27 @@ def test_calibrated_similarities_match_numpy_and_serving(pairwise):
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="similarity_calibration needs similarity='frozen'"):
     DmfConfig(similarity="projected", similarity_calibration="catalog_range")
+
+
+def test_only_models_that_read_vectors_hold_them():
+  """ID-only models leave the catalog's vectors out of their state (6.6 GB at 1M items); the
+  catalog still takes vectors on load and at add_items, and a robustness flag still applies."""
+  from dmf_jax.core.catalog import without_vectors  # pylint: disable=g-import-not-at-top
+
+  schema, catalog, splits = tiny_problem()
+  for name in models.model_names():
+    model = build(name)
+    reads = name not in ("din", "bst", "dien")
+    assert model.catalog.holds_vectors == reads, name
+    assert bool(len(model.catalog.modalities)) == reads, name
+  din = build("din")
+  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(20)).items()}
+  before = np.asarray(jitted(din)(batch))
+  din.catalog.load(schema, catalog)  # the dataset's catalog, vectors and all
+  bigger = din.catalog.extended(schema, ItemCatalog(
+      {k: np.asarray(v)[:2] for k, v in catalog.side.items()},
+      {k: np.asarray(v)[:2] for k, v in catalog.modalities.items()}))
+  assert bigger.num_items == schema.num_items + 2 and not len(bigger.modalities)
+  tables = nnx.to_pure_dict(nnx.state(din.catalog))
+  assert without_vectors(tables, "text", np.ones(schema.num_items, bool)).keys() == tables.keys()
+  np.testing.assert_allclose(np.asarray(jitted(din)(batch)), before, rtol=1e-6)
