@@ -311,9 +311,8 @@ def serving_programs(device, name: str, num_items: int, settings: Settings, conf
       lambda: models.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
   # As `Server` holds them: Params in the compute dtype, cast once.
-  dtype = precision.COMPUTE_DTYPES[config.compute_dtype]
-  params = nnx.merge_state(jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, dtype if x.dtype == np.float32 else x.dtype), params), rest)
+  params = nnx.merge_state(
+      jax.eval_shape(lambda p: precision.cast_params(p, config.compute_dtype), params), rest)
   on_device = jax.sharding.SingleDeviceSharding(device)
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device)
   params = jax.tree.map(place, params)

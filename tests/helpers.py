@@ -103,6 +103,24 @@ def check_sequence_model_reads_the_valid_history_in_order(model, batch, num_item
   assert np.abs(np.asarray(call(reversed_))[full] - base[full]).max() > 1e-5
 
 
+def train_steps(model, steps: int, learning_rate: float = 3e-3, batch_size: int = 64):
+  """(graphdef, final state, [step outputs]) of `steps` Adam steps of `model` on the tiny
+  problem's shuffled training batches (one jitted, donated train step)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import steps as training  # pylint: disable=g-import-not-at-top
+
+  _, _, splits = tiny_problem()
+  tx = optax.adam(learning_rate)
+  graphdef, state = training.create_train_state(model, tx)
+  step = training.make_train_step(graphdef, tx)
+  stream = batches(splits["train"], batch_size)
+  outputs = []
+  for _ in range(steps):
+    state, out = step(state, next(stream))
+    outputs.append(out)
+  return graphdef, state, outputs
+
+
 def one_device_and_mesh_runs(make_tx, steps: int = 8, batch_size: int = 64):
   """DMF trained `steps` steps from the same init on 1 device and on a 4x2 ('data', 'model')
   mesh: {'1 device' | '4x2 mesh': (partitioner, final state, losses)}; make_tx() -> the tx."""

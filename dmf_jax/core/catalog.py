@@ -385,8 +385,6 @@ def without_vectors(tables: Mapping, name: str, missing: np.ndarray,
   variables with the same shardings; `tables` is left unchanged.
   """
   missing = np.asarray(missing, bool)
-  if not tables.get("modalities") and flag_field is None:
-    return {group: dict(variables) for group, variables in tables.items()}  # holds no vectors
   if tables.get("modalities") and name not in tables["modalities"]:
     raise ValueError(f"catalog has no modality {name!r}; it has {sorted(tables['modalities'])}")
   if flag_field is not None and flag_field not in tables.get("side", {}):

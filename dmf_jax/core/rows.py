@@ -75,8 +75,8 @@ class Rows:
     out = jnp.take_along_axis(self.values, index, axis=1, mode="promise_in_bounds")
     return _reshape(out, (b, *rest, *self.values.shape[2:]))
 
-  def per_position_rows(self) -> int:
-    """Rows computed per position of the batch (for the catalog-or-unique choice)."""
+  def index_bound(self) -> int:
+    """The index's exclusive bound: the rows one position may point at (per shard)."""
     return self.values.shape[1] if self.shards else self.values.shape[0]
 
 

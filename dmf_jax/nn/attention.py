@@ -96,7 +96,7 @@ def _behaviour_rows(module: str, behaviors: Rows | jax.Array, mask: jax.Array, d
                        + (dim,))
     checks.check_integer(f"{module}: rows", rows.index)
     checks.check_shape(f"{module}: rows", rows.index, mask.shape)
-    checks.check_ids_in_range(f"{module}: rows", rows.index, rows.per_position_rows())
+    checks.check_ids_in_range(f"{module}: rows", rows.index, rows.index_bound())
   return rows
 
 

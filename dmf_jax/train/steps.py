@@ -84,7 +84,9 @@ def make_train_step(
     table_names = {"/".join(sparse.path_names(kp)) for kp, _ in
                    jax.tree_util.tree_flatten_with_path(tables)[0]}
     traced = []  # the RowProbes of each trace of `loss_fn` (the lookups, recorded when traced)
-    compute_dtype = nnx.merge(graphdef, state.params, state.rest).config.compute_dtype
+    # The model outside the differentiated function: its dtype, what each phase trains.
+    outside = nnx.merge(graphdef, state.params, state.rest)
+    compute_dtype = outside.config.compute_dtype
 
     def loss_fn(params, probes):
       model = nnx.merge(graphdef, precision.cast_params(params, compute_dtype),
@@ -111,8 +113,7 @@ def make_train_step(
     (loss, (extras, rest, rows)), (grads, probe_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    model = nnx.merge(graphdef, state.params, state.rest)
-    updates = freeze_updates(model, phase, updates)
+    updates = freeze_updates(outside, phase, updates)
     params = optax.apply_updates(params, updates)
     if table_names:
       lookups = {}
@@ -122,7 +123,7 @@ def make_train_step(
         grad.append(g.reshape(-1, g.shape[-1]))
       lookups = {k: (jnp.concatenate(i), jnp.concatenate(g)) for k, (i, g) in lookups.items()}
       tables, opt_state = row_sparse.apply_rows(
-          tables, opt_state, lookups, lambda path: model.is_trainable(phase, path))
+          tables, opt_state, lookups, lambda path: outside.is_trainable(phase, path))
       params = sparse.join(params, tables)
     new_state = TrainState(state.step + 1, state.rng, params, opt_state, rest)
     return new_state, {"loss": loss, **extras}

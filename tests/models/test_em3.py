@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from helpers import batches, jitted, take, tiny_problem
+from helpers import jitted, take, tiny_problem, train_steps
 from dmf_jax.nn import losses
 from dmf_jax.nn import lora
 from dmf_jax.core.rows import Rows
@@ -174,16 +174,9 @@ def build_em3(**overrides):
 
 @pytest.mark.parametrize("head,negatives", [("din", "sampled"), ("dmf", "in_batch")])
 def test_em3_trains_and_both_losses_fall(head, negatives):
-  _, _, splits = tiny_problem()
   model = build_em3(em3_head=head, contrastive_negatives=negatives, modality_dropout=0.1)
-  tx = optax.adam(3e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = training.make_train_step(graphdef, tx)
-  stream = batches(splits["train"], 64)
-  outs = []
-  for _ in range(50):
-    state, out = step(state, next(stream))
-    outs.append({k: float(v) for k, v in out.items()})
+  _, _, outputs = train_steps(model, 50)
+  outs = [{k: float(v) for k, v in out.items()} for out in outputs]
   first, last = outs[:10], outs[-10:]
   for key in ("loss", "ctr_loss", "contrastive_loss"):
     assert np.mean([o[key] for o in last]) < np.mean([o[key] for o in first]) - 0.02, key

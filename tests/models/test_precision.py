@@ -7,11 +7,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from helpers import batches, take, tiny_problem
+from helpers import batches, take, tiny_problem, train_steps
 from dmf_jax.models import registry as models
 from dmf_jax.nn import precision
 from dmf_jax.nn.attention import masked_softmax
@@ -98,16 +97,8 @@ def test_dta_equals_early_fusion_in_bfloat16_values_and_gradients():
 
 
 def test_bfloat16_training_keeps_float32_state_and_learns():
-  _, _, splits = tiny_problem()
-  model = build("dmf", "bfloat16")
-  tx = optax.adam(3e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = training.make_train_step(graphdef, tx)
-  stream = batches(splits["train"], 64)
-  losses = []
-  for _ in range(60):
-    state, metrics = step(state, next(stream))
-    losses.append(float(metrics["loss"]))
+  graphdef, state, outputs = train_steps(build("dmf", "bfloat16"), 60)
+  losses, metrics = [float(o["loss"]) for o in outputs], outputs[-1]
   floats = [x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and all(d == jnp.float32 for d in floats)

@@ -3,11 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from helpers import batches, jitted, take, tiny_problem
+from helpers import jitted, take, tiny_problem, train_steps
 from dmf_jax.core.rows import Rows
 from dmf_jax.models import base as model_base
 from dmf_jax.models import registry as models
@@ -138,16 +137,8 @@ def test_one_hot_lookup_modes_compute_the_same_function(name):
                                   "din_mm_concat", "simscore", "simtier", "make", "bst", "dien",
                                   "bst_mm_concat", "dien_mm_concat"])
 def test_models_train_and_loss_falls(name):
-  _, _, splits = tiny_problem()
-  model = build(name)
-  tx = optax.adam(3e-3)
-  graphdef, state = training.create_train_state(model, tx)
-  step = training.make_train_step(graphdef, tx)
-  losses = []
-  stream = batches(splits["train"], 64)
-  for _ in range(60):
-    state, metrics = step(state, next(stream))
-    losses.append(float(metrics["loss"]))
+  _, state, outputs = train_steps(build(name), 60)
+  losses = [float(o["loss"]) for o in outputs]
   assert int(state.step) == 60
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03, (losses[:10], losses[-10:])
