@@ -10,12 +10,17 @@
 # 3. benchmark_train (din, dmf; batch 512 and 4096), benchmark_serving (N = 1200, L = 200),
 #    benchmark_scale's catalog rows (1,000 and 1,000,000 items) and the AOT report
 #    for the local GPU (`--targets=local`: compiled on the device, with autotuning).
-# Every JSON and log lands in OUT_DIR; summary.txt says what passed. Each part has its own time
+# Every JSON and log lands in OUT_DIR (a new or empty folder: an earlier check's is refused);
+# summary.txt says what passed. Each part has its own time
 # limit, so one slow part cannot starve the others. DMF_CHECK_ALLOW_CPU=1 runs the same steps
 # on the CPU (a dry run of the script; the figures are CPU figures).
 set -uo pipefail
 out=${1:?usage: experiments/accelerator_check.sh OUT_DIR}
 cd "$(dirname "$0")/.."
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "accelerator_check: $out is not empty (an earlier check?); give a new folder" >&2
+  exit 2
+fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 summary="$out/summary.txt"

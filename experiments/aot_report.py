@@ -98,6 +98,7 @@ _CANDIDATES = flags.DEFINE_integer("candidates", 1200, "Candidates scored per re
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "The models' compute dtype (model_config.compute_dtype).")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the rows (JSON list).")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 _GPU_CONFIGS = flags.DEFINE_string(
     "gpu_target_configs", None, "Folder of openxla/xla's GPU target specs (h100_sxm.txtpb, "
     "h200.txtpb; default $DMF_GPU_TARGET_CONFIGS) for gpu:<chip>:<n> targets.")
@@ -456,6 +457,9 @@ def main(argv):
   bad = sorted(set(_PHASES.value) - {"train", "encode", "score"})
   if bad:
     cli.fail(f"--phases: unknown {bad}; valid: train, encode, score")
+  if _OUTPUT.value and os.path.exists(_OUTPUT.value) and not _FORCE.value:
+    cli.fail(f"--output_json: {_OUTPUT.value} exists (an earlier report?); give another path "
+             "or --force to replace it")
   rows = []
   for target in targets:
     rows += report(target, names, sizes, _PHASES.value, Settings.from_flags(),

@@ -118,3 +118,17 @@ def test_a_first_run_prints_only_the_projects_own_lines(tmp_path):
   assert lines[0].startswith("building generated_ctr/tiny into ") and lines[1].startswith(
       "built generated_ctr/tiny in ")
   assert "validation" in done.stdout and "test" in done.stdout
+
+
+def test_new_binaries_refuse_to_replace_earlier_output(tmp_path):
+  """aot_report's --output_json and benchmark_scale's --exposure are checked before any work;
+  an earlier report is never overwritten without --force."""
+  earlier = tmp_path / "aot.json"
+  earlier.write_text("[]")
+  done = run(["experiments.aot_report", "--targets=tpu:v5e:1x1", "--models=din",
+              f"--output_json={earlier}"])
+  assert_user_error(done, f"--output_json: {earlier} exists", "--force")
+  assert earlier.read_text() == "[]"
+  done = run(["experiments.benchmark_scale", f"--data_dir={tmp_path}", "--exposure=zipf:0",
+              f"--output_json={tmp_path / 's.json'}"])
+  assert_user_error(done, "--exposure: item exposure 'zipf:0' is not 'uniform' or 'zipf:A'")
