@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dmf_jax.core.rows import batch_unique_rows  # noqa: E402
 from dmf_jax.core.sharding import ShardingRules  # noqa: E402
 from dmf_jax.models import registry as models  # noqa: E402
 from dmf_jax.nn import precision  # noqa: E402
@@ -97,6 +98,11 @@ _SERVE_SEQ_LEN = flags.DEFINE_integer("serve_seq_len", 200, "Behaviours of the s
 _CANDIDATES = flags.DEFINE_integer("candidates", 1200, "Candidates scored per request.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "The models' compute dtype (model_config.compute_dtype).")
+_PIPELINE = flags.DEFINE_bool(
+    "pipeline_inputs", True, "Train batches carry the input pipeline's distinct items and "
+    "frozen cosines where training sends them (a large catalog); False: ids only.")
+_EXPOSURE = flags.DEFINE_string("exposure", "zipf:1.0",
+                                "Item exposure of the batch that sizes the distinct items.")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the rows (JSON list).")
 _FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 _GPU_CONFIGS = flags.DEFINE_string(
@@ -193,12 +199,17 @@ class Settings:
   mesh_model: int = 4
   sparse_min_rows: int = 100_000  # row-sparse Adam for tables this large (sharded catalogs)
   compute_dtype: str = "float32"  # the models' compute dtype (mixed precision: 'bfloat16')
+  # The train batch carries what the input pipeline sends a large catalog's steps: the
+  # batch's distinct items (when the catalog has more rows than a data shard's positions; U
+  # from a batch drawn with `exposure`) and the frozen cosines (a model that takes them).
+  pipeline_inputs: bool = True
+  exposure: str = "zipf:1.0"
 
   @classmethod
   def from_flags(cls) -> "Settings":
     return cls(_SEQ_LEN.value, _SERVE_SEQ_LEN.value, _CANDIDATES.value, _BATCH.value,
                _LARGE_BATCH.value, _SHARD_ITEMS.value, _MESH_MODEL.value, _SPARSE.value,
-               _DTYPE.value)
+               _DTYPE.value, _PIPELINE.value, _EXPOSURE.value)
 
   def batch(self, num_items: int) -> int:
     return self.batch_size if num_items <= self.shard_items else self.large_batch_size
@@ -298,10 +309,30 @@ def train_program(devices, name: str, num_items: int, settings: Settings, schema
   graphdef, state, shardings = partitioner.abstract_init(factory, tx)
   like = bench_utils.random_batch(schema.replace(num_items=min(num_items, 1000)), 8,
                                   np.random.default_rng(0))
-  batch = partitioner.abstract_batch({
-      k: jax.ShapeDtypeStruct((batch_size, *np.shape(like[k])[1:]), like[k].dtype)
-      for k in schema.batch_keys()})
+  shapes = {k: jax.ShapeDtypeStruct((batch_size, *np.shape(like[k])[1:]), like[k].dtype)
+            for k in schema.batch_keys()}
+  if settings.pipeline_inputs:
+    shapes |= pipeline_inputs(nnx.merge(graphdef, state.params, state.rest), schema, batch_size,
+                              partitioner.data_size, settings.exposure)
+  batch = partitioner.abstract_batch(shapes)
   return partitioner.jit_train_step(graphdef, tx, shardings), state, batch, partitioner
+
+
+def pipeline_inputs(model, schema, batch_size: int, shards: int, exposure: str) -> dict:
+  """The shapes of what the input pipeline adds to a train batch for `model` (as
+  `train.loop.Experiment` decides): the distinct items per data shard when the catalog has
+  more rows than a shard's positions (U from one batch drawn with `exposure`), the frozen
+  cosines when the model takes them."""
+  out = {}
+  if schema.num_items + 1 > batch_size // shards * (schema.seq_len + 1):
+    drawn = bench_utils.random_batch(schema, batch_size, np.random.default_rng(0), exposure)
+    unique = batch_unique_rows(np.asarray(drawn["item_id"]),
+                                    np.asarray(drawn["hist_item_id"]), shards)
+    out |= {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in unique.items()}
+  if model.takes_record_similarities:
+    out["hist_similarity"] = jax.ShapeDtypeStruct(
+        (batch_size, schema.seq_len, len(schema.modalities)), np.float32)
+  return out
 
 
 def serving_programs(device, name: str, num_items: int, settings: Settings, config=None):

@@ -39,6 +39,7 @@ from flax import nnx
 from dmf_jax import data
 from dmf_jax.models import registry as models
 from dmf_jax.core import rows
+from dmf_jax.data import pipeline as ip
 from dmf_jax.data import synthetic
 from dmf_jax.train import memory
 from experiments import bench_utils, cli
@@ -70,6 +71,10 @@ _UNIQUE = flags.DEFINE_bool(
 _MODALITY_DIM = flags.DEFINE_integer(
     "modality_dim", 0, "Shrink every modality to this many dims (0: MovieLens's 384 and 1280): "
     "how much of a step is reading vectors.")
+_RECORD = flags.DEFINE_bool(
+    "record_similarities", True, "Batches carry their frozen cosines (the input pipeline's "
+    "`data.pipeline.RecordSimilarities`, timed on the host per batch) when the all-pairs "
+    "matrix is not used: the step reads no vectors. False: the step reads them per position.")
 _EXPOSURE = flags.DEFINE_string(
     "exposure", "zipf:1.0", "Item exposure of the catalog rows' random batches: 'uniform' or "
     "'zipf:A' (exposure ~ 1 / rank^A over a seeded permutation of the items).")
@@ -88,7 +93,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   config = bench_utils.model_config(movielens.get_config(), "dmf")
   config = dataclasses.replace(config, vector_dtype=_VECTOR_DTYPE.value)
   model = models.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
-  del catalog  # the model holds its own (device) copy
+  record = _RECORD.value and model.takes_record_similarities
   state, step = bench_utils.train_setup(model, sparse_min_rows=_SPARSE.value)
   del model
   held = memory.per_device_summary(state)
@@ -97,11 +102,23 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   if _UNIQUE.value:
     batches = [b | {k: jax.numpy.asarray(v) for k, v in rows.batch_unique_rows(
         np.asarray(b["item_id"]), np.asarray(b["hist_item_id"])).items()} for b in batches]
+  host_ms = None
+  if record:  # the host's part: the input pipeline's transform, timed per batch
+    transform = ip.RecordSimilarities(catalog, schema.modality_names, _VECTOR_DTYPE.value)
+    host = [{k: np.asarray(b[k]) for k in ("item_id", "hist_item_id", "hist_mask")}
+            for b in batches]
+    host_ms = round(1e3 * float(np.median(bench_utils.time_calls(
+        lambda: [transform.map(h) for h in host], min_seconds=0.0, min_reps=3, max_reps=3,
+        warmup=1))) / len(host), 2)
+    batches = [b | {"hist_similarity": jax.numpy.asarray(transform.map(h)["hist_similarity"])}
+               for b, h in zip(batches, host)]
+    del transform
+  del catalog  # the model holds its own (device) copy
   distinct = float(np.mean([len(np.unique(np.concatenate(
       [np.asarray(b["item_id"]).ravel(), np.asarray(b["hist_item_id"]).ravel()])))
       for b in batches]))
-  floor = floor_bytes(state, batches[0], distinct, num_items <= config.pairwise_similarity_max_items,
-                      schema)
+  floor = floor_bytes(state, batches[0], distinct,
+                      num_items <= config.pairwise_similarity_max_items or record, schema)
   holder = {"state": state, "i": 0}
 
   def one():
@@ -121,6 +138,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
          "device_bytes_by_part": {k: int(v) for k, v in held.items() if k != "total"},
          "step_ms_median": round(1e3 * float(np.median(times)), 2),
          "pairwise_matrix": num_items <= config.pairwise_similarity_max_items,
+         "record_similarities": bool(record), "host_similarity_ms_per_batch": host_ms,
          "vector_dtype": _VECTOR_DTYPE.value, "sparse_min_rows": _SPARSE.value,
          "seconds_with_compile": round(time.perf_counter() - start, 1),
          "floor_bytes": int(floor), "floor_ratio": round(step_s / (floor / bandwidth()), 1)}
@@ -128,7 +146,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   return row
 
 
-def floor_bytes(state, batch, distinct_items: float, pairwise: bool, schema) -> float:
+def floor_bytes(state, batch, distinct_items: float, no_vectors: bool, schema) -> float:
   """The bytes a DMF train step must move at least, per step:
 
   - dense parameters and Adam's moments, read and written: 6 x their bytes;
@@ -137,7 +155,8 @@ def floor_bytes(state, batch, distinct_items: float, pairwise: bool, schema) -> 
     tables: whole, they are small), 6 x each row's bytes; under dense Adam the whole table;
   - the catalog rows of the distinct items: side fields and, without the all-pairs matrix,
     every modality's vector (the frozen cosine reads each once); with the matrix, the B x L x K
-    similarities it gathers;
+    similarities it gathers; with record similarities (`no_vectors`), none: the batch holds
+    the B x L x K cosines;
   - the batch itself.
   """
   total = 0.0
@@ -151,9 +170,9 @@ def floor_bytes(state, batch, distinct_items: float, pairwise: bool, schema) -> 
     else:
       total += 6 * size
   per_item = 4 * (len(schema.item_features) + 1) + (
-      0 if pairwise else sum(m.dim * 4 for m in schema.modalities))
+      0 if no_vectors else sum(m.dim * 4 for m in schema.modalities))
   total += distinct_items * per_item
-  if pairwise:
+  if no_vectors and "hist_similarity" not in batch:  # gathered from the all-pairs matrix
     total += batch["hist_item_id"].size * len(schema.modalities) * 4
   return total + sum(np.asarray(v).nbytes for v in batch.values())
 

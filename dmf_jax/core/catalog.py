@@ -139,6 +139,24 @@ def inverse_norms(vectors: np.ndarray) -> np.ndarray:
   return out
 
 
+def record_cosines(vectors: np.ndarray, inv_norms: np.ndarray, item_id: np.ndarray,
+                   hist_item_id: np.ndarray, chunk: int = 64) -> np.ndarray:
+  """Each record's frozen cosines on the host, as the model computes them from its tables:
+  clip((m_t . m_j) * inv_t * inv_j, -1, 1).
+
+  vectors float32 [V, D] (the values the device table holds), inv_norms float32 [V],
+  item_id int [B], hist_item_id int [B, L] -> float32 [B, L]. Reads B x (L + 1) rows, `chunk`
+  records at a time (bounded scratch memory). Out-of-range ids raise IndexError.
+  """
+  b, seq_len = np.shape(hist_item_id)
+  out = np.empty((b, seq_len), np.float32)
+  for start in range(0, b, chunk):
+    t, h = item_id[start:start + chunk], hist_item_id[start:start + chunk]
+    dots = np.einsum("bd,bld->bl", vectors[t], vectors[h])
+    out[start:start + chunk] = np.clip(dots * inv_norms[t][:, None] * inv_norms[h], -1.0, 1.0)
+  return out
+
+
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
   """All-pairs cosine of item vectors: [V, D] -> float32 [V, V] (zero vectors give 0)."""
   v = np.asarray(vectors, np.float64)

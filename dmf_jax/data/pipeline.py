@@ -32,6 +32,7 @@ import math
 import grain
 import numpy as np
 
+from dmf_jax.core import catalog as catalog_lib
 from dmf_jax.core import rows
 from dmf_jax.data.format import RawRecords, RecordParser
 
@@ -109,6 +110,33 @@ class UniqueRows(grain.transforms.Map):
 
   def map(self, batch):
     return batch | rows.batch_unique_rows(batch["item_id"], batch["hist_item_id"], self._shards)
+
+
+class RecordSimilarities(grain.transforms.Map):
+  """Adds each record's frozen cosines 'hist_similarity' float32 [B, L, K] (target against
+  each behaviour, per modality in `names` order, 0 at masked positions), computed from the
+  host catalog as the model computes them (`core.catalog.record_cosines`; the vectors rounded
+  to the model's `vector_dtype` first), so the train and eval steps read no vectors.
+
+  It holds the catalog's vectors: run it in the training process (`to_iterator(after=...)`),
+  not in worker processes, which would each get a copy.
+  """
+
+  def __init__(self, catalog: catalog_lib.ItemCatalog, names, vector_dtype: str = "float32"):
+    if vector_dtype not in catalog_lib.VECTOR_DTYPES:
+      raise ValueError(f"vector_dtype {vector_dtype!r} is not one of "
+                       f"{tuple(catalog_lib.VECTOR_DTYPES)}")
+    stored = np.dtype(catalog_lib.VECTOR_DTYPES[vector_dtype])
+    self._tables = []
+    for name in names:
+      value = np.asarray(catalog.modalities[name], np.float32)
+      self._tables.append((value.astype(stored, copy=False).astype(np.float32, copy=False),
+                           catalog_lib.inverse_norms(value)))
+
+  def map(self, batch):
+    item_id, hist, mask = batch["item_id"], batch["hist_item_id"], batch["hist_mask"]
+    sims = [catalog_lib.record_cosines(v, inv, item_id, hist) for v, inv in self._tables]
+    return batch | {"hist_similarity": np.stack(sims, axis=-1) * mask[..., None]}
 
 
 def local_batch_size(global_batch_size: int, shard: ShardInfo) -> int:
@@ -202,13 +230,18 @@ def eval_dataset(
 
 
 def to_iterator(
-    ds: grain.MapDataset, *, worker_count: int = 0, prefetch: int = 4
+    ds: grain.MapDataset, *, worker_count: int = 0, prefetch: int = 4,
+    after: grain.transforms.Map | None = None,
 ) -> grain.DatasetIterator:
   """A checkpointable iterator; `worker_count > 0` parses in that many worker processes.
+  after: a transform run in this process on each batch the workers send (one that holds
+  large host arrays, e.g. `RecordSimilarities`; the iterator's state is the same).
 
   Worker processes need absl flags parsed (run under `app.run`); tests use 0.
   """
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  if after is not None:
+    it_ds = it_ds.map(after)
   return iter(it_ds)

@@ -376,7 +376,10 @@ class CTRModel(nnx.Module):
                              ) -> jax.Array:
     """Target-aware similarities s [B, N, L, K] of candidates int [B, N] (0 where masked)."""
     names = self.schema.modality_names
-    if self.catalog.has_pairwise:
+    if "record" in state:  # the batch's own targets, cosines from the input pipeline
+      checks.check_shape("candidates", candidates, (state["record"].shape[0], 1))
+      sims = [state["record"][:, None, :, k] for k in range(len(names))]
+    elif self.catalog.has_pairwise:
       sims = [self.catalog.pairwise_similarity(name, candidates, state["history"][:, None])
               for name in names]
     elif "inv_norms" in state:  # frozen: cos = (t . h) / (|t| |h|)
@@ -394,8 +397,27 @@ class CTRModel(nnx.Module):
 
   def similarities(self, batch: Batch) -> jax.Array:
     """Each example's target-aware similarities s [B, L, K] (0 at masked positions)."""
-    state = self.encode_similarities(self.history_rows(batch))
+    state = self.record_similarities(batch) or self.encode_similarities(self.history_rows(batch))
     return self.candidate_similarities(state, batch["item_id"][:, None], batch["hist_mask"])[:, 0]
+
+  @property
+  def takes_record_similarities(self) -> bool:
+    """Whether batches may carry their own frozen cosines 'hist_similarity' [B, L, K] (the
+    input pipeline's `data.pipeline.RecordSimilarities`): frozen similarities of a catalog
+    without the all-pairs matrix, whose step then reads no vectors."""
+    return (self.similarity is not None and self.config.similarity == "frozen"
+            and not self.catalog.has_pairwise)
+
+  def record_similarities(self, batch: Batch) -> dict[str, jax.Array] | None:
+    """The similarity state {'record': s [B, L, K]} of a batch that carries its own cosines
+    (raw, before calibration; the targets are the batch's items); None otherwise."""
+    record = batch.get("hist_similarity")
+    if record is None or not self.takes_record_similarities:
+      return None
+    checks.check_floating("batch['hist_similarity']", record)
+    checks.check_shape("batch['hist_similarity']", record,
+                       batch["hist_mask"].shape + (len(self.schema.modalities),))
+    return {"record": record}
 
   def calibrate(self, sims: list[jax.Array]) -> list[jax.Array]:
     """Per-modality cosines (schema order) -> calibrated per `similarity_calibration`."""
@@ -433,6 +455,9 @@ class CTRModel(nnx.Module):
     """Logits [B]: each example's user against its own target item."""
     validate_batch(self.schema, batch)
     state = self.encode_user(batch, train=train, rngs=rngs)
+    record = self.record_similarities(batch)
+    if record is not None:  # the history side's vector reads are then dead code under jit
+      state = {**state, "similarity": record}
     targets = self._unique_rows(batch, "item_row")
     if targets is not None:  # the targets' rows among the batch's distinct items
       state = {**state, "candidate_rows": Rows(targets.values, targets.index[:, None],

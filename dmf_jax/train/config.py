@@ -54,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   # 0: always stream from the files.
   c.in_memory_max_records = 1_000_000
   c.prefetch = 4
+  # Frozen cosines of a catalog too large for the all-pairs matrix are computed per batch by
+  # the input pipeline (`data.pipeline.RecordSimilarities`), so the steps read no vectors;
+  # False: the steps read each behaviour's vectors. The same values up to float rounding.
+  c.record_similarities = True
   c.progress = True
   # Start afresh in a workdir that holds a run: its files are moved to <workdir>.replaced-<time>
   # (never deleted). Without it, a workdir resumes, and refuses a run of another config.

@@ -112,6 +112,19 @@ class Experiment:
     positions = self.config.batch_size // shards * (schema.seq_len + 1)
     return shards if schema.num_items + 1 > positions else 0
 
+  @functools.cached_property
+  def record_similarities(self) -> ip.RecordSimilarities | None:
+    """The input pipeline's per-record frozen cosines (`config.record_similarities`), for a
+    model that reads frozen similarities without the all-pairs matrix: its train and eval
+    steps then read no vectors. None otherwise."""
+    if not self.config.get("record_similarities", True):
+      return None
+    model = nnx.merge(self.graphdef, self.state.params, self.state.rest)
+    if not model.takes_record_similarities:
+      return None
+    return ip.RecordSimilarities(self.dataset.catalog, self.dataset.schema.modality_names,
+                                 model.catalog.vector_dtype)
+
   def train_dataset(self, *, seed: int | None = None) -> grain.MapDataset:
     """This process's shuffled training batches (a small split is parsed into memory now)."""
     return ip.train_dataset(
@@ -125,12 +138,14 @@ class Experiment:
     `worker_count` processes parse."""
     ds = self.train_dataset() if ds is None else ds
     workers = 0 if self.train_in_memory else self.config.worker_count
-    return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch)
+    return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch,
+                          after=self.record_similarities)
 
   def to_model_batch(self, local: dict, extra: tuple[str, ...] = ()) -> dict:
     """The model's keys of a parsed local batch (plus `extra` ones), split over the mesh."""
     keys = self.dataset.schema.batch_keys() + extra + tuple(
-        k for k in ("unique_items", "item_row", "hist_item_row") if k in local)
+        k for k in ("unique_items", "item_row", "hist_item_row", "hist_similarity")
+        if k in local)
     return self.partitioner.shard_batch({k: local[k] for k in keys})
 
 
@@ -324,7 +339,7 @@ def evaluate_split(exp: Experiment, predict, state, split: str,
                        global_batch_size=exp.config.eval_batch_size, shard=exp.shard)
   acc, cold = metrics.EvalAccumulator(), metrics.EvalAccumulator()
   gather = exp.partitioner.gather
-  for local in ip.to_iterator(ds, prefetch=exp.config.prefetch):
+  for local in ip.to_iterator(ds, prefetch=exp.config.prefetch, after=exp.record_similarities):
     batch = exp.to_model_batch(local, extra=("group",))
     logits = gather(predict(state, batch))
     users, labels, weights = (gather(batch[k]) for k in ("group", "label", "weight"))

@@ -40,7 +40,7 @@ LOCK_FILE = "run.lock"
 RESUMABLE_FIELDS = (
     "num_epochs", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "patience", "log_every_steps", "eval_batch_size", "progress",
-    "prefetch", "worker_count", "in_memory_max_records", "data_dir", "manual_dir",
+    "prefetch", "worker_count", "in_memory_max_records", "record_similarities", "data_dir", "manual_dir",
     "dataset_config", "overwrite", "mesh.data",
 )
 _RETIRED = tuple(f"model_config.{name}" for name in RETIRED_FIELDS)  # not identity: ignored

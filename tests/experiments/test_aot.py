@@ -86,6 +86,22 @@ def test_a_large_catalog_is_split_over_the_model_axis(v5e_2x4):
                          pytest.approx(np.prod(v.shape), rel=0.01) for v in vectors)
 
 
+def test_a_large_catalogs_train_batch_carries_the_pipelines_inputs(v5e_2x4):
+  """As training sends them: distinct items per data shard and (DMF) the frozen cosines."""
+  settings = dataclasses.replace(SMALL, batch_size=512, large_batch_size=512)
+  _, _, batch, _ = aot.train_program(v5e_2x4, "dmf", 1_000_000, settings)
+  assert batch["unique_items"].shape[0] == 2  # one row per data shard
+  assert 1024 <= batch["unique_items"].shape[1] < 512 // 2 * 51  # zipf: repeats within a shard
+  assert batch["hist_similarity"].shape == (512, 50, 2)
+  _, _, din, _ = aot.train_program(v5e_2x4, "din", 1_000_000, settings)
+  assert "unique_items" in din and "hist_similarity" not in din  # DIN reads no cosines
+  _, _, small, _ = aot.train_program(v5e_2x4, "dmf", 1682, settings)
+  assert "unique_items" not in small and "hist_similarity" not in small  # matrix, catalog rows
+  off = dataclasses.replace(settings, pipeline_inputs=False)
+  assert set(aot.train_program(v5e_2x4, "dmf", 1_000_000, off)[2]) == set(din) - {
+      "unique_items", "item_row", "hist_item_row"}
+
+
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_the_colab_notebooks_run_compiles_for_one_v5e_chip(compute_dtype):
   devices = aot.Target.parse("tpu:v5e:1x1").devices()
