@@ -179,9 +179,11 @@ def head_mix(a: jax.Array, values: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DinUserState:
-  """keys [B, L, d - side_dim] (the behaviour tokens) and mask [B, L]."""
+  """keys [B, L, d - side_dim] (the behaviour tokens), key_part [B, L, h1] (their term of the
+  activation unit's first layer, e_j (W_k - W_d)) and mask [B, L]."""
 
   keys: jax.Array
+  key_part: jax.Array
   mask: jax.Array
 
 
@@ -194,6 +196,17 @@ class DinAttention(nnx.Module):
   With `side_dim` > 0 the last side_dim entries of each key are candidate-dependent side
   features s_tj (`attend`'s side [B, N, L, side_dim]): k_tj = [e_j ; s_tj], and the output
   is sum_j w_tj k_tj = [sum_j w_tj e_j ; sum_j w_tj s_tj].
+
+  Decoupled like DTA: the first layer over [q ; k ; q - k ; q * k] with W = [W_q ; W_k ; W_d ;
+  W_p] is
+
+    q (W_q + W_d)   +   k (W_k - W_d)   +   (q * k) W_p   + b
+    per candidate       per item row        per (candidate, behaviour) pair
+
+  so `encode_user` computes the key part once per item row (per distinct item, then gathered;
+  the side entries of a key, being per pair, join the pair part) and `attend` adds the query
+  part once per candidate: the same function with the same parameters, a third of the
+  first layer's products per pair.
   """
 
   def __init__(
@@ -217,24 +230,33 @@ class DinAttention(nnx.Module):
   def out_dim(self) -> int:
     return self.dim
 
+  def _first_layer(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(W_q + W_d [d, h1], W_k - W_d [d, h1], W_p [d, h1]) of the first layer's kernel."""
+    w_q, w_k, w_d, w_p = (self.hidden[0].kernel[...][i * self.dim:(i + 1) * self.dim]
+                          for i in range(4))
+    return w_q + w_d, w_k - w_d, w_p
+
   def encode_user(self, behaviors: Rows | jax.Array, mask: jax.Array) -> DinUserState:
-    """Behaviour tokens (Rows of [R, d - side_dim]), mask [B, L] -> DinUserState."""
+    """Behaviour tokens (Rows of [R, d - side_dim]), mask [B, L] -> DinUserState: the keys
+    and, per item row, their part of the first layer."""
     rows = _behaviour_rows("DinAttention", behaviors, mask, self.dim - self.side_dim)
-    return DinUserState(keys=rows.take(), mask=mask)
+    w_key = self._first_layer()[1][:self.dim - self.side_dim]
+    key_part = rows.map(lambda e: e @ w_key.astype(e.dtype)).take()
+    return DinUserState(keys=rows.take(), key_part=key_part, mask=mask)
 
-  def weights(self, keys: jax.Array, query: jax.Array, mask: jax.Array) -> jax.Array:
+  def weights(self, keys: jax.Array, query: jax.Array, mask: jax.Array,
+              key_part: jax.Array | None = None) -> jax.Array:
     """Attention weights [..., L] of queries [..., d] over their keys [..., L, d] (0 where
-    masked; leading dims broadcast).
-
-    The first layer W [q ; k ; q - k ; q * k] is computed as q (W_q + W_d) once per candidate
-    plus [k ; q * k] [W_k - W_d ; W_p] per pair: the same function, half the products.
-    """
-    first, d = self.hidden[0], self.dim
-    w_q, w_k, w_d, w_p = (first.kernel[...][i * d:(i + 1) * d] for i in range(4))
-    per_candidate = query @ (w_q + w_d) + first.bias[...]  # [..., h1]
-    pairs = query[..., None, :] * keys  # [..., L, d]
-    keys = jnp.broadcast_to(keys, pairs.shape)
-    h = jax.nn.sigmoid(jnp.concatenate([keys, pairs], axis=-1) @ jnp.concatenate([w_k - w_d, w_p])
+    masked; leading dims broadcast). key_part [..., L, h1]: the keys' first-layer term
+    k (W_k - W_d) when precomputed (`encode_user`; then only the keys' last side_dim entries
+    add theirs here), else computed here from the whole keys."""
+    w_query, w_key, w_pair = self._first_layer()
+    per_candidate = query @ w_query + self.hidden[0].bias[...]  # [..., h1]
+    if key_part is None:
+      key_part = keys @ w_key
+    elif self.side_dim:
+      key_part = key_part + keys[..., self.dim - self.side_dim:] @ w_key[self.dim - self.side_dim:]
+    h = jax.nn.sigmoid((query[..., None, :] * keys) @ w_pair + key_part
                        + per_candidate[..., None, :])
     for layer in self.hidden[1:]:
       h = jax.nn.sigmoid(layer(h))
@@ -255,13 +277,13 @@ class DinAttention(nnx.Module):
       keys = state.keys       # CPU backend runs these ~2x faster than with an N = 1 axis)
       if side is not None:
         keys = jnp.concatenate([keys, side[:, 0]], axis=-1)
-      w = self.weights(keys, query[:, 0], state.mask)  # [B, L]
+      w = self.weights(keys, query[:, 0], state.mask, state.key_part)  # [B, L]
       return jnp.einsum("bl,bld->bd", w, keys)[:, None]
     keys = state.keys[:, None]  # [B, 1, L, d]: shared by the N candidates
     if side is not None:
       keys = jnp.concatenate([jnp.broadcast_to(keys, (*side.shape[:3], keys.shape[-1])), side],
                              axis=-1)
-    w = self.weights(keys, query, state.mask[:, None])  # [B, N, L]
+    w = self.weights(keys, query, state.mask[:, None], state.key_part[:, None])  # [B, N, L]
     if keys.shape[1] == 1:
       return jnp.einsum("bnl,bld->bnd", w, keys[:, 0])
     return jnp.einsum("bnl,bnld->bnd", w, keys)

@@ -228,6 +228,53 @@ def test_din_attention_with_side_features_and_item_rows_matches_reference():
     din.attend(state, jnp.asarray(query))
 
 
+@pytest.mark.parametrize("side_dim,n", [(0, 1), (0, 3), (2, 1), (2, 3)])
+def test_decoupled_din_equals_the_plain_unit_in_values_and_gradients(side_dim, n):
+  """DIN's first layer split into query, key-row and pair parts (keys from item rows) against
+  the plain W [q ; k ; q - k ; q * k] in float64: the output and the gradients of every
+  parameter, the item rows, the queries and the side features."""
+  rng = np.random.default_rng(19)
+  d = ID_DIM + side_dim
+  din = DinAttention(d, hidden=(6, 5), side_dim=side_dim, rngs=nnx.Rngs(5))
+  table = jnp.asarray(rng.normal(size=(9, ID_DIM)).astype(np.float32))
+  rows = jnp.asarray(rng.integers(0, 9, size=(3, 7)).astype(np.int32))
+  mask = jnp.asarray(rng.random((3, 7)) < 0.7)
+  query = jnp.asarray(rng.normal(size=(3, n, d)).astype(np.float32))
+  side = jnp.asarray(rng.normal(size=(3, n, 7, side_dim)).astype(np.float32)) if side_dim else None
+  cotangent = rng.normal(size=(3, n, d))
+  graphdef, params = nnx.split(din)
+
+  def decoupled(params, table, query, side):
+    module = nnx.merge(graphdef, params)
+    out = module.attend(module.encode_user(Rows(table, rows), mask), query, side)
+    return jnp.sum(out * cotangent.astype(np.float32))
+
+  def plain(params, table, query, side):  # the DIN paper's unit, written out
+    keys = jnp.broadcast_to(table[rows][:, None], (3, n, 7, ID_DIM))
+    if side is not None:
+      keys = jnp.concatenate([keys, side], -1)
+    q = jnp.broadcast_to(query[:, :, None], keys.shape)
+    h = jnp.concatenate([q, keys, q - keys, q * keys], -1)
+    layers = params["hidden"]
+    for i in range(len(layers)):
+      h = jax.nn.sigmoid(h @ layers[i]["kernel"][...] + layers[i]["bias"][...])
+    scores = (h @ params["score"]["kernel"][...] + params["score"]["bias"][...])[..., 0]
+    out = jnp.einsum("bnl,bnld->bnd", scores * mask[:, None], keys)
+    return jnp.sum(out * cotangent)
+
+  args = (params, table, query, side)
+  got, got_grads = jax.value_and_grad(decoupled, argnums=(0, 1, 2, 3))(*args)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x), jnp.float64)
+    want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2, 3))(
+        *jax.tree.map(as64, args))
+    want_grads = jax.tree.map(np.asarray, want_grads)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+  assert any(np.abs(b).max() > 1e-2 for b in jax.tree.leaves(want_grads))
+
+
 class TestBadInputs:
   def setup_method(self):
     rng = np.random.default_rng(9)
