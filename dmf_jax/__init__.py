@@ -32,7 +32,7 @@ _API = {
     "default_config": "dmf_jax.train.config",
     "train_and_evaluate": "dmf_jax.train.loop",
     "evaluate_checkpoint": "dmf_jax.train.loop",
-    "load_model": "dmf_jax.train.loop",
+    "load_model": "dmf_jax.train.restore",
     "prepare": "dmf_jax.data",
     "BuiltDataset": "dmf_jax.data.format",
     "build_model": "dmf_jax.models.registry",

@@ -123,3 +123,25 @@ def test_the_walk_sees_function_level_imports(tmp_path):
   path = tmp_path / "m.py"
   path.write_text("def f():\n  from dmf_jax.train import loop\n")
   assert imports(path, {"dmf_jax.train.loop"}) == [(2, "dmf_jax.train.loop")]
+
+
+def closure(start: str) -> set[str]:
+  """The package modules `start` imports, transitively (itself included)."""
+  edges, seen, todo = graph(), {start}, [start]
+  while todo:
+    for nxt in edges[todo.pop()] - seen:
+      seen.add(nxt)
+      todo.append(nxt)
+  return seen
+
+
+def test_serving_needs_neither_the_training_loop_nor_the_input_pipeline():
+  """serve reads a run back through train.restore: no train.loop, no Grain, transitively."""
+  mods = modules()
+  for name in [m for m in mods if m.startswith("dmf_jax.serve")]:
+    reached = closure(name)
+    assert "dmf_jax.train.loop" not in reached and "dmf_jax.data.pipeline" not in reached, name
+    grain = [m for m in reached for _, n in imports(mods[m], set(mods)) if n.split(".")[0] == "grain"]
+    assert not grain, (name, grain)
+  assert "dmf_jax.train.restore" in closure("dmf_jax.serve.server")
+  assert "dmf_jax.train.loop" in closure("dmf_jax.train.ablation")  # the check is not vacuous

@@ -26,7 +26,7 @@ from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.nn import precision
 from dmf_jax.serve.request import (DEFAULT_BUCKETS, RequestLayout, check_buckets,
                                    check_user_state, chunks)
-from dmf_jax.train import loop
+from dmf_jax.train import restore
 
 
 def make_serving_fns(graphdef: nnx.GraphDef):
@@ -58,7 +58,7 @@ class Server:
   returns float32 logits [N], with N padded to the smallest bucket >= N (requests larger than
   the largest bucket run in chunks of it). N = 0 gives an empty array; an empty history is
   valid (the attention and SimTier parts are zero). Requests are checked by
-  `serve_request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
+  `serve.request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
   fractional or wrongly shaped ids raise a ValueError naming the field.
   """
 
@@ -143,8 +143,8 @@ class Server:
   def from_workdir(cls, workdir: str, step: int | None = None,
                    buckets: Sequence[int] = DEFAULT_BUCKETS) -> "Server":
     """Serves the best (or a given) checkpoint of a training workdir, trained on a mesh or
-    not (see `dmf_jax.train.loop.load_model`)."""
-    run = loop.restore_run(workdir, step)
+    not (see `dmf_jax.train.restore.restore_run`)."""
+    run = restore.restore_run(workdir, step)
     server = cls(run.model(), buckets)
     server.step, server.raw_ids = run.step, run.dataset.catalog.raw_ids
     return server

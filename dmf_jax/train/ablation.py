@@ -38,6 +38,7 @@ from dmf_jax.core import jsonio
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
+from dmf_jax.train import restore
 from dmf_jax.train import robustness
 from dmf_jax.train import runs
 from dmf_jax.train.checkpointing import CorruptCheckpointError
@@ -135,11 +136,11 @@ def run_ablation(
       config = run_config(base, spec, seed)
       if done.exists():
         if dataset is None:  # one build for every run of the ablation
-          dataset = train_lib.open_dataset(config)
+          dataset = restore.open_dataset(config)
         runs.check_finished(workdir, config, dataset)
         results = json.loads(done.read_text())
         try:
-          train_lib.verify_checkpoint(workdir, results["best_step"], log=log)
+          restore.verify_checkpoint(workdir, results["best_step"], log=log)
           log(f"{spec.label} seed {seed}: finished earlier, read {done}")
         except CorruptCheckpointError as e:  # its checkpoint rotted: the run repairs itself
           log(f"WARNING: {spec.label} seed {seed}: {e}; running it again in {workdir}")

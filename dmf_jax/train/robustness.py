@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from dmf_jax.core.catalog import without_vectors
-from dmf_jax.train import loop
+from dmf_jax.train import loop, restore
 from dmf_jax.train.checkpointing import CheckpointManager, catalog_of, with_catalog
 
 FRACTIONS = (0.25, 0.5, 1.0)
@@ -61,8 +61,8 @@ def evaluate_missing_modalities(workdir, fractions: Sequence[float] = FRACTIONS)
     cached = json.loads(path.read_text())
     if cached.get("fractions") == fractions:
       return cached
-  config = loop.read_run_config(workdir)
-  exp = loop.build_experiment(config, dataset=loop.open_run_dataset(workdir, config))
+  config = restore.read_run_config(workdir)
+  exp = loop.build_experiment(config, dataset=restore.open_run_dataset(workdir, config))
   schema = exp.dataset.schema
   result = {"step": None, "fractions": fractions, "modalities": {}}
   if schema.modality_names:

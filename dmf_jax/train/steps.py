@@ -1,4 +1,4 @@
-"""Pure train and eval steps over a split NNX model (single device; issue 4 adds the mesh).
+"""Pure train and eval steps over a split NNX model (`train.partitioner` jits them on a mesh).
 
 The model is split once into a static graphdef, its trainable `nnx.Param`s and the remaining
 state (batch statistics, frozen catalog). Steps are plain `jax.jit` functions that merge them

@@ -207,6 +207,7 @@ def test_opening_without_manual_dir_needs_a_single_build(tmp_path):
 
 def test_results_name_the_real_build(tmp_path):
   from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import restore  # pylint: disable=g-import-not-at-top
   from helpers import tiny_train_config  # pylint: disable=g-import-not-at-top
 
   raw = write_example(tmp_path / "raw")
@@ -229,7 +230,7 @@ def test_results_name_the_real_build(tmp_path):
   moved = tmp_path / "elsewhere"
   (tmp_path / "out" / first).rename(moved)
   for call in (lambda: train_lib.evaluate_checkpoint(str(tmp_path / "run"), "validation"),
-               lambda: train_lib.load_model(str(tmp_path / "run"))):
+               lambda: restore.load_model(str(tmp_path / "run"))):
     with pytest.raises(DataError, match=f"the dataset build {first} that the run in .* trained "
                                         f"on is not in"):
       call()

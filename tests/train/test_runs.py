@@ -15,6 +15,7 @@ from dmf_jax.core import locking
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import runs
 from dmf_jax.train import loop as train_lib
+from dmf_jax.train import restore
 from helpers import copy_run, snapshot, tiny_train_config
 
 
@@ -201,7 +202,7 @@ def test_the_readme_serving_example_runs_as_written(finished):
   readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
   block = readme.split("\n## Serving\n")[1].split("```python\n")[1].split("```")[0]
   assert 'Server.from_workdir("/tmp/dmf_run")' in block  # the main job's workdir
-  model, _, _ = train_lib.load_model(str(workdir))
+  model, _, _ = restore.load_model(str(workdir))
   namespace = {"model": model}
   exec(block.replace("/tmp/dmf_run", str(workdir)), namespace)  # pylint: disable=exec-used
   logits = namespace["logits"]

@@ -6,6 +6,7 @@ import pytest
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
+from dmf_jax.train import restore
 from helpers import tiny_run, tiny_train_config
 
 ITEM_TABLE = ("items", "item_id", "table", "embedding")
@@ -29,7 +30,7 @@ def window1_run(tmp_path_factory):
 
 def test_grown_vocabularies_keep_the_known_rows_and_init_the_new(window1_run):
   data_dir, source = window1_run
-  run = train_lib.restore_run(source)
+  run = restore.restore_run(source)
   assert run.dataset.schema.num_items == 100
   exp = train_lib.build_experiment(tiny_train_config(data_dir, dataset_config="tiny_window2"))
   assert exp.dataset.schema.num_items == 120
@@ -77,7 +78,7 @@ def test_row_sparse_moments_carry_with_grown_vocabularies(tmp_path_factory):
   data_dir, source = tiny_run(tmp_path_factory, "tiny_window1", num_train_steps=10,
                               eval_every_steps=10, checkpoint_every_steps=10,
                               optimizer={"sparse_min_rows": 1})
-  run = train_lib.restore_run(source)
+  run = restore.restore_run(source)
   config = tiny_train_config(data_dir, dataset_config="tiny_window2",
                              optimizer={"sparse_min_rows": 1})
   exp = train_lib.build_experiment(config)
