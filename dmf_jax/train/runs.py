@@ -7,7 +7,8 @@ A run claims its workdir in three steps, so that a refused run changes nothing:
    writable is refused here (`WorkdirError`).
 2. `check_identity`: compares the run's identity with the one recorded in `run.json` (or, for
    a workdir of an older version, in `config.json`). The identity is every config field except
-   `RESUMABLE_FIELDS`, plus the dataset's build (`BuiltDataset.full_name` and `fingerprint`).
+   `RESUMABLE_FIELDS`, plus the dataset's build (`BuiltDataset.full_name` and `fingerprint`);
+   of the flat model_config, only the fields of the run's model family count (`differences`).
    A different identity raises `RunMismatchError`, naming the fields; nothing is written.
 3. `record_run`, once every other check has passed too (the checkpoint fits the model, the
    warm start's source fits): writes `run.json` and `config.json`. With `config.overwrite`
@@ -18,6 +19,7 @@ Evaluation, export and serving open the dataset build recorded here (`recorded_b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +31,7 @@ from etils import epath
 from dmf_jax.core import jsonio
 from dmf_jax.core.errors import UserError, WorkdirError
 from dmf_jax.core.locking import FileLock
-from dmf_jax.models.registry import RETIRED_FIELDS
+from dmf_jax.models.registry import MODELS, RETIRED_FIELDS
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -107,11 +109,26 @@ def _at_default(key: str, value) -> bool:
   return key in ADDED_FIELDS and value == ADDED_FIELDS[key]
 
 
+def _family_fields(identity: dict) -> set[str] | None:
+  """The model_config fields of the identity's model family (None: a model not registered)."""
+  entry = MODELS.get(identity.get("model"))
+  return None if entry is None else {f.name for f in dataclasses.fields(entry.config_class)}
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
   """Lines naming the identity fields that differ (an added field at its default and the same
-  field absent are the same)."""
-  recorded = {k: v for k, v in recorded.items() if not _at_default(k, v)}
-  current = {k: v for k, v in current.items() if not _at_default(k, v)}
+  field absent are the same). model_config fields count only where they belong to the model
+  families of both sides: another family's settings (DMF's bucket_dim for a DIN run) do not
+  change a run."""
+  own = [f for f in (_family_fields(recorded), _family_fields(current)) if f is not None]
+  shared = set.intersection(*own) if own else None
+
+  def view(identity: dict) -> dict:
+    return {k: v for k, v in identity.items() if not _at_default(k, v) and (
+        shared is None or not k.startswith("model_config.")
+        or k.removeprefix("model_config.") in shared)}
+
+  recorded, current = view(recorded), view(current)
   lines = []
   for key in sorted(set(recorded) | set(current)):
     if key.startswith("dataset.") and key not in recorded:

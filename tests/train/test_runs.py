@@ -256,6 +256,24 @@ def test_fields_added_later_at_their_defaults_do_not_change_a_run_identity():
                           {**base, "model_config.vector_dtype": "bfloat16"}) != []
 
 
+def test_a_finished_din_run_resumes_after_a_dmf_only_field_changes(data_dir, tmp_path):
+  """A run's identity is its family's config: DMF's bucket_dim or num_tiers do not touch a
+  DIN run; DIN's own fields (and the model) still do."""
+  config = tiny_train_config(data_dir, num_train_steps=10)
+  config.model = "din"
+  workdir = tmp_path / "din"
+  first = train_lib.train_and_evaluate(config, str(workdir))
+  for field, value in (("bucket_dim", 8), ("num_tiers", 3)):
+    config.model_config[field] = value
+  again = train_lib.train_and_evaluate(config, str(workdir))  # finished: resumes, reports
+  assert again["test"]["auc"] == first["test"]["auc"]
+  config.model_config.din_hidden = (7,)  # DIN's own field: another run
+  with pytest.raises(runs.RunMismatchError, match="model_config.din_hidden"):
+    train_lib.train_and_evaluate(config, str(workdir))
+  recorded, current = {"model": "dmf", "model_config.bucket_dim": 4}, {"model": "din"}
+  assert runs.differences(recorded, current) == ["model: 'dmf' in the workdir, 'din' now"]
+
+
 def test_fields_added_later_are_listed_at_the_defaults_the_config_has():
   """ADDED_FIELDS must name real config fields at their current defaults, or runs recorded
   before a field existed would not resume (or would resume under another setting)."""
