@@ -281,3 +281,39 @@ def test_fields_added_later_are_listed_at_the_defaults_the_config_has():
   for key, default in runs.ADDED_FIELDS.items():
     assert key in flat, key
     assert flat[key] == default, key
+
+
+def test_a_new_model_family_is_one_module_and_one_registry_line(data_dir, finished, tmp_path):
+  """A toy family (its own config class and field, defined here as its module would be)
+  registered with `register_model`: it trains from the command-line config, and a finished run
+  of another family, recorded before the toy existed, still resumes, with no identity
+  bookkeeping (`runs.ADDED_FIELDS`) touched."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax.core import checks  # pylint: disable=g-import-not-at-top
+  from dmf_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from dmf_jax.models.din import DIN, DinConfig  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class ToyConfig(DinConfig):
+    toy_scale: float = checks.field(1.0, "positive")
+
+  class Toy(DIN):
+    def score(self, state, candidates, *, train=False, rngs=None):
+      return self.config.toy_scale * super().score(state, candidates, train=train, rngs=rngs)
+
+  workdir = copy_run(finished, tmp_path)  # a dmf run recorded before the toy family existed
+  added = dict(runs.ADDED_FIELDS)
+  registry.register_model("toy", Toy, ToyConfig)
+  try:
+    config = tiny_train_config(data_dir, num_train_steps=10)
+    assert config.model_config.toy_scale == 1.0  # the flat config gained the field
+    config.model = "toy"
+    config.model_config.toy_scale = 0.5
+    results = train_lib.train_and_evaluate(config, str(tmp_path / "toy"))
+    assert results["model"] == "toy" and 0.0 < results["test"]["auc"] < 1.0
+    again = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+    assert again["test"]["auc"] == finished[1]["test"]["auc"]
+  finally:
+    registry.MODELS.pop("toy")
+  assert runs.ADDED_FIELDS == added
