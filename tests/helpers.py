@@ -173,3 +173,26 @@ def snapshot(directory):
   """{relative path: bytes} of every file below `directory`."""
   return {str(p.relative_to(directory)): p.read_bytes()
           for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_same_loss_and_gradients(model, batch, other):
+  """The jitted BCE loss of `model` and its gradient w.r.t. every parameter are the same on
+  two forms of one batch (e.g. with and without what the input pipeline adds); returns
+  (loss function of (params, batch), params, the loss)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dmf_jax.nn.losses import bce_with_logits  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import steps as training  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, rest = training.split_model(model)
+
+  def loss(p, b):
+    return bce_with_logits(nnx.merge(graphdef, p, rest)(b), b["label"])
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  (want, g_want), (got, g_got) = value_and_grad(params, batch), value_and_grad(params, other)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g_want), nnx.to_flat_state(g_got)):
+    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-7,
+                               err_msg=str(path))
+  return loss, params, want
