@@ -18,7 +18,7 @@ DATA_DIR/.replaced/ and builds again. Errors in the files print one line and exi
 from absl import flags
 
 from dmf_jax import data
-from experiments import cli
+from dmf_jax import cli
 
 _DATASET = flags.DEFINE_enum("dataset", "generated_ctr", sorted(data.BUILDERS), "Dataset.")
 _CONFIG = flags.DEFINE_string("config", None, "Builder config (default: the builder's first).")

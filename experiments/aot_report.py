@@ -53,7 +53,8 @@ from dmf_jax.nn import precision  # noqa: E402
 from dmf_jax.serve import server as serving  # noqa: E402
 from dmf_jax.serve.request import RequestLayout  # noqa: E402
 from dmf_jax.train import optimizers, partitioner as pt  # noqa: E402
-from experiments import bench_utils, cli  # noqa: E402
+from dmf_jax import cli  # noqa: E402
+from experiments import bench_utils  # noqa: E402
 from experiments.configs import movielens  # noqa: E402
 
 GiB = 2**30

@@ -26,7 +26,7 @@ from absl import flags
 from etils import epath
 
 from dmf_jax import data
-from experiments import cli
+from dmf_jax import cli
 
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Folder for the raw files and the build.",
                                 required=True)

@@ -25,7 +25,7 @@ from absl import flags
 from orbax.checkpoint import v1 as ocp
 
 from dmf_jax.core import integrity
-from experiments import cli
+from dmf_jax import cli
 
 _GB = flags.DEFINE_float("gigabytes", 1.0, "Size of the saved state.")
 _DIR = flags.DEFINE_string("directory", "/tmp/dmf_checkpoint_bench", "Scratch folder (replaced).")

@@ -20,7 +20,8 @@ from absl import flags
 from flax import nnx
 
 from dmf_jax.models import registry as models
-from experiments import bench_utils, cli
+from dmf_jax import cli
+from experiments import bench_utils
 from experiments.configs import movielens
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 200, "Behaviour sequence length L.")

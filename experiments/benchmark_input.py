@@ -19,7 +19,8 @@ import numpy as np
 from absl import flags
 
 from dmf_jax import data
-from experiments import bench_utils, cli
+from dmf_jax import cli
+from experiments import bench_utils
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/dmf_data", "TFDS data dir (built if needed).")
 _DATASETS = flags.DEFINE_list("datasets", ["generated_ctr/default"], "name/config entries.")

@@ -17,7 +17,8 @@ from flax import nnx
 
 from dmf_jax.models import registry as models
 from dmf_jax.serve import server as serving
-from experiments import bench_utils, cli
+from dmf_jax import cli
+from experiments import bench_utils
 from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
 

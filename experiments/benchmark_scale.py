@@ -42,7 +42,8 @@ from dmf_jax.core import rows
 from dmf_jax.data import pipeline as ip
 from dmf_jax.data import synthetic
 from dmf_jax.train import memory
-from experiments import bench_utils, cli
+from dmf_jax import cli
+from experiments import bench_utils
 from experiments.configs import movielens
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir for generated_ctr/large.",

@@ -27,7 +27,8 @@ from dmf_jax.data.movielens import FIELD_DIM, ID_DIM
 from dmf_jax.models import registry as models
 from dmf_jax.serve import server as serving
 from dmf_jax.nn.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
-from experiments import bench_utils, cli
+from dmf_jax import cli
+from experiments import bench_utils
 from experiments.bench_utils import NUM_ITEMS, movielens_like_schema, random_catalog
 from experiments.configs import movielens
 

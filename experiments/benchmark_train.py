@@ -18,7 +18,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from dmf_jax import data
-from experiments import bench_utils, cli
+from dmf_jax import cli
+from experiments import bench_utils
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Batch size.")

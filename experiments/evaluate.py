@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from experiments import cli, distributed
+from dmf_jax import cli
+from experiments import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split.")

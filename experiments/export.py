@@ -11,7 +11,7 @@ Reload anywhere with jax installed, without this model code:
 from __future__ import annotations
 
 from absl import flags
-from experiments import cli
+from dmf_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output file.", required=True)

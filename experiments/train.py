@@ -15,7 +15,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli, distributed
+from dmf_jax import cli
+from experiments import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

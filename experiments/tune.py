@@ -16,7 +16,7 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from dmf_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

@@ -20,7 +20,7 @@ from etils import epath
 
 from dmf_jax.train import loop, writers
 from dmf_jax.train.config import default_config
-from experiments import cli
+from dmf_jax import cli
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/dmf_data", "TFDS data dir.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the three runs go.", required=True)

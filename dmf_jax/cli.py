@@ -1,6 +1,6 @@
 """What the binaries share: user errors as one short message and exit status 2.
 
-  from experiments import cli
+  from dmf_jax import cli
   if __name__ == "__main__":
     cli.run(main)
 
