@@ -1,4 +1,5 @@
-"""Plain float64 numpy references of the modules, written from DESIGN.md's formulas."""
+"""Plain float64 numpy references of the modules, written from the papers' formulas (each
+module's docstring states its own)."""
 
 import numpy as np
 

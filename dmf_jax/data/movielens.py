@@ -1,8 +1,8 @@
 """movielens_100k_mm: MovieLens-100K with TMDB text and posters (research use only).
 
-A TFDS manual-download dataset: the raw folder is given as `manual_dir` (it is never copied
-into the repository). Protocol: DESIGN.md section 5 — label = rating >= 4; behaviour sequence =
-the user's items rated >= 4 strictly before the target's timestamp, last 50; per-user
+A TFDS manual-download dataset: the raw folder is given as `manual_dir` (it is never copied into
+the repository). Protocol (README, "MovieLens-100K multimodal"): label = rating >= 4; behaviour
+sequence = the user's items rated >= 4 strictly before the target's timestamp, last 50; per-user
 chronological 80/10/10 split.
 
 Configs:

@@ -1,9 +1,9 @@
 """From logged events to CTR examples: strict-history behaviour sequences and chronological splits.
 
-Protocol (DESIGN.md section 5): events are ordered per user by (timestamp, item id); the
-behaviour sequence of a target is the user's positive items with timestamp strictly before the
-target's (same-second events excluded), the last `seq_len` of them, most recent last. Per-user
-chronological split: with n events, the last max(1, round(0.1 n)) go to test, the
+Protocol (README, "MovieLens-100K multimodal"): events are ordered per user by (timestamp, item
+id); the behaviour sequence of a target is the user's positive items with timestamp strictly
+before the target's (same-second events excluded), the last `seq_len` of them, most recent last.
+Per-user chronological split: with n events, the last max(1, round(0.1 n)) go to test, the
 max(1, round(0.1 n)) before them to validation, the rest to train (Python's round).
 """
 

@@ -1,4 +1,4 @@
-"""The paper's baselines (DESIGN.md section 3): DIN with multimodal additions, on the same
+"""The DMF paper's baselines: DIN with multimodal additions, on the same
 encoders, catalog and head as DMF.
 
   din_mm_concat  "Vector": each modality's raw vector, linearly projected, concatenated to the

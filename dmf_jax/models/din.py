@@ -1,4 +1,4 @@
-"""DIN: target attention of the DIN activation unit over the item tokens (DESIGN.md section 3).
+"""DIN: target attention of the DIN activation unit over the item tokens (Zhou et al., 2018).
 
   logit = head([user ; e_t ; sum_j w_tj k_tj ; extras])
 

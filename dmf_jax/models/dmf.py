@@ -1,4 +1,4 @@
-"""DMF: Decoupled Multimodal Fusion (DESIGN.md sections 1-2) and its ablations.
+"""DMF: Decoupled Multimodal Fusion (the DMF paper) and its ablations.
 
   logit = head([user ; e_t ; CMM(r_ME, r_MC)])
   r_ME  = fusion attention over the behaviour tokens with similarity-bucket side information

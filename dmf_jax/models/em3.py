@@ -1,4 +1,4 @@
-"""EM3: the multimodal fusion module trained end to end with the ranking model (DESIGN.md §4).
+"""EM3: the multimodal fusion module trained end to end with the ranking model (the EM3 paper).
 
 Composition, not inheritance: a `ContentEncoder` (a Fusion-Q-Former over the item's modality
 vectors) is handed to a DIN or DMF ranker (`head`) as its content tower, so every item token

@@ -15,8 +15,8 @@ example its own user), serving with B = 1 (one user, N candidates): the same two
 batched convenience `attention(target [B, d], behaviours [B, L, d], [side,] mask)` is
 `attend(encode_user(...), target[:, None], side[:, None])[:, 0]`.
 
-Early fusion (DESIGN.md section 2) gives each behaviour token the candidate-dependent side
-information z_tj^k = E_k[b_tj^k]: x_tj = [e_j ; z_tj^1 ; ... ; z_tj^K], then
+Early fusion (the DMF paper's target attention with similarity side information) gives each
+behaviour token the candidate-dependent side information z_tj^k = E_k[b_tj^k]: x_tj = [e_j ; z_tj^1 ; ... ; z_tj^K], then
 K_tj = W_K x_tj, V_tj = W_V x_tj, q_t = W_Q e_t and r = sum_j softmax_j(q_t.K_tj / sqrt(d_h)) V_tj.
 
 Decoupled Target Attention splits W_K = [W_K^id ; W_K^1 ; ... ; W_K^K] by input block, so

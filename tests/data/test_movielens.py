@@ -1,4 +1,4 @@
-"""Integration: the real MovieLens-100K multimodal data under the DESIGN.md protocol.
+"""Integration: the real MovieLens-100K multimodal data under the README's protocol.
 
 Needs ../shared/datasets/movielens-100k-mm (or DMF_SHARED_DIR): fails, never skips, without it.
 """
