@@ -30,7 +30,7 @@ from etils import epath
 
 from dmf_jax.data import format as data_format
 from dmf_jax.data import sources
-from dmf_jax.data.byod import ByodCtr
+from dmf_jax.data.byod import BUILD_NAME, ByodCtr
 from dmf_jax.data.generated import GeneratedCtr
 from dmf_jax.data.movielens import Movielens100kMm
 from dmf_jax.core.errors import ConfigError, DataError
@@ -48,6 +48,27 @@ REPLACED_DIR = ".replaced"
 def config_names(name: str) -> tuple[str, ...]:
   """The named configs of a builder (empty for byod_ctr, whose builds are named by source)."""
   return tuple(c.name for c in BUILDERS[name].BUILDER_CONFIGS)
+
+
+def needs_manual_dir(name: str) -> bool:
+  """Whether dataset `name` builds from raw files the user gives (`manual_dir`)."""
+  return bool(getattr(BUILDERS[name], "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
+
+
+def config_problem(name: str, config: str | None) -> str | None:
+  """Why `config` is not a config of dataset `name` (None: it is). byod_ctr's builds are named
+  by their sources (src-<fingerprint>), to be left empty."""
+  if name not in BUILDERS:
+    return f"dataset: unknown dataset {name!r}; valid: {', '.join(sorted(BUILDERS))}"
+  if BUILDERS[name] is ByodCtr:
+    if config in (None, "", "default") or BUILD_NAME.match(str(config)):
+      return None
+    return (f"dataset_config: byod_ctr has no config {config!r}: its builds are named by "
+            f"their sources (src-<fingerprint>); leave it empty")
+  if config not in config_names(name):
+    return (f"dataset_config: {name} has no config {config!r}; valid: "
+            f"{', '.join(config_names(name))}")
+  return None
 
 
 def get_builder(name: str, config: str | None, data_dir: str,

@@ -21,7 +21,6 @@ from dmf_jax.models.base import ModelConfig
 from dmf_jax.train.optimizers import OptimizerConfig
 from dmf_jax.train.partitioner import MeshConfig
 
-DATASETS = ("generated_ctr", "movielens_100k_mm", "byod_ctr")
 
 
 
@@ -157,19 +156,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   init_from = config.get("init_from", "")
   if init_from and not (epath.Path(init_from).expanduser() / "config.json").exists():
     problems.append(f"init_from: {init_from} is not a training workdir (no config.json)")
-  if config.dataset not in DATASETS:
-    problems.append(f"dataset: unknown dataset {config.dataset!r}; valid: {', '.join(DATASETS)}")
-  elif config.dataset != "byod_ctr" and config.dataset_config not in data.config_names(
-      config.dataset):
-    problems.append(f"dataset_config: {config.dataset} has no config {config.dataset_config!r}; "
-                    f"valid: {', '.join(data.config_names(config.dataset))}")
-  elif config.dataset == "byod_ctr" and config.dataset_config not in (None, "", "default") and (
-      not data.byod.BUILD_NAME.match(str(config.dataset_config))):
-    problems.append(f"dataset_config: byod_ctr has no config {config.dataset_config!r}: its "
-                    f"builds are named by their sources (src-<fingerprint>); leave it empty")
+  problem = data.config_problem(config.dataset, config.dataset_config)
+  if problem:
+    problems.append(problem)
   if not config.data_dir:
     problems.append("data_dir: required (where datasets are built and read)")
-  elif config.dataset in ("movielens_100k_mm", "byod_ctr"):
+  elif config.dataset in data.BUILDERS and data.needs_manual_dir(config.dataset):
     built = epath.Path(config.data_dir).expanduser() / config.dataset
     if not config.manual_dir and not built.exists():
       problems.append(f"manual_dir: {config.dataset} is not built under {config.data_dir} and "
