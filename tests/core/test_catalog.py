@@ -1,0 +1,77 @@
+"""The catalog's host-side math (`core.catalog`): inverse norms, the all-pairs cosine matrix,
+the typical cosine range and each record's cosines, against float64 references; the device
+tables' lookups and their out-of-range rule."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_problem
+from dmf_jax.core import catalog as catalog_lib
+
+
+def vectors(seed=0, n=40, d=12):
+  v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+  v[3] = 0.0  # a missing vector
+  return v
+
+
+def unit64(v):
+  v = v.astype(np.float64)
+  return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)
+
+
+def test_inverse_norms_and_the_cosine_matrix_match_float64():
+  v = vectors()
+  inv = catalog_lib.inverse_norms(v)
+  assert inv.dtype == np.float32
+  np.testing.assert_allclose(inv[[0, 1]], 1 / np.linalg.norm(v[[0, 1]].astype(np.float64), axis=1),
+                             rtol=1e-6)
+  assert inv[3] == np.float32(1e8)  # a zero vector: 1 / eps, so its cosines are 0
+  matrix = catalog_lib.cosine_matrix(v)
+  np.testing.assert_allclose(matrix, np.clip(unit64(v) @ unit64(v).T, -1, 1), atol=1e-6)
+  assert np.all(matrix[3] == 0) and np.all(np.abs(matrix) <= 1)
+
+
+def test_the_cosine_range_of_random_pairs():
+  v = vectors(n=300)
+  low, high = catalog_lib.cosine_range(v, quantiles=(5, 95), max_items=100, seed=1)
+  assert -1 < low < 0 < high < 1  # random directions: cosines around 0
+  assert list(catalog_lib.cosine_range(v[:1])) == [-1.0, 1.0]  # fewer than two items
+  same = np.ones((5, 4), np.float32)
+  assert list(catalog_lib.cosine_range(same)) == [-1.0, 1.0]  # no spread
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_record_cosines_match_float64_in_any_chunking(chunk):
+  v = vectors()
+  rng = np.random.default_rng(2)
+  item, hist = rng.integers(0, 40, 20), rng.integers(0, 40, (20, 9))
+  hist[0, 0] = 3
+  got = catalog_lib.record_cosines(v, catalog_lib.inverse_norms(v), item, hist, chunk=chunk)
+  want = np.clip(np.einsum("bd,bld->bl", unit64(v)[item], unit64(v)[hist]), -1, 1)
+  assert got.shape == (20, 9) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert got[0, 0] == 0.0
+  with pytest.raises(IndexError):
+    catalog_lib.record_cosines(v, catalog_lib.inverse_norms(v), item, hist + 40)
+
+
+def test_tables_look_up_rows_and_keep_out_of_range_ids_defined():
+  schema, catalog, _ = tiny_problem()
+  tables = catalog_lib.CatalogTables(schema, catalog)
+  ids = jnp.asarray([0, 5, schema.num_items - 1])
+  name = schema.modality_names[0]
+  np.testing.assert_array_equal(tables.vectors(name, ids), catalog.modalities[name][np.asarray(ids)])
+  np.testing.assert_allclose(tables.inverse_norms(name, ids),
+                             catalog_lib.inverse_norms(catalog.modalities[name])[np.asarray(ids)])
+  # under jit an out-of-range id reads the last item (ids are range-checked where embedded)
+  np.testing.assert_array_equal(tables.vectors(name, jnp.asarray([schema.num_items, -1])),
+                                np.repeat(catalog.modalities[name][-1:], 2, axis=0))
+  half = catalog_lib.CatalogTables(schema, catalog, vector_dtype="bfloat16")
+  assert half.stored_vectors(name, ids).dtype == jnp.bfloat16
+  assert half.vectors(name, ids).dtype == jnp.float32
+  with pytest.raises(ValueError, match="vector_dtype 'int8'"):
+    catalog_lib.CatalogTables(schema, catalog, vector_dtype="int8")
+  without = catalog_lib.CatalogTables(schema, catalog, vectors=False)
+  assert not without.holds_vectors and not without.has_pairwise
