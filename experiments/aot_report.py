@@ -48,6 +48,7 @@ from flax import nnx  # noqa: E402
 
 from dmf_jax.core.rows import batch_unique_rows  # noqa: E402
 from dmf_jax.core.sharding import ShardingRules  # noqa: E402
+from dmf_jax.data import synthetic  # noqa: E402
 from dmf_jax.models import registry as models  # noqa: E402
 from dmf_jax.nn import precision  # noqa: E402
 from dmf_jax.serve import server as serving  # noqa: E402
@@ -486,6 +487,10 @@ def main(argv):
     sizes = [int(n) for n in _ITEMS.value]
   except ValueError:
     cli.fail(f"--num_items: expected integers, got {_ITEMS.value}")
+  try:
+    synthetic.zipf_exponent_of(_EXPOSURE.value)
+  except ValueError as e:
+    cli.fail(f"--exposure: {e}")
   bad = sorted(set(_PHASES.value) - {"train", "encode", "score"})
   if bad:
     cli.fail(f"--phases: unknown {bad}; valid: train, encode, score")

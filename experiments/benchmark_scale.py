@@ -72,6 +72,7 @@ _UNIQUE = flags.DEFINE_bool(
 _MODALITY_DIM = flags.DEFINE_integer(
     "modality_dim", 0, "Shrink every modality to this many dims (0: MovieLens's 384 and 1280): "
     "how much of a step is reading vectors.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 _RECORD = flags.DEFINE_bool(
     "record_similarities", True, "Batches carry their frozen cosines (the input pipeline's "
     "`data.pipeline.RecordSimilarities`, timed on the host per batch) when the all-pairs "
@@ -233,6 +234,9 @@ def main(argv):
     synthetic.zipf_exponent_of(_EXPOSURE.value)
   except ValueError as e:
     cli.fail(f"--exposure: {e}")
+  if epath.Path(_OUTPUT.value).exists() and not _FORCE.value:
+    cli.fail(f"--output_json: {_OUTPUT.value} exists (an earlier run's figures?); give another "
+             "path or --force to replace it")
   out = {"machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
          "memory_bandwidth_bytes_per_s": round(bandwidth()), "catalog": []}
   if _BUILD.value:

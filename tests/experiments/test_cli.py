@@ -132,3 +132,10 @@ def test_new_binaries_refuse_to_replace_earlier_output(tmp_path):
   done = run(["experiments.benchmark_scale", f"--data_dir={tmp_path}", "--exposure=zipf:0",
               f"--output_json={tmp_path / 's.json'}"])
   assert_user_error(done, "--exposure: item exposure 'zipf:0' is not 'uniform' or 'zipf:A'")
+  done = run(["experiments.aot_report", "--targets=tpu:v5e:1x1", "--exposure=zipf:0"])
+  assert_user_error(done, "--exposure: item exposure 'zipf:0' is not 'uniform' or 'zipf:A'")
+  scale = tmp_path / "scale.json"
+  scale.write_text("{}")
+  done = run(["experiments.benchmark_scale", f"--data_dir={tmp_path}", f"--output_json={scale}"])
+  assert_user_error(done, f"--output_json: {scale} exists", "--force")
+  assert scale.read_text() == "{}"

@@ -103,6 +103,11 @@ def test_config_errors_list_every_problem(tmp_path):
   config.optimizer.name = "lamb"
   with pytest.raises(config_lib.ConfigError, match="optimizer.name 'lamb' is not one of"):
     config_lib.validate(config, num_devices=1)
+  config = tiny_train_config(tmp_path)
+  config.dataset, config.dataset_config = "generated_ctr", "huge"
+  with pytest.raises(config_lib.ConfigError,
+                     match="dataset_config: generated_ctr has no config 'huge'; valid: "):
+    config_lib.validate(config, num_devices=1)
 
 
 def test_training_iterator_in_memory_or_streamed_gives_the_same_batches(tmp_path):
