@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dmf_jax.core.rows import batch_unique_rows  # noqa: E402
+from dmf_jax.core.rows import batch_unique_rows, catalog_exceeds_positions  # noqa: E402
 from dmf_jax.core.sharding import ShardingRules  # noqa: E402
 from dmf_jax.data import synthetic  # noqa: E402
 from dmf_jax.models import registry as models  # noqa: E402
@@ -326,10 +326,10 @@ def pipeline_inputs(model, schema, batch_size: int, shards: int, exposure: str) 
   more rows than a shard's positions (U from one batch drawn with `exposure`), the frozen
   cosines when the model takes them."""
   out = {}
-  if schema.num_items + 1 > batch_size // shards * (schema.seq_len + 1):
+  if catalog_exceeds_positions(schema.num_items, batch_size, shards, schema.seq_len):
     drawn = bench_utils.random_batch(schema, batch_size, np.random.default_rng(0), exposure)
-    unique = batch_unique_rows(np.asarray(drawn["item_id"]),
-                                    np.asarray(drawn["hist_item_id"]), shards)
+    unique = batch_unique_rows(np.asarray(drawn["item_id"]), np.asarray(drawn["hist_item_id"]),
+                               shards)
     out |= {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in unique.items()}
   if model.takes_record_similarities:
     out["hist_similarity"] = jax.ShapeDtypeStruct(

@@ -121,6 +121,14 @@ def unique_row_count(distinct: int, positions: int,
   return positions
 
 
+def catalog_exceeds_positions(num_items: int, batch_size: int, shards: int, seq_len: int
+                              ) -> bool:
+  """Whether the catalog's V + 1 rows outnumber a data shard's item positions
+  B / S x (L + 1): then a training batch carries its distinct items (`batch_unique_rows`),
+  else the catalog path is cheaper."""
+  return num_items + 1 > batch_size // shards * (seq_len + 1)
+
+
 def batch_unique_rows(item_id: np.ndarray, hist_item_id: np.ndarray, shards: int = 1,
                       buckets: Sequence[int] = UNIQUE_ROW_BUCKETS) -> dict[str, np.ndarray]:
   """A batch's distinct items per data shard (numpy; the input pipeline's workers run it).

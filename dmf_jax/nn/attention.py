@@ -16,7 +16,8 @@ batched convenience `attention(target [B, d], behaviours [B, L, d], [side,] mask
 `attend(encode_user(...), target[:, None], side[:, None])[:, 0]`.
 
 Early fusion (the DMF paper's target attention with similarity side information) gives each
-behaviour token the candidate-dependent side information z_tj^k = E_k[b_tj^k]: x_tj = [e_j ; z_tj^1 ; ... ; z_tj^K], then
+behaviour token the candidate-dependent side information z_tj^k = E_k[b_tj^k]:
+x_tj = [e_j ; z_tj^1 ; ... ; z_tj^K], then
 K_tj = W_K x_tj, V_tj = W_V x_tj, q_t = W_Q e_t and r = sum_j softmax_j(q_t.K_tj / sqrt(d_h)) V_tj.
 
 Decoupled Target Attention splits W_K = [W_K^id ; W_K^1 ; ... ; W_K^K] by input block, so
@@ -244,17 +245,15 @@ class DinAttention(nnx.Module):
     key_part = rows.map(lambda e: e @ w_key.astype(e.dtype)).take()
     return DinUserState(keys=rows.take(), key_part=key_part, mask=mask)
 
-  def weights(self, keys: jax.Array, query: jax.Array, mask: jax.Array,
-              key_part: jax.Array | None = None) -> jax.Array:
+  def weights(self, keys: jax.Array, query: jax.Array, mask: jax.Array, key_part: jax.Array
+              ) -> jax.Array:
     """Attention weights [..., L] of queries [..., d] over their keys [..., L, d] (0 where
-    masked; leading dims broadcast). key_part [..., L, h1]: the keys' first-layer term
-    k (W_k - W_d) when precomputed (`encode_user`; then only the keys' last side_dim entries
-    add theirs here), else computed here from the whole keys."""
+    masked; leading dims broadcast). key_part [..., L, h1]: the behaviour tokens' first-layer
+    term e_j (W_k - W_d) from `encode_user`; the keys' last side_dim entries (per pair) add
+    theirs here."""
     w_query, w_key, w_pair = self._first_layer()
     per_candidate = query @ w_query + self.hidden[0].bias[...]  # [..., h1]
-    if key_part is None:
-      key_part = keys @ w_key
-    elif self.side_dim:
+    if self.side_dim:
       key_part = key_part + keys[..., self.dim - self.side_dim:] @ w_key[self.dim - self.side_dim:]
     h = jax.nn.sigmoid((query[..., None, :] * keys) @ w_pair + key_part
                        + per_candidate[..., None, :])

@@ -30,6 +30,7 @@ from flax import nnx
 
 from dmf_jax.core import hashing, jsonio
 from dmf_jax.core.errors import UserError
+from dmf_jax.core.rows import catalog_exceeds_positions
 from dmf_jax.core.sharding import ShardingRules
 from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline as ip
@@ -39,8 +40,8 @@ from dmf_jax.train import memory, metrics, optimizers, runs, writers
 from dmf_jax.train import steps as training
 from dmf_jax.train.checkpointing import CheckpointManager, CorruptCheckpointError, catalog_of
 from dmf_jax.train.partitioner import Partitioner
-from dmf_jax.train.restore import (open_dataset, open_run_dataset, read_run_config, restore_run,
-                                   select_modalities)
+from dmf_jax.train.restore import (log_to_stderr, open_dataset, open_run_dataset,
+                                   read_run_config, restore_run, select_modalities)
 
 
 COLD_ITEM_MAX_TRAIN_EXAMPLES = 5  # cold items: fewer training examples than this
@@ -107,10 +108,9 @@ class Experiment:
     process's distinct counts would differ, the arrays' shapes must not)."""
     if jax.process_count() > 1:
       return 0
-    shards = self.partitioner.data_size
-    schema = self.dataset.schema
-    positions = self.config.batch_size // shards * (schema.seq_len + 1)
-    return shards if schema.num_items + 1 > positions else 0
+    shards, schema = self.partitioner.data_size, self.dataset.schema
+    return shards if catalog_exceeds_positions(schema.num_items, self.config.batch_size, shards,
+                                               schema.seq_len) else 0
 
   @functools.cached_property
   def record_similarities(self) -> ip.RecordSimilarities | None:
@@ -396,10 +396,6 @@ def check_against_recorded(results: dict, path: epath.Path) -> None:
         f"the checkpoint or the dataset changed since; {path} was kept as it is")
 
 
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, test: bool = True
                        ) -> dict:
   """Trains (resuming from `workdir` if it holds this run's checkpoints), writes results.json.
@@ -414,7 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, test:
   is_main = jax.process_index() == 0
   config = config_lib.with_model_values(config)  # a study config's values for this model
   created = not workdir.exists()
-  lock = runs.lock_workdir(workdir, config, is_main=is_main, log=_log)  # first: a busy one stops
+  # first of all: a busy workdir stops the run at once
+  lock = runs.lock_workdir(workdir, config, is_main=is_main, log=log_to_stderr)
   try:
     exp = build_experiment(config, test=test)
     runs.check_identity(workdir, config, exp.dataset)
@@ -429,13 +426,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, test:
 def _checkpoints(exp: Experiment, workdir: epath.Path, is_main: bool) -> CheckpointManager:
   return CheckpointManager(
       workdir / "checkpoints", every_steps=exp.config.checkpoint_every_steps,
-      keep=exp.config.keep_checkpoints, repair=is_main, log=_log if is_main else (lambda m: None),
+      keep=exp.config.keep_checkpoints, repair=is_main,
+      log=log_to_stderr if is_main else (lambda m: None),
       catalog_fingerprint=exp.catalog_fingerprint)
 
 
 def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Path,
            is_main: bool) -> dict:
-  log = _log if is_main else (lambda m: None)
+  log = log_to_stderr if is_main else (lambda m: None)
   train_ds = exp.train_dataset()  # parsed once, however many iterators the restore makes
   new_iterator = lambda: exp.train_iterator(train_ds)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
@@ -458,7 +456,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   elif config.get("init_from"):
     state = warm_start(exp, config.init_from, optimizer_state=config.init_from_optimizer, log=log)
   if is_main:
-    runs.record_run(workdir, config, exp.dataset, log=_log)
+    runs.record_run(workdir, config, exp.dataset, log=log_to_stderr)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("workdir claimed")
   if ckpt is None:
@@ -471,7 +469,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
                               enabled=is_main and config.progress)
   held = memory.per_device_summary(state)
   if is_main:
-    _log("per device: " + ", ".join(f"{part} {memory.format_bytes(held[part])}"
+    log_to_stderr("per device: " + ", ".join(f"{part} {memory.format_bytes(held[part])}"
                                     for part in (*memory.PARTS, "total") if held[part]))
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []

@@ -27,7 +27,8 @@ from dmf_jax.train import steps as training
 from dmf_jax.train.checkpointing import CheckpointManager, catalog_of
 
 
-def _log(message: str) -> None:
+def log_to_stderr(message: str) -> None:
+  """The training job's progress and notices: one line on stderr."""
   print(message, file=sys.stderr, flush=True)
 
 
@@ -86,7 +87,7 @@ def read_run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 
 
-def verify_checkpoint(workdir, step: int, log=_log) -> None:
+def verify_checkpoint(workdir, step: int, log=log_to_stderr) -> None:
   """Checks one step of a workdir's checkpoints against its content manifest; raises
   `CorruptCheckpointError` (see `CheckpointManager.verify`). A step not kept is not checked."""
   ckpt = CheckpointManager(epath.Path(workdir).expanduser() / "checkpoints", every_steps=1,
