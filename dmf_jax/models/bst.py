@@ -5,8 +5,12 @@ behaviour sequence with the target appended, learned position embeddings.
   z = Transformer_layers(x; padded history positions masked out of the keys)
   logit = head([user ; e_t ; z_{L+1} ; mean over valid j of z_j])
 
-The target sits inside the sequence, so the encoder runs once per candidate ([B, N, L + 1]
-tokens): no user-side state can be shared across candidates beyond the projected history.
+The target sits inside the sequence, so the encoder runs once per candidate. Its first layer
+does not start over for each: `encode_user` computes the history's side of its attention once
+per user (`TransformerLayer.encode_history`: the history's queries, keys and values, projected
+once per item row, and each history query's softmax sums over the history), and `score`
+completes the layer per candidate (`with_target`: O(L) scores per head, not O(L^2)), exactly;
+the later layers (bst_layers > 1) run over the whole [B, N, L + 1] sequence.
 """
 
 from __future__ import annotations
@@ -58,23 +62,28 @@ class BST(CTRModel):
     self.head = prediction_head(schema.user_dim + self.token_dim + 2 * d, config, rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
-    """user [B, u]; mask [B, L]; the projected history with positions [B, L, bst_dim]."""
+    """user [B, u]; mask [B, L]; the first layer's attention state of the history x_j =
+    W_p k_j + p_j (`HistoryAttention`), its linear maps of x_j computed once per item row:
+    f(x_j) = f(W_p k_j) + p_j W_f for f = the query, key and value."""
     mask, rows = batch["hist_mask"], self.history_rows(batch)
-    tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs).take()
-    length = mask.shape[1]
+    tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
+    projected = tokens.map(self.project)
+    positions = self.positions[:mask.shape[1]]
+    first = self.layers[0]
+    qkv = tuple(projected.map(f).take() + positions @ f.kernel[...]
+                for f in (first.query, first.key, first.value))
     return {"user": self.user_embedding(batch), "mask": mask,
-            "history": self.project(tokens) + self.positions[:length]}
+            "history": first.encode_history(projected.take() + positions, mask, qkv)}
 
   def score(self, state, candidates, *, train=False, rngs=None):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d_tok]
-    history, mask = state["history"], state["mask"]
+    mask = state["mask"]
     (b, n), length = candidates.shape, mask.shape[1]
-    x = jnp.concatenate([
-        jnp.broadcast_to(history[:, None], (b, n, *history.shape[1:])),
-        (self.project(target) + self.positions[length])[:, :, None]], axis=2)
+    x = self.layers[0].with_target(state["history"], self.project(target) + self.positions[length],
+                                   train=train, rngs=rngs)  # [B, N, L + 1, bst_dim]
     valid = jnp.broadcast_to(mask[:, None], (b, n, length))
     keys = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)  # [B, N, L + 1]
-    for layer in self.layers:
+    for layer in self.layers[1:]:
       x = layer(x, keys, train=train, rngs=rngs)
     weights = valid.astype(x.dtype)[..., None]
     pooled = (x[:, :, :length] * weights).sum(2) / jnp.maximum(weights.sum(2), 1.0)

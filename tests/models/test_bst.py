@@ -1,5 +1,8 @@
-"""BST: padding, the target's place in the sequence, positions, config errors."""
+"""BST: the paper's formula (the whole sequence per candidate), padding, the target's place in
+the sequence, positions, config errors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,6 +19,47 @@ def bst_and_batch():
   batch = take(splits["validation"], np.arange(32))
   assert (~batch["hist_mask"]).any() and batch["hist_mask"].any(1).all()
   return schema, model, batch
+
+
+def plain_bst(model, batch):
+  """The module docstring's formula with every layer over the whole [B, L + 1] sequence."""
+  mask = jnp.asarray(batch["hist_mask"])
+  length = mask.shape[1]
+  history = model.item_tokens(model.item_rows(batch["hist_item_id"]), sequence=True).take()
+  target = model.item_tokens(model.item_rows(batch["item_id"][:, None])).take()  # [B, 1, d]
+  x = jnp.concatenate([model.project(history) + model.positions[:length],
+                       model.project(target) + model.positions[length]], axis=1)
+  keys = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
+  for layer in model.layers:
+    x = layer(x, keys)
+  weights = mask.astype(x.dtype)[..., None]
+  pooled = (x[:, :length] * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+  return model.predict({"user": model.user_embedding(batch)},
+                       [target, x[:, None, length], pooled[:, None]])[:, 0]
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bst_equals_the_whole_sequence_per_candidate_in_values_and_gradients(layers):
+  """The first layer's history side once per user (`encode_history`, its maps per item row),
+  completed per target: the same logits and parameter gradients as the plain formula."""
+  schema, catalog, splits = tiny_problem()
+  model = models.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2,
+                              "bst_layers": layers}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(32)).items()}
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=32), jnp.float32)
+
+  def loss(forward, params):
+    logits = forward(nnx.merge(graphdef, params, rest), batch)
+    return jnp.sum(logits * weights), logits
+
+  (_, got), got_grads = jax.value_and_grad(
+      lambda p: loss(lambda m, b: m(b), p), has_aux=True)(params)
+  (_, want), want_grads = jax.value_and_grad(lambda p: loss(plain_bst, p), has_aux=True)(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(want)).max() > 1e-2
 
 
 def test_padded_history_ids_do_not_matter_and_valid_ones_and_order_do():

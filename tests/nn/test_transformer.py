@@ -83,3 +83,45 @@ def test_input_gradients_match_central_differences_of_the_reference():
 def test_bad_widths_are_refused():
   with pytest.raises(ValueError, match="not a multiple of num_heads"):
     TransformerLayer(6, 4, 8, rngs=nnx.Rngs(0))
+
+
+def test_history_then_target_equals_the_whole_sequence_in_values_and_gradients():
+  """`encode_history` + `with_target` (per user, then per target) against the plain layer over
+  [history ; target] computed in float64: outputs of every position, and the gradients of every
+  parameter, the history and the targets. Row 2's history is all padding (the target alone)."""
+  layer, _ = layer_and_params()
+  rng = np.random.default_rng(4)
+  b, length, n = 3, 4, 2
+  history = jnp.asarray(rng.normal(size=(b, length, D)), jnp.float32)
+  targets = jnp.asarray(rng.normal(size=(b, n, D)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
+  weights = jnp.asarray(rng.normal(size=(b, n, length + 1, D)), jnp.float32)
+  graphdef, params = nnx.split(layer)
+
+  def decoupled(params, history, targets):
+    layer = nnx.merge(graphdef, params)
+    out = layer.with_target(layer.encode_history(history, mask), targets)
+    return jnp.sum(out * weights), out
+
+  def plain(params, history, targets):
+    layer = nnx.merge(graphdef, params)
+    x = jnp.concatenate([jnp.broadcast_to(history[:, None], (b, n, length, D)),
+                         targets[:, :, None]], axis=2)
+    keys = jnp.concatenate([jnp.broadcast_to(mask[:, None], (b, n, length)),
+                            jnp.ones((b, n, 1), bool)], axis=-1)
+    out = layer(x, keys)
+    return jnp.sum(out * weights.astype(out.dtype)), out
+
+  args = (params, history, targets)
+  (_, got), got_grads = jax.value_and_grad(decoupled, argnums=(0, 1, 2), has_aux=True)(*args)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x), jnp.float64)
+    (_, want), want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True)(
+        *jax.tree.map(as64, args))
+    want, want_grads = np.asarray(want), jax.tree.map(np.asarray, want_grads)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  for a, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(a), w, rtol=1e-4, atol=1e-5)
+  # every gradient non-trivial but the key bias's (softmax is shift-invariant: exactly 0)
+  assert sum(np.abs(w).max() < 1e-9 for w in jax.tree.leaves(want_grads)) == 1
+  assert np.isfinite(np.asarray(got)).all()
