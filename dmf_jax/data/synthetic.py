@@ -9,6 +9,17 @@ the item's latent vector; users have topic interests. A click's logit is
 so the modalities carry information the IDs alone learn slowly, and a share of items are cold:
 they only occur in validation and test events, where only their side fields and modality
 vectors describe them.
+
+With `content_weight` w > 0 (the content-signal problem) each item also has two hidden content
+scalars x, y ~ N(0, 1), x written into the first modality's vector and y into the second's
+(each along a fixed random direction), and the logit gains
+
+  w * s(user) * x(target) * y(target)        s = +1 for the lower half of the user groups, else -1
+
+a cross-modal product that no cosine between the target's and the history's vectors expresses
+(it is a property of the target alone, read from both modalities at once): a model gains from
+it only by learning a function of the item's content (EM3's content tower), or per item id
+from the item's own clicks (never for cold items).
 """
 
 from __future__ import annotations
@@ -55,6 +66,9 @@ class SyntheticConfig:
   # skewed: MovieLens-100K's slope is 0.67 over its top half, large catalogs near 1). Draws
   # within a topic follow the same weights.
   item_exposure: str = "uniform"
+  # > 0: the clicks also follow the cross-modal content term (module docstring); needs two
+  # modalities. 0 leaves every draw of the problem as it was.
+  content_weight: float = 0.0
 
   def __post_init__(self):
     for field in ("num_users", "num_items", "num_topics", "latent_dim", "events_per_user",
@@ -64,6 +78,9 @@ class SyntheticConfig:
     if not 0.0 <= self.cold_item_fraction < 1.0:
       raise ValueError("synthetic config: cold_item_fraction must be in [0, 1)")
     zipf_exponent_of(self.item_exposure)  # validates
+    if self.content_weight < 0 or (self.content_weight and len(self.modalities) < 2):
+      raise ValueError("synthetic config: content_weight must be >= 0, and > 0 only with two "
+                       f"modalities (got {self.content_weight} with {len(self.modalities)})")
 
 
 def zipf_exponent_of(exposure: str) -> float | None:
@@ -149,6 +166,40 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class ContentSignal:
+  """The hidden content scalars x, y [num_items] of the content-signal problem and the
+  directions that write them into the first two modalities (their own random stream, so the
+  rest of the problem is drawn as without them)."""
+
+  x: np.ndarray
+  y: np.ndarray
+  directions: tuple[np.ndarray, np.ndarray]
+
+  @classmethod
+  def draw(cls, config: SyntheticConfig) -> "ContentSignal | None":
+    if not config.content_weight:
+      return None
+    rng = np.random.default_rng((config.seed, 31))
+    x, y = rng.standard_normal((2, config.num_items))
+    # unit directions scaled to the latent part's norm, 0.25 sqrt(dim) (module docstring)
+    directions = tuple(_unit(rng.normal(size=dim)) * 0.25 * np.sqrt(dim)
+                       for _, dim, _ in config.modalities[:2])
+    return cls(x, y, directions)
+
+  def write(self, modalities: dict[str, np.ndarray], config: SyntheticConfig,
+            items: slice = slice(None)) -> None:
+    """Adds x and y along their directions to the first two modalities' rows `items`."""
+    for (name, _, _), value, direction in zip(config.modalities[:2], (self.x, self.y),
+                                              self.directions):
+      modalities[name][items] += (value[items, None] * direction).astype(np.float32)
+
+  def term(self, config: SyntheticConfig, group: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """w * s(user) * x * y per event (user groups `group`, target items `item`)."""
+    sign = np.where(np.asarray(group) < config.num_user_groups // 2, 1.0, -1.0)
+    return config.content_weight * sign * self.x[item] * self.y[item]
+
+
 def generate(config: SyntheticConfig):
   """Returns (catalog, users, events): host arrays of the whole problem.
 
@@ -176,6 +227,9 @@ def generate(config: SyntheticConfig):
     proj = rng.normal(size=(config.latent_dim, dim)) / np.sqrt(config.latent_dim)
     modalities[name] = (latent @ proj + noise * rng.normal(size=(n_items, dim)) / np.sqrt(dim)
                         * np.sqrt(config.latent_dim)).astype(np.float32)
+  content = ContentSignal.draw(config)
+  if content is not None:
+    content.write(modalities, config)
   raw = hashing.raw_ids(range(n_items)) if config.item_id_hash_buckets else None
   catalog = ItemCatalog(side={"category": category, "tags": tags}, modalities=modalities,
                         raw_ids=raw)
@@ -217,6 +271,8 @@ def generate(config: SyntheticConfig):
                + config.popularity_weight * popularity[it]
                + config.user_bias_weight * bias[u]
                + config.noise * rng.normal() - offset)
+      if content is not None:
+        logit += float(content.term(config, group[u], it))
       label = int(rng.random() < 1.0 / (1.0 + np.exp(-logit)))
       if label:
         clicked.append(it)
@@ -293,6 +349,7 @@ class StreamedProblem:
     self.warm_topic_start = np.searchsorted(self.topic[warm], np.arange(config.num_topics + 1))
     self.warm_items = np.flatnonzero(~self.cold)
     self.offset = float(np.quantile(self.popularity, 0.5)) * config.popularity_weight + 1.0
+    self.content = ContentSignal.draw(config)
     # Zipf exposure: cumulative weights along each array that draws index (inverse CDF).
     weights = exposure_weights(config.item_exposure, n_items, config.seed)
     self.cdf = None if weights is None else {
@@ -330,6 +387,8 @@ class StreamedProblem:
         out[start:stop] = self.latent[start:stop] @ proj
         out[start:stop] += scale * rng.standard_normal((stop - start, dim), dtype=np.float32)
       modalities[name] = out
+    if self.content is not None:
+      self.content.write(modalities, config)
     raw = hashing.raw_ids(range(n)) if config.item_id_hash_buckets else None
     catalog = ItemCatalog({"category": category, "tags": tags}, modalities, raw)
     if self.num_items < n:
@@ -361,6 +420,8 @@ class StreamedProblem:
              + config.popularity_weight * self.popularity[item]
              + config.user_bias_weight * bias[user]
              + config.noise * rng.standard_normal(len(user), dtype=np.float32) - self.offset)
+    if self.content is not None:
+      logit = logit + self.content.term(config, group[user], item).astype(np.float32)
     label = (rng.random(len(user)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int32)
     gaps = rng.integers(1, 1000, len(user))
     elapsed = np.cumsum(gaps)
