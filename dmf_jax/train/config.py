@@ -80,20 +80,34 @@ class Validated:
 
 
 def with_model_values(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with `per_model[config.model]` merged in and `per_model` dropped.
+  """The config with its model's study values merged in; `variants` and `per_model` dropped.
 
-  A study config keeps each model's tuned values in `per_model` ({model: {section: {field:
-  value}}}, e.g. per_model.din.optimizer.learning_rate); a run sees only its own model's values,
-  so its identity does not change when another model's values do. Unknown fields are errors."""
+  A study config may name variants of a model ({name: {'model': registered model, section:
+  {field: value}}}, e.g. variants.em3_tower = {'model': 'em3', 'model_config':
+  {'lora_rank': 0}}): `config.model` set to a variant's name runs that model with those values
+  (a component study's rungs, each under its own name). It keeps each model's tuned values in
+  `per_model` ({model: {section: {field: value}}}, e.g. per_model.din.optimizer.learning_rate),
+  applied before a variant's own. A run sees only its own model's and variant's values, so its
+  identity does not change when another's do. Unknown fields are errors."""
   config = copy.deepcopy(config)
-  per_model = config.get("per_model")
-  if per_model is None:
-    return config
-  values = per_model.get(config.model)
+  variants, per_model = config.get("variants"), config.get("per_model")
+  variant = None
+  if variants is not None and config.model in variants:
+    variant = variants[config.model].to_dict()
+    if not isinstance(variant.get("model"), str):
+      raise ConfigError(f"variants.{config.model}: needs 'model', the registered model it varies")
   with config.unlocked():
-    del config["per_model"]
+    for key in ("variants", "per_model"):
+      if key in config:
+        del config[key]
+    name = config.model
+    if variant is not None:
+      config.model = variant.pop("model")
+    values = per_model.get(config.model) if per_model is not None else None
     if values is not None:
       _merge(config, values.to_dict(), f"per_model.{config.model}")
+    if variant is not None:
+      _merge(config, variant, f"variants.{name}")
   return config
 
 

@@ -23,6 +23,26 @@ from dmf_jax.train.config import default_config
 PER_MODEL: dict[str, dict] = {}
 
 
+def _em3_rungs(head: str) -> dict[str, dict]:
+  """EM3's component ladder over one ranker (`em3_head`); the full model is `em3` (din) or
+  `em3_dmf`: the content tower, + LoRA on the behaviour side, + the Content-ID contrastive loss
+  (weight 0.1, the default; the rungs try 0.03 and 0.3)."""
+  prefix = "em3" if head == "din" else f"em3_{head}"
+  rung = lambda **fields: {"model": "em3", "model_config": {"em3_head": head, **fields}}
+  return {
+      f"{prefix}_tower": rung(lora_rank=0, contrastive_weight=0.0),  # one tower, both sides
+      f"{prefix}_lora": rung(contrastive_weight=0.0),  # + LoRA (rank 4) on the behaviour side
+      f"{prefix}_cl003": rung(contrastive_weight=0.03),  # + the contrastive loss, weight 0.03
+      f"{prefix}_cl03": rung(contrastive_weight=0.3),  # ... weight 0.3
+      **({} if head == "din" else {prefix: rung()}),  # the full model (em3 itself for din)
+  }
+
+
+# Named variants (`--models=<name>`, `dmf_jax.train.config.with_model_values`): EM3's component
+# study over both rankers (README, "EM3's components").
+VARIANTS: dict[str, dict] = {**_em3_rungs("din"), **_em3_rungs("dmf")}
+
+
 def get_config():
   config = default_config()
   config.model = "dmf"
@@ -36,4 +56,5 @@ def get_config():
   config.patience = 4
   config.optimizer.learning_rate = 2e-3
   config.per_model = ml_collections.ConfigDict(PER_MODEL)
+  config.variants = ml_collections.ConfigDict(VARIANTS)
   return config

@@ -106,3 +106,28 @@ def test_ablation_rejects_bad_specs_before_training(tmp_path):
     ablation.run_ablation(config, [ablation.ModelSpec("din"), ablation.ModelSpec("dfm")], [0],
                           tmp_path / "out", log=lambda _: None)
   assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_named_variant_runs_its_model_with_its_values(tmp_path):
+  """config.variants: a component study's rung under its own name (its own runs and table
+  row), the registered model with the variant's values on top of per_model's."""
+  config = tiny_train_config(tmp_path / "data", num_train_steps=4, eval_every_steps=4,
+                             checkpoint_every_steps=4)
+  with config.unlocked():
+    config.per_model = {"dmf": {"model_config": {"dropout": 0.2, "num_tiers": 6}}}
+    config.variants = {"dmf_fewer_tiers": {"model": "dmf", "model_config": {"num_tiers": 4}}}
+  out = tmp_path / "ablation"
+  records = ablation.run_ablation(config, [ablation.ModelSpec("dmf_fewer_tiers")], [0], out,
+                                  baseline="dmf_fewer_tiers", log=lambda m: None)
+  assert records[0]["model"] == "dmf_fewer_tiers"
+  run = json.loads((out / "runs" / "dmf_fewer_tiers" / "seed_0" / "config.json").read_text())
+  assert run["model"] == "dmf" and "variants" not in run and "per_model" not in run
+  assert run["model_config"]["num_tiers"] == 4 and run["model_config"]["dropout"] == 0.2
+  with config.unlocked():
+    config.variants = {"broken": {"model_config": {"num_tiers": 4}}}
+  with pytest.raises(ConfigError, match="variants.broken: needs 'model'"):
+    ablation.run_ablation(config, [ablation.ModelSpec("broken")], [0], out, baseline="broken")
+  with config.unlocked():
+    config.variants = {"typo": {"model": "dmf", "model_config": {"num_teirs": 4}}}
+  with pytest.raises(ConfigError, match="variants.typo.model_config.num_teirs: not a config"):
+    ablation.run_ablation(config, [ablation.ModelSpec("typo")], [0], out, baseline="typo")
