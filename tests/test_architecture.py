@@ -145,3 +145,21 @@ def test_serving_needs_neither_the_training_loop_nor_the_input_pipeline():
     assert not grain, (name, grain)
   assert "dmf_jax.train.restore" in closure("dmf_jax.serve.server")
   assert "dmf_jax.train.loop" in closure("dmf_jax.train.ablation")  # the check is not vacuous
+
+
+def test_a_data_module_imports_without_the_builders():
+  """`import dmf_jax.data.synthetic` (or format) loads no dataset builder; the registry's names
+  on `dmf_jax.data` load them on first use."""
+  import subprocess
+  code = ("import sys, dmf_jax.data.synthetic, dmf_jax.data.format\n"
+          "builders = ('dmf_jax.data.builds', 'dmf_jax.data.movielens', 'dmf_jax.data.byod',"
+          " 'dmf_jax.data.generated')\n"
+          "assert not [m for m in builders if m in sys.modules], sys.modules.keys()\n"
+          "from dmf_jax import data\n"
+          "assert 'generated_ctr' in data.BUILDERS and callable(data.prepare)\n"
+          "assert all(m in sys.modules for m in builders)\n"
+          "try:\n  data.no_such_name\nexcept AttributeError as e:\n  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert out.returncode == 0, out.stderr
+  assert "module 'dmf_jax.data' has no attribute 'no_such_name'" in out.stdout

@@ -1,4 +1,5 @@
-"""TFDS dataset builders (ArrayRecord, no TensorFlow). Importing registers them with TFDS.
+"""The dataset registry and builds: TFDS dataset builders (ArrayRecord, no TensorFlow),
+registered with TFDS when this module is imported (`dmf_jax.data` imports it on first use).
 
   generated_ctr      seeded synthetic data (configs: default, tiny)
   movielens_100k_mm  MovieLens-100K + TMDB text + posters (configs: text_image, text, ids,
