@@ -7,6 +7,7 @@ from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop as train_lib
 from dmf_jax.train import restore
+from dmf_jax.train import warm_start
 from helpers import tiny_run, tiny_train_config
 
 ITEM_TABLE = ("items", "item_id", "table", "embedding")
@@ -36,7 +37,7 @@ def test_grown_vocabularies_keep_the_known_rows_and_init_the_new(window1_run):
   assert exp.dataset.schema.num_items == 120
   fresh = {p: table(exp.state, p) for p in (ITEM_TABLE, USER_TABLE)}
   messages = []
-  state = train_lib.warm_start(exp, str(source), optimizer_state=True, log=messages.append)
+  state = warm_start.warm_start(exp, str(source), optimizer_state=True, log=messages.append)
   assert "100 of 120 rows carried" in messages[0] and "90 of 150 rows carried" in messages[0]
   for path, (new_vocab, old_vocab) in ((ITEM_TABLE, (120, 100)), (USER_TABLE, (150, 90))):
     for group in ("params", "opt_state"):
@@ -67,7 +68,7 @@ def test_training_from_another_run_and_its_errors(window1_run, tmp_path):
   exp = train_lib.build_experiment(other)
   with pytest.raises(ConfigError,
                      match=r"(?s)does not fit this model.*head/tower/layers/0/kernel: \(88, 32\) in"):
-    train_lib.warm_start(exp, str(source), optimizer_state=False)
+    warm_start.warm_start(exp, str(source), optimizer_state=False)
   missing = tiny_train_config(data_dir, init_from=str(tmp_path / "nowhere"))
   with pytest.raises(ConfigError, match="init_from: .*nowhere is not a training workdir"):
     config_lib.validate(missing, num_devices=8)
@@ -82,7 +83,7 @@ def test_row_sparse_moments_carry_with_grown_vocabularies(tmp_path_factory):
   config = tiny_train_config(data_dir, dataset_config="tiny_window2",
                              optimizer={"sparse_min_rows": 1})
   exp = train_lib.build_experiment(config)
-  state = train_lib.warm_start(exp, str(source), optimizer_state=True, log=lambda _: None)
+  state = warm_start.warm_start(exp, str(source), optimizer_state=True, log=lambda _: None)
   for path, (new_vocab, old_vocab) in ((ITEM_TABLE, (120, 100)), (USER_TABLE, (150, 90))):
     for moment in ("m", "v"):
       old = np.asarray(_at(run.state.opt_state.rows[moment], path))
