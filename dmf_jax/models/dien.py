@@ -54,11 +54,12 @@ class DIEN(CTRModel):
 
   def encode_user(self, batch, *, train=False, rngs=None):
     """user [B, u]; mask [B, L]; the behaviour tokens and interest states [B, L, d]; the
-    AUGRU's input side of the interests [B, L, 3d] (the same for every candidate)."""
+    AUGRU's input side of the interests [B, L, 3d] (the same for every candidate). The
+    extractor's input side (W x_t + b) is computed once per item row, then gathered."""
     mask, rows = batch["hist_mask"], self.history_rows(batch)
-    tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs).take()
-    interests = self.extractor(tokens, mask)
-    return {"user": self.user_embedding(batch), "mask": mask, "tokens": tokens,
+    tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
+    interests = self.extractor.recur(tokens.map(self.extractor.project).take(), mask)
+    return {"user": self.user_embedding(batch), "mask": mask, "tokens": tokens.take(),
             "interests": interests, "evolution_inputs": self.evolution.project(interests)}
 
   def score(self, state, candidates, *, train=False, rngs=None):
