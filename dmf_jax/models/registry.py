@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from flax import nnx
 
-from dmf_jax.core import checks
+from dmf_jax.core import checks, compat
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.schema import FeatureSchema
 from dmf_jax.core.sharding import NO_SHARDING, ShardingRules
@@ -43,9 +43,7 @@ from dmf_jax.models.dmf import DMF, DmfConfig
 from dmf_jax.models.em3 import EM3Config, build_em3
 
 ModelFactory = Callable[..., CTRModel]
-# Fields earlier versions had, accepted and ignored so their runs still evaluate, serve and
-# resume: item_table_max_items (one item-token path now chooses the rows by shape).
-RETIRED_FIELDS = ("item_table_max_items",)
+RETIRED_FIELDS = compat.RETIRED_MODEL_FIELDS  # accepted and ignored (older runs)
 
 
 @dataclasses.dataclass(frozen=True)

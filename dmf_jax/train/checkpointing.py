@@ -45,7 +45,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
-from dmf_jax.core import integrity
+from dmf_jax.core import compat, integrity
 from dmf_jax.core.errors import UserError, WorkdirError
 
 BEST_METRIC = "val_auc"
@@ -257,7 +257,7 @@ class CheckpointManager:
   def _restore_verified(self, step: int, abstract_state, iterator=None, *, catalog) -> Restored:
     self.check_catalog(step)
     saved = self._saved_structure(step)
-    legacy = any(k.startswith(f"rest/{CATALOG_KEY}/") for k in _shapes(saved))
+    legacy = compat.checkpoint_holds_catalog(_shapes(saved), CATALOG_KEY)
     differences = structure_differences(
         saved, abstract_state if legacy else without_catalog(abstract_state))
     if differences:

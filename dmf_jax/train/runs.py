@@ -28,10 +28,10 @@ import time
 import ml_collections
 from etils import epath
 
-from dmf_jax.core import jsonio
+from dmf_jax.core import compat, jsonio
 from dmf_jax.core.errors import UserError, WorkdirError
 from dmf_jax.core.locking import FileLock
-from dmf_jax.models.registry import MODELS, RETIRED_FIELDS
+from dmf_jax.models.registry import MODELS
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
@@ -45,17 +45,8 @@ RESUMABLE_FIELDS = (
     "prefetch", "worker_count", "in_memory_max_records", "record_similarities", "data_dir", "manual_dir",
     "dataset_config", "overwrite", "mesh.data",
 )
-_RETIRED = tuple(f"model_config.{name}" for name in RETIRED_FIELDS)  # not identity: ignored
-# Fields added after runs were recorded: at these values (their defaults, the behaviour of
-# before) they are left out of the identity, so that older runs still resume.
-ADDED_FIELDS = {"init_from": "", "init_from_optimizer": False,
-                "model_config.vector_dtype": "float32", "optimizer.sparse_min_rows": 0,
-                "model_config.head": "mlp", "model_config.cross_layers": 3,
-                "model_config.cross_rank": 0, "model_config.bst_dim": 32,
-                "model_config.bst_heads": 2, "model_config.bst_layers": 1,
-                "model_config.bst_ffn_dim": 64, "model_config.dien_aux_weight": 1.0,
-                "model_config.compute_dtype": "float32",
-                "model_config.lookup_mode": "auto"}
+_RETIRED = tuple(f"model_config.{name}" for name in compat.RETIRED_MODEL_FIELDS)  # ignored
+ADDED_FIELDS = compat.ADDED_FIELDS  # fields added later, at their old-behaviour values
 MAX_LISTED = 8
 
 
