@@ -12,10 +12,10 @@ from flax import nnx
 
 from dmf_jax.data.movielens import FIELD_DIM, ID_DIM, USER_FIELDS
 from dmf_jax.data import format as data_format
-from dmf_jax.data import pipeline as ip
+from dmf_jax.data import pipeline
 from dmf_jax.data import synthetic
 from dmf_jax.models import registry as models
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from dmf_jax.train import optimizers
 from dmf_jax.train import steps as training
 from dmf_jax.core.catalog import ItemCatalog
@@ -55,9 +55,9 @@ def pipeline_rate(built, batch_size: int, num_batches: int, workers: int = 0,
   the one-off parse of the split is excluded)."""
   records = data_format.raw_records(built.sources["train"])
   parser = data_format.RecordParser(built.schema)
-  ds = ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0,
+  ds = pipeline.train_dataset(records, parser, global_batch_size=batch_size, seed=0,
                         in_memory=in_memory)
-  it = ip.to_iterator(ds, worker_count=workers)
+  it = pipeline.to_iterator(ds, worker_count=workers)
   for _ in range(5):
     next(it)
   start = time.perf_counter()
@@ -70,7 +70,8 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
   """Seconds per jitted train step on in-memory batches (compile and warm-up excluded)."""
   records = data_format.raw_records(built.sources["train"])
   parser = data_format.RecordParser(built.schema)
-  it = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=batch_size, seed=0))
+  it = pipeline.to_iterator(
+      pipeline.train_dataset(records, parser, global_batch_size=batch_size, seed=0))
   keys = built.schema.batch_keys()
   batches = [jax.device_put({k: v for k, v in next(it).items() if k in keys}) for _ in range(8)]
   model = models.build_model(model_config, built.schema, rngs=nnx.Rngs(0), catalog=built.catalog)
@@ -86,13 +87,13 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
 
 
 def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> float:
-  """Examples/s of the training loop's steady state: the training iterator (as `train_lib`
+  """Examples/s of the training loop's steady state: the training iterator (as `loop`
   builds it, with `workers` as worker_count) feeding the partitioner's sharded, donated train
   step, with no per-step synchronization; compile and 5 warm-up steps excluded."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.batch_size, config.worker_count = batch_size, workers
-  exp = train_lib.build_experiment(config)
+  exp = loop.build_experiment(config)
   step_fn = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, "main")
   it = exp.train_iterator(exp.train_dataset(seed=0))
   state = exp.state

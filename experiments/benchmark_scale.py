@@ -39,7 +39,7 @@ from flax import nnx
 from dmf_jax import data
 from dmf_jax.models import registry as models
 from dmf_jax.core import rows
-from dmf_jax.data import pipeline as ip
+from dmf_jax.data import pipeline
 from dmf_jax.data import synthetic
 from dmf_jax.train import memory
 from dmf_jax import cli
@@ -106,7 +106,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
         np.asarray(b["item_id"]), np.asarray(b["hist_item_id"])).items()} for b in batches]
   host_ms = None
   if record:  # the host's part: the input pipeline's transform, timed per batch
-    transform = ip.RecordSimilarities(catalog, schema.modality_names, _VECTOR_DTYPE.value)
+    transform = pipeline.RecordSimilarities(catalog, schema.modality_names, _VECTOR_DTYPE.value)
     host = [{k: np.asarray(b[k]) for k in ("item_id", "hist_item_id", "hist_mask")}
             for b in batches]
     mapped = []

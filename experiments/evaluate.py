@@ -23,9 +23,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
 
   from dmf_jax.core import jsonio  # pylint: disable=g-import-not-at-top
-  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  result = train_lib.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
+  result = loop.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _STEP.value)
   if jax.process_index() == 0:
     path = _OUTPUT.value or f"{_WORKDIR.value}/eval_{_SPLIT.value}.json"
     jsonio.write_json(path, result)

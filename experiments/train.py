@@ -43,11 +43,11 @@ def print_results(results: dict, workdir: str) -> None:
 def main(argv):
   del argv  # refused by cli.run when not empty
   distributed.initialize()
-  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   try:
-    results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train_lib.NonFiniteLossError as e:  # not a user error, but not a bug either
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except loop.NonFiniteLossError as e:  # not a user error, but not a bug either
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   import jax  # pylint: disable=g-import-not-at-top

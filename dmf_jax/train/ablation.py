@@ -2,7 +2,7 @@
 
 A model spec is a registered name, optionally with the modalities it may use:
 `dmf`, `dmf[text]`, `simtier[text+image]`. Each run trains in `DIR/runs/<name>/seed_<s>/`
-(`dmf--text` for `dmf[text]`; `train_lib.train_and_evaluate`, which resumes a half-finished
+(`dmf--text` for `dmf[text]`; `loop.train_and_evaluate`, which resumes a half-finished
 run). A run whose `results.json` exists is not redone; its recorded identity (the config and
 the dataset build, `runs.check_finished`) must be that of the run asked for, else the
 ablation stops with `runs.RunMismatchError`; its best checkpoint must pass its content check,
@@ -37,7 +37,7 @@ from etils import epath
 from dmf_jax.core import jsonio
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from dmf_jax.train import restore
 from dmf_jax.train import robustness
 from dmf_jax.train import runs
@@ -144,13 +144,13 @@ def run_ablation(
           log(f"{spec.label} seed {seed}: finished earlier, read {done}")
         except CorruptCheckpointError as e:  # its checkpoint rotted: the run repairs itself
           log(f"WARNING: {spec.label} seed {seed}: {e}; running it again in {workdir}")
-          results = train_lib.train_and_evaluate(config, str(workdir))
+          results = loop.train_and_evaluate(config, str(workdir))
       elif not train:
         log(f"{spec.label} seed {seed}: not finished, left out")
         continue
       else:
         log(f"{spec.label} seed {seed}: training in {workdir}")
-        results = train_lib.train_and_evaluate(config, str(workdir))
+        results = loop.train_and_evaluate(config, str(workdir))
       records.append(record_from_results(spec, seed, results))
       log(f"{spec.label} seed {seed}: val AUC {records[-1]['val_auc']:.4f}, "
           f"test AUC {records[-1]['test_auc']:.4f}")

@@ -33,7 +33,7 @@ from dmf_jax.core.errors import UserError
 from dmf_jax.core.rows import catalog_exceeds_positions
 from dmf_jax.core.sharding import ShardingRules
 from dmf_jax.data import format as data_format
-from dmf_jax.data import pipeline as ip
+from dmf_jax.data import pipeline
 from dmf_jax.models.registry import build_model
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import memory, metrics, optimizers, runs, writers
@@ -73,7 +73,7 @@ class Experiment:
   shardings: object
   tx: object
   total_steps: int
-  shard: ip.ShardInfo
+  shard: pipeline.ShardInfo
   model_config: object = None
   pretrain_steps: int = 0  # the first steps run the model's 'pretrain' phase (MAKE)
 
@@ -113,7 +113,7 @@ class Experiment:
                                                schema.seq_len) else 0
 
   @functools.cached_property
-  def record_similarities(self) -> ip.RecordSimilarities | None:
+  def record_similarities(self) -> pipeline.RecordSimilarities | None:
     """The input pipeline's per-record frozen cosines (`config.record_similarities`), for a
     model that reads frozen similarities without the all-pairs matrix: its train and eval
     steps then read no vectors. None otherwise."""
@@ -122,12 +122,12 @@ class Experiment:
     model = nnx.merge(self.graphdef, self.state.params, self.state.rest)
     if not model.takes_record_similarities:
       return None
-    return ip.RecordSimilarities(self.dataset.catalog, self.dataset.schema.modality_names,
+    return pipeline.RecordSimilarities(self.dataset.catalog, self.dataset.schema.modality_names,
                                  model.catalog.vector_dtype)
 
   def train_dataset(self, *, seed: int | None = None) -> grain.MapDataset:
     """This process's shuffled training batches (a small split is parsed into memory now)."""
-    return ip.train_dataset(
+    return pipeline.train_dataset(
         self.records("train"), self.parser, global_batch_size=self.config.batch_size,
         seed=self.config.seed if seed is None else seed, shard=self.shard,
         in_memory=self.train_in_memory, unique_row_shards=self.unique_row_shards)
@@ -138,7 +138,7 @@ class Experiment:
     `worker_count` processes parse."""
     ds = self.train_dataset() if ds is None else ds
     workers = 0 if self.train_in_memory else self.config.worker_count
-    return ip.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch,
+    return pipeline.to_iterator(ds, worker_count=workers, prefetch=self.config.prefetch,
                           after=self.record_similarities)
 
   def to_model_batch(self, local: dict, extra: tuple[str, ...] = ()) -> dict:
@@ -187,7 +187,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True,
   graphdef, state, shardings = partitioner.init(
       factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
   return Experiment(config, dataset, partitioner, graphdef, state, shardings, tx, total,
-                    ip.ShardInfo.from_jax(), validated.model, pretrain)
+                    pipeline.ShardInfo.from_jax(), validated.model, pretrain)
 
 
 def serving_model(exp: Experiment, state):
@@ -218,11 +218,13 @@ def evaluate_split(exp: Experiment, predict, state, split: str,
   cold_items: optional bool [num_items]; adds 'cold': the metrics over the examples whose
   target item is cold.
   """
-  ds = ip.eval_dataset(exp.records(split), exp.parser,
+  ds = pipeline.eval_dataset(exp.records(split), exp.parser,
                        global_batch_size=exp.config.eval_batch_size, shard=exp.shard)
   acc, cold = metrics.EvalAccumulator(), metrics.EvalAccumulator()
   gather = exp.partitioner.gather
-  for local in ip.to_iterator(ds, prefetch=exp.config.prefetch, after=exp.record_similarities):
+  batches = pipeline.to_iterator(ds, prefetch=exp.config.prefetch,
+                                after=exp.record_similarities)
+  for local in batches:
     batch = exp.to_model_batch(local, extra=("group",))
     logits = gather(predict(state, batch))
     users, labels, weights = (gather(batch[k]) for k in ("group", "label", "weight"))

@@ -206,7 +206,7 @@ def test_opening_without_manual_dir_needs_a_single_build(tmp_path):
 
 
 def test_results_name_the_real_build(tmp_path):
-  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
   from dmf_jax.train import restore  # pylint: disable=g-import-not-at-top
   from helpers import tiny_train_config  # pylint: disable=g-import-not-at-top
 
@@ -215,7 +215,7 @@ def test_results_name_the_real_build(tmp_path):
                              checkpoint_every_steps=4, batch_size=8, eval_batch_size=8)
   config.dataset, config.dataset_config, config.manual_dir = "byod_ctr", "default", str(raw)
   config.mesh.data = 8
-  results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
   first = f"byod_ctr/{data.byod.build_name(raw)}"
   assert results["dataset"] == first
 
@@ -223,13 +223,13 @@ def test_results_name_the_real_build(tmp_path):
   rows = (raw / "interactions.csv").read_text().splitlines()
   (raw / "interactions.csv").write_text("\n".join(rows[:-3]) + "\n")
   assert build(raw, tmp_path / "out").full_name != first
-  got = train_lib.evaluate_checkpoint(str(tmp_path / "run"), "validation")
+  got = loop.evaluate_checkpoint(str(tmp_path / "run"), "validation")
   assert got["dataset"] == first and got["count"] == results["validation"]["count"]
   assert got["logloss"] == results["validation"]["logloss"]
   # ... and refuses, naming it, once that build is gone.
   moved = tmp_path / "elsewhere"
   (tmp_path / "out" / first).rename(moved)
-  for call in (lambda: train_lib.evaluate_checkpoint(str(tmp_path / "run"), "validation"),
+  for call in (lambda: loop.evaluate_checkpoint(str(tmp_path / "run"), "validation"),
                lambda: restore.load_model(str(tmp_path / "run"))):
     with pytest.raises(DataError, match=f"the dataset build {first} that the run in .* trained "
                                         f"on is not in"):

@@ -7,7 +7,7 @@ import pytest
 
 from dmf_jax import data
 from dmf_jax.data import format as data_format
-from dmf_jax.data import pipeline as ip
+from dmf_jax.data import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,11 @@ def test_parser_truncates_to_the_last_l_items(built):
 
 def test_train_batches_static_shapes_and_seeded_order(built):
   parser = data_format.RecordParser(built.schema)
-  ds = ip.train_dataset(records_of(built, "train"), parser, global_batch_size=64, seed=7)
-  a = list(itertools.islice(ip.to_iterator(ds), 3))
-  b = list(itertools.islice(ip.to_iterator(ds), 3))
-  c = list(itertools.islice(ip.to_iterator(
-      ip.train_dataset(records_of(built, "train"), parser, global_batch_size=64, seed=8)), 3))
+  ds = pipeline.train_dataset(records_of(built, "train"), parser, global_batch_size=64, seed=7)
+  a = list(itertools.islice(pipeline.to_iterator(ds), 3))
+  b = list(itertools.islice(pipeline.to_iterator(ds), 3))
+  c = list(itertools.islice(pipeline.to_iterator(
+      pipeline.train_dataset(records_of(built, "train"), parser, global_batch_size=64, seed=8)), 3))
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
@@ -78,8 +78,8 @@ def test_one_epoch_visits_every_example_once_then_reshuffles(built):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "train")
   n = len(records)
-  ds = ip.train_dataset(records, parser, global_batch_size=1, seed=0)  # batch 1: no remainder
-  it = ip.to_iterator(ds)
+  ds = pipeline.train_dataset(records, parser, global_batch_size=1, seed=0)  # batch 1: no remainder
+  it = pipeline.to_iterator(ds)
   first = [key_rows(next(it))[0] for _ in range(n)]
   assert len(set(first)) == n
   second = [key_rows(next(it))[0] for _ in range(20)]
@@ -88,13 +88,13 @@ def test_one_epoch_visits_every_example_once_then_reshuffles(built):
 
 def test_iterator_resume_reproduces_the_next_batches(built):
   parser = data_format.RecordParser(built.schema)
-  ds = ip.train_dataset(records_of(built, "train"), parser, global_batch_size=32, seed=3)
-  it = ip.to_iterator(ds)
+  ds = pipeline.train_dataset(records_of(built, "train"), parser, global_batch_size=32, seed=3)
+  it = pipeline.to_iterator(ds)
   for _ in range(5):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(4)]
-  resumed = ip.to_iterator(ds)
+  resumed = pipeline.to_iterator(ds)
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
@@ -105,9 +105,10 @@ def test_iterator_resume_reproduces_the_next_batches(built):
 def test_in_memory_split_gives_the_streamed_batches_and_resumes(built):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "train")
-  streamed = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=64, seed=5))
-  ds = ip.train_dataset(records, parser, global_batch_size=64, seed=5, in_memory=True)
-  cached = ip.to_iterator(ds)
+  streamed = pipeline.to_iterator(
+      pipeline.train_dataset(records, parser, global_batch_size=64, seed=5))
+  ds = pipeline.train_dataset(records, parser, global_batch_size=64, seed=5, in_memory=True)
+  cached = pipeline.to_iterator(ds)
   per_epoch = len(records) // 64
   for _ in range(per_epoch + 3):  # into the second epoch (a new permutation)
     want, got = next(streamed), next(cached)
@@ -117,7 +118,7 @@ def test_in_memory_split_gives_the_streamed_batches_and_resumes(built):
       assert got[key].dtype == want[key].dtype
   state = cached.get_state()
   expected = [next(cached) for _ in range(2)]
-  resumed = ip.to_iterator(ds)
+  resumed = pipeline.to_iterator(ds)
   resumed.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["item_id"], want["item_id"])
@@ -139,7 +140,8 @@ def test_parser_histories_empty_short_exact_and_long():
 def test_eval_batches_pad_with_zero_weight_and_lose_nothing(built):
   parser = data_format.RecordParser(built.schema)
   records = records_of(built, "validation")
-  batches = list(ip.to_iterator(ip.eval_dataset(records, parser, global_batch_size=100)))
+  batches = list(pipeline.to_iterator(
+      pipeline.eval_dataset(records, parser, global_batch_size=100)))
   assert len(batches) == 4 and all(len(b["label"]) == 100 for b in batches)
   weights = np.concatenate([b["weight"] for b in batches])
   assert weights.sum() == 346 and np.all(weights[346:] == 0)
@@ -153,28 +155,31 @@ def test_process_shards_are_disjoint_cover_the_split_and_form_the_global_batches
   records = records_of(built, "validation")
   rows, steps = [], set()
   for index in range(count):
-    shard = ip.ShardInfo(index, count)
-    batches = list(ip.to_iterator(
-        ip.eval_dataset(records, parser, global_batch_size=12 * count, shard=shard)))
+    shard = pipeline.ShardInfo(index, count)
+    batches = list(pipeline.to_iterator(
+        pipeline.eval_dataset(records, parser, global_batch_size=12 * count, shard=shard)))
     steps.add(len(batches))
     rows += sum((key_rows(b) for b in batches), [])
   assert len(steps) == 1  # every process runs the same number of eval steps
   assert len(rows) == len(set(rows)) == len(records)
 
   # Training: concatenating the processes' parts gives exactly the single-process batches.
-  single = ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=6 * count, seed=4))
-  parts = [ip.to_iterator(ip.train_dataset(records, parser, global_batch_size=6 * count, seed=4,
-                                           shard=ip.ShardInfo(i, count))) for i in range(count)]
+  single = pipeline.to_iterator(
+      pipeline.train_dataset(records, parser, global_batch_size=6 * count, seed=4))
+  parts = [pipeline.to_iterator(pipeline.train_dataset(
+      records, parser, global_batch_size=6 * count, seed=4, shard=pipeline.ShardInfo(i, count)))
+           for i in range(count)]
   for _ in range(3):
     whole = key_rows(next(single))
     assert sum((key_rows(next(p)) for p in parts), []) == whole
   with pytest.raises(ValueError, match="global batch size 7 is not a positive multiple of the 2"):
-    ip.train_dataset(records, parser, global_batch_size=7, seed=0, shard=ip.ShardInfo(0, 2))
+    pipeline.train_dataset(records, parser, global_batch_size=7, seed=0,
+                           shard=pipeline.ShardInfo(0, 2))
 
 
 def test_bad_pipeline_arguments():
   with pytest.raises(ValueError, match="shard index 2 is not in"):
-    ip.ShardInfo(2, 2)
+    pipeline.ShardInfo(2, 2)
   with pytest.raises(FileNotFoundError, match="dmf_schema.json is missing"):
     data_format.read_side_files("/nonexistent")
   with pytest.raises(ValueError, match="unknown dataset 'mnist'"):

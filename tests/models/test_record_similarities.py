@@ -10,7 +10,7 @@ from flax import nnx
 
 from helpers import assert_same_loss_and_gradients, take, tiny_problem, tiny_train_config
 from dmf_jax.core.rows import batch_unique_rows
-from dmf_jax.data import pipeline as ip
+from dmf_jax.data import pipeline
 from dmf_jax.models import registry as models
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.train import steps as training
@@ -33,7 +33,7 @@ def test_record_cosines_match_a_float64_reference():
   first = schema.modality_names[0]
   vectors[first][int(batch["hist_item_id"][0, 0])] = 0.0  # a missing vector: cosine 0
   catalog = type(catalog)(**{**catalog.__dict__, "modalities": vectors})
-  got = ip.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
+  got = pipeline.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
   assert got["hist_similarity"].dtype == np.float32
   for k, name in enumerate(schema.modality_names):
     v = vectors[name].astype(np.float64)
@@ -51,7 +51,7 @@ def test_record_cosines_equal_the_models_own(vector_dtype):
   model = models.build_model({"name": "dmf", **SMALL, "vector_dtype": vector_dtype}, schema,
                              rngs=nnx.Rngs(0), catalog=catalog)
   assert model.takes_record_similarities
-  sims = ip.RecordSimilarities(catalog, schema.modality_names, vector_dtype).map(dict(batch))
+  sims = pipeline.RecordSimilarities(catalog, schema.modality_names, vector_dtype).map(dict(batch))
   own = jax.jit(lambda b: model.similarities(b))({k: jnp.asarray(v) for k, v in batch.items()})
   np.testing.assert_allclose(sims["hist_similarity"], own, atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_record_similarities_give_the_same_loss_and_gradients(name, unique):
   assert model.takes_record_similarities, name
   if unique:
     batch |= batch_unique_rows(batch["item_id"], batch["hist_item_id"], 1, buckets=(64,))
-  record = ip.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
+  record = pipeline.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
   batch, record = ({k: jnp.asarray(v) for k, v in b.items()} for b in (batch, record))
   _, params, want = assert_same_loss_and_gradients(model, batch, record)
   # nothing depends on the vectors any more: other vectors leave the loss as it was
@@ -90,7 +90,7 @@ def test_the_families_that_take_them():
 
 def test_models_that_do_not_take_them_ignore_them():
   schema, catalog, batch = a_batch()
-  record = ip.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
+  record = pipeline.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
   record["hist_similarity"] = record["hist_similarity"] + 0.5  # would change any reader
   for config in ({"name": "din", **SMALL}, {"name": "dmf", **SMALL,
                                            "pairwise_similarity_max_items": 4096}):
@@ -110,11 +110,11 @@ def test_a_wrong_shape_is_refused_naming_the_key():
 
 
 def test_the_loop_sends_them_in_training_and_evaluation(tmp_path):
-  from dmf_jax.train import loop as train_lib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   config = tiny_train_config(tmp_path, batch_size=32)
   config.model_config.pairwise_similarity_max_items = 0
-  exp = train_lib.build_experiment(config)
+  exp = loop.build_experiment(config)
   assert exp.record_similarities is not None
   it = exp.train_iterator(exp.train_dataset())
   first, second = next(it), next(it)
@@ -130,13 +130,13 @@ def test_the_loop_sends_them_in_training_and_evaluation(tmp_path):
   np.testing.assert_array_equal(next(resumed)["hist_similarity"], next(it)["hist_similarity"])
   assert second["hist_similarity"].shape == first["hist_similarity"].shape
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
-  metrics = train_lib.evaluate_split(exp, predict, exp.state, "validation")
+  metrics = loop.evaluate_split(exp, predict, exp.state, "validation")
   config.record_similarities = False
-  off = train_lib.build_experiment(config)
+  off = loop.build_experiment(config)
   assert off.record_similarities is None
   np.testing.assert_allclose(
-      train_lib.evaluate_split(off, off.partitioner.predict_step(off.graphdef, off.shardings),
+      loop.evaluate_split(off, off.partitioner.predict_step(off.graphdef, off.shardings),
                                off.state, "validation")["auc"], metrics["auc"], atol=1e-6)
   config.record_similarities = True
   config.model_config.pairwise_similarity_max_items = 4096  # the matrix: nothing to send
-  assert train_lib.build_experiment(config).record_similarities is None
+  assert loop.build_experiment(config).record_similarities is None

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from helpers import tiny_train_config
 
 
@@ -16,5 +16,5 @@ def finished(data_dir, tmp_path_factory):
   """(workdir, results) of a finished tiny run: checkpoints at 30 and 40 (the best kept
   too), results.json."""
   workdir = tmp_path_factory.mktemp("runs") / "dmf"
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  results = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   return workdir, results

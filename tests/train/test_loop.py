@@ -14,7 +14,7 @@ from dmf_jax.train import config as config_lib
 from dmf_jax.models import registry as models
 from dmf_jax.train import partitioner as pt
 from dmf_jax.data import synthetic
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from helpers import TINY, one_device_and_mesh_runs, tiny_train_config
 
 
@@ -22,7 +22,7 @@ from helpers import TINY, one_device_and_mesh_runs, tiny_train_config
 def finished_run(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   workdir = tmp_path_factory.mktemp("run")
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  results = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   return data_dir, workdir, results
 
 
@@ -49,16 +49,16 @@ def test_run_writes_every_output(finished_run):
 
 def test_evaluate_restores_the_best_checkpoint(finished_run):
   _, workdir, results = finished_run
-  got = train_lib.evaluate_checkpoint(str(workdir), "test")
+  got = loop.evaluate_checkpoint(str(workdir), "test")
   assert got["step"] == results["best_step"]
   np.testing.assert_allclose(got["auc"], results["test"]["auc"], rtol=1e-9)
   with pytest.raises(ValueError, match="no checkpoint for step 7"):
-    train_lib.evaluate_checkpoint(str(workdir), "test", step=7)
+    loop.evaluate_checkpoint(str(workdir), "test", step=7)
 
 
 def test_rerun_of_a_finished_run_resumes_instead_of_retraining(finished_run):
   data_dir, workdir, results = finished_run
-  again = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  again = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   assert again["steps"] == 40 and again["test"] == results["test"]
 
 
@@ -66,7 +66,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(finished_run, caps
   data_dir, original, _ = finished_run
   workdir = tmp_path / "copy"  # corrupt a copy: other tests restore the original
   shutil.copytree(original, workdir)
-  exp = train_lib.build_experiment(tiny_train_config(data_dir))
+  exp = loop.build_experiment(tiny_train_config(data_dir))
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
   latest, previous = manager.steps[-1], manager.steps[-2]
@@ -112,10 +112,10 @@ def test_config_errors_list_every_problem(tmp_path):
 
 def test_training_iterator_in_memory_or_streamed_gives_the_same_batches(tmp_path):
   config = tiny_train_config(tmp_path)
-  cached = train_lib.build_experiment(config)
+  cached = loop.build_experiment(config)
   config = config.copy_and_resolve_references()  # the experiment keeps the one it was given
   config.in_memory_max_records = 0
-  streamed = train_lib.build_experiment(config)
+  streamed = loop.build_experiment(config)
   assert cached.train_in_memory and not streamed.train_in_memory
   a, b = cached.train_iterator(), streamed.train_iterator()
   for _ in range(3):
@@ -131,8 +131,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
   config = tiny_train_config(tmp_path / "data", num_train_steps=30)
   config.optimizer.name = "sgd"
   config.optimizer.learning_rate = 1e30
-  with pytest.raises(train_lib.NonFiniteLossError, match="non-finite training loss at step"):
-    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  with pytest.raises(loop.NonFiniteLossError, match="non-finite training loss at step"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_tables_sharded_on_model_axis_match_one_device():
@@ -165,12 +165,12 @@ def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):
       capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"exported step {results['best_step']}" in done.stdout
-  exp = train_lib.build_experiment(tiny_train_config(data_dir))
+  exp = loop.build_experiment(tiny_train_config(data_dir))
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
   state = manager.restore(results["best_step"],
                           exp.partitioner.abstract_state(exp.shardings, exp.state),
                           catalog=checkpointing.catalog_of(exp.state)).state
-  server = serving.Server(train_lib.serving_model(exp, state), buckets=(8, 64))
+  server = serving.Server(loop.serving_model(exp, state), buckets=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
   scorer = ExportedScorer(str(out))
@@ -188,7 +188,7 @@ def test_make_pretrains_in_the_loop_then_evaluates_the_joined_model(tmp_path):
   config = tiny_train_config(tmp_path / "data", model="make", num_train_steps=10,
                              eval_every_steps=5, checkpoint_every_steps=5)
   config.model_config.make_pretrain_epochs = 1
-  results = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
   records = writers.read_metrics(tmp_path / "run")
   pretrain = [r["step"] for r in records if r["kind"] == "pretrain"]
   evals = [r["step"] for r in records if r["kind"] == "eval"]
@@ -239,7 +239,7 @@ def test_checkpoints_hold_a_catalog_fingerprint_not_the_catalog(finished_run, tm
   from the dataset on restore; another catalog is refused; a checkpoint from before (catalog
   inside) still restores."""
   data_dir, original, results = finished_run
-  exp = train_lib.build_experiment(tiny_train_config(data_dir))
+  exp = loop.build_experiment(tiny_train_config(data_dir))
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   catalog = checkpointing.catalog_of(exp.state)
   manager = checkpointing.CheckpointManager(original / "checkpoints", every_steps=10,

@@ -14,7 +14,7 @@ from dmf_jax.train import checkpointing
 from dmf_jax.core import locking
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import runs
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from dmf_jax.train import restore
 from helpers import copy_run, snapshot, tiny_train_config
 
@@ -30,12 +30,12 @@ def test_changed_config_refuses_and_leaves_the_run_intact(data_dir, finished, tm
       section, _, name = key.rpartition(".")
       (config[section] if section else config)[name] = value
     with pytest.raises(runs.RunMismatchError) as err:
-      train_lib.train_and_evaluate(config, str(workdir))
+      loop.train_and_evaluate(config, str(workdir))
     message = str(err.value)
     assert field in message and "--workdir" in message and "--config.overwrite=True" in message
     assert "corrupt" not in message and len(message.splitlines()) <= 6
   assert snapshot(workdir) == before  # byte-identical: nothing written, nothing moved
-  got = train_lib.evaluate_checkpoint(str(workdir), "test")
+  got = loop.evaluate_checkpoint(str(workdir), "test")
   assert got["auc"] == pytest.approx(finished[1]["test"]["auc"], rel=1e-9)
 
 
@@ -43,7 +43,7 @@ def test_fields_that_may_change_resume(data_dir, finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   config = tiny_train_config(data_dir, num_train_steps=50, patience=2, log_every_steps=10,
                              eval_every_steps=25)
-  results = train_lib.train_and_evaluate(config, str(workdir))
+  results = loop.train_and_evaluate(config, str(workdir))
   assert results["steps"] == 50
   for field in ("num_epochs", "num_train_steps", "eval_every_steps", "patience",
                 "log_every_steps"):
@@ -55,7 +55,7 @@ def test_overwrite_moves_the_old_run_aside(data_dir, finished, tmp_path, capsys)
   before = snapshot(workdir)
   config = tiny_train_config(data_dir, overwrite=True, num_train_steps=10)
   config.model = "din"
-  results = train_lib.train_and_evaluate(config, str(workdir))
+  results = loop.train_and_evaluate(config, str(workdir))
   assert results["model"] == "din" and results["steps"] == 10
   moved = [p for p in tmp_path.iterdir() if p.name.startswith("copy.replaced-")]
   assert len(moved) == 1 and snapshot(moved[0]) == before
@@ -71,7 +71,7 @@ def test_an_older_workdir_without_run_json_is_checked_against_its_config(data_di
   config = tiny_train_config(data_dir)
   config.model = "din"
   with pytest.raises(runs.RunMismatchError, match="model: 'dmf' in the workdir, 'din' now"):
-    train_lib.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
 
 
 def test_a_mismatched_checkpoint_is_not_called_corrupt(data_dir, finished, tmp_path):
@@ -81,7 +81,7 @@ def test_a_mismatched_checkpoint_is_not_called_corrupt(data_dir, finished, tmp_p
   config = tiny_train_config(data_dir)
   config.model_config.bucket_dim = 8
   with pytest.raises(checkpointing.CheckpointMismatchError) as err:
-    train_lib.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   message = str(err.value)
   assert "not corrupt" in message, message
   assert "params/attention/weights/buckets/tables/value: (2, 8, 4) float32 saved, (2, 8, 8)" in message
@@ -103,7 +103,7 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_rerun_finishes(
     data_dir, finished, tmp_path, capsys, mode):
   workdir = copy_run(finished, tmp_path)
   garble(workdir / "checkpoints" / "40", mode)
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  results = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   assert results["steps"] == 40
   err = capsys.readouterr().err
   warnings = [l for l in err.splitlines() if "unreadable" in l]
@@ -113,7 +113,7 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_rerun_finishes(
   assert [p.name.split("-")[0] for p in moved] == ["40"]
   assert 40 in checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10).steps
   # and again: nothing left to trip on
-  assert train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))["steps"] == 40
+  assert loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))["steps"] == 40
 
 
 def test_all_checkpoints_corrupt_start_afresh_after_moving_them(data_dir, finished, tmp_path,
@@ -123,7 +123,7 @@ def test_all_checkpoints_corrupt_start_afresh_after_moving_them(data_dir, finish
   assert len(steps) == 2
   (workdir / "checkpoints" / str(steps[-1]) / checkpointing.METADATA_FILE).write_text("")
   garble(workdir / "checkpoints" / str(steps[0]), "garbage")
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  results = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   assert results["steps"] == 40
   err = capsys.readouterr().err
   assert "no readable checkpoint left" in err and "starting from step 0" in err
@@ -136,9 +136,9 @@ def test_all_checkpoints_corrupt_start_afresh_after_moving_them(data_dir, finish
 
 def test_bookkeeping_records_must_be_complete():
   with pytest.raises(ValueError, match="lacks"):
-    train_lib.Bookkeeping.from_json({})
+    loop.Bookkeeping.from_json({})
   with pytest.raises(ValueError, match="lacks"):
-    train_lib.Bookkeeping.from_json({"best_step": 3})
+    loop.Bookkeeping.from_json({"best_step": 3})
 
 
 HOLD = """
@@ -158,7 +158,7 @@ def test_a_second_run_into_a_locked_workdir_stops_at_once(data_dir, finished, tm
     assert holder.stdout.readline().strip() == "held"
     start = time.time()
     with pytest.raises(locking.LockedError) as err:
-      train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+      loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
     assert f"pid {holder.pid}" in str(err.value) and "a test holder" in str(err.value)
     assert time.time() - start < 60
   finally:
@@ -172,7 +172,7 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over(data_dir, finished, tmp_path, 
   dead.wait()
   (workdir / runs.LOCK_FILE).write_text(json.dumps(
       {"pid": dead.pid, "host": "somewhere", "started": time.time(), "purpose": "training run"}))
-  assert train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))["steps"] == 40
+  assert loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))["steps"] == 40
   err = capsys.readouterr().err
   assert f"took over the stale lock {workdir / runs.LOCK_FILE} of pid {dead.pid}" in err
   assert not (workdir / runs.LOCK_FILE).exists()  # released at the end
@@ -218,15 +218,15 @@ def test_server_from_workdir_serves_a_model_sharded_run(data_dir, tmp_path):
                              checkpoint_every_steps=4)
   config.mesh.model = 2  # tables row-sharded (and padded) over 2 devices
   workdir = tmp_path / "sharded"
-  results = train_lib.train_and_evaluate(config, str(workdir))
+  results = loop.train_and_evaluate(config, str(workdir))
   server = serving.Server.from_workdir(str(workdir), buckets=(8, 64))
   assert server.step == results["best_step"]
-  exp = train_lib.build_experiment(config)
+  exp = loop.build_experiment(config)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=4)
   state = manager.restore(server.step,
                           exp.partitioner.abstract_state(exp.shardings, exp.state),
                           catalog=checkpointing.catalog_of(exp.state)).state
-  reference = serving.Server(train_lib.serving_model(exp, state), buckets=(8, 64))
+  reference = serving.Server(loop.serving_model(exp, state), buckets=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
   np.testing.assert_allclose(server.score(server.encode_user(user), ids),
@@ -262,14 +262,14 @@ def test_a_finished_din_run_resumes_after_a_dmf_only_field_changes(data_dir, tmp
   config = tiny_train_config(data_dir, num_train_steps=10)
   config.model = "din"
   workdir = tmp_path / "din"
-  first = train_lib.train_and_evaluate(config, str(workdir))
+  first = loop.train_and_evaluate(config, str(workdir))
   for field, value in (("bucket_dim", 8), ("num_tiers", 3)):
     config.model_config[field] = value
-  again = train_lib.train_and_evaluate(config, str(workdir))  # finished: resumes, reports
+  again = loop.train_and_evaluate(config, str(workdir))  # finished: resumes, reports
   assert again["test"]["auc"] == first["test"]["auc"]
   config.model_config.din_hidden = (7,)  # DIN's own field: another run
   with pytest.raises(runs.RunMismatchError, match="model_config.din_hidden"):
-    train_lib.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   recorded, current = {"model": "dmf", "model_config.bucket_dim": 4}, {"model": "din"}
   assert runs.differences(recorded, current) == ["model: 'dmf' in the workdir, 'din' now"]
 
@@ -310,9 +310,9 @@ def test_a_new_model_family_is_one_module_and_one_registry_line(data_dir, finish
     assert config.model_config.toy_scale == 1.0  # the flat config gained the field
     config.model = "toy"
     config.model_config.toy_scale = 0.5
-    results = train_lib.train_and_evaluate(config, str(tmp_path / "toy"))
+    results = loop.train_and_evaluate(config, str(tmp_path / "toy"))
     assert results["model"] == "toy" and 0.0 < results["test"]["auc"] < 1.0
-    again = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+    again = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
     assert again["test"]["auc"] == finished[1]["test"]["auc"]
   finally:
     registry.MODELS.pop("toy")

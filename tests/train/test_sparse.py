@@ -13,7 +13,7 @@ from flax import nnx
 
 from dmf_jax.models import registry as models
 from dmf_jax.train import checkpointing
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from dmf_jax.train import sparse
 from dmf_jax.train import steps as training
 from dmf_jax.train.optimizers import OptimizerConfig, make_optimizer
@@ -179,13 +179,13 @@ def test_sparse_run_resumes_exactly(tmp_path):
   def train(workdir, steps):
     config = tiny_train_config(data_dir, num_train_steps=steps)
     config.optimizer.sparse_min_rows = 1
-    return config, train_lib.train_and_evaluate(config, str(workdir))
+    return config, loop.train_and_evaluate(config, str(workdir))
 
   config, straight = train(tmp_path / "straight", 40)
   train(tmp_path / "resumed", 20)
   _, resumed = train(tmp_path / "resumed", 40)
   assert resumed["test"] == straight["test"]
-  exp = train_lib.build_experiment(config)
+  exp = loop.build_experiment(config)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   assert isinstance(exp.state.opt_state, sparse.RowSparseState)
   finals = []

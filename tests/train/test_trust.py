@@ -13,7 +13,7 @@ import pytest
 from dmf_jax.core import integrity, locking
 from dmf_jax.train import checkpointing
 from dmf_jax.train import config as config_lib
-from dmf_jax.train import loop as train_lib
+from dmf_jax.train import loop
 from dmf_jax.train import runs
 from helpers import copy_run, flip_array_bytes, snapshot, tiny_train_config
 
@@ -39,11 +39,11 @@ def test_flipped_bits_in_the_latest_checkpoint_fall_back_and_keep_the_result(
   good = json.loads((workdir / "results.json").read_text())
   damaged = flip_array_bytes(workdir, 40)
   with pytest.raises(checkpointing.CorruptCheckpointError) as err:
-    train_lib.evaluate_checkpoint(str(workdir), "test", step=40)
+    loop.evaluate_checkpoint(str(workdir), "test", step=40)
   assert "step 40" in str(err.value) and damaged.name in str(err.value)
   assert (workdir / "checkpoints" / "40").exists()  # evaluation only reads: nothing moved
 
-  results = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  results = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   said = capsys.readouterr().err
   warning = next(line for line in said.splitlines() if "step 40" in line)
   assert warning.startswith("WARNING") and damaged.name in warning and "moved it to" in warning
@@ -78,7 +78,7 @@ def test_a_step_of_an_older_version_restores_unverified(finished, tmp_path, caps
       record = json.loads(record_file.read_text())
       del record["custom_metadata"][checkpointing.MANIFEST_KEY]
       record_file.write_text(json.dumps(record))
-  got = train_lib.evaluate_checkpoint(str(workdir), "test")
+  got = loop.evaluate_checkpoint(str(workdir), "test")
   assert got["auc"] == finished[1]["test"]["auc"]
   said = capsys.readouterr()
   assert (said.out + said.err).count("restored unverified") == 1
@@ -88,7 +88,7 @@ def test_a_step_whose_manifest_was_never_written_is_not_trusted(finished, tmp_pa
   workdir = copy_run(finished, tmp_path)
   (workdir / "checkpoints" / "40" / integrity.MANIFEST_FILE).unlink()  # killed in between
   with pytest.raises(checkpointing.CorruptCheckpointError, match="manifest .* is missing"):
-    train_lib.evaluate_checkpoint(str(workdir), "test", step=40)
+    loop.evaluate_checkpoint(str(workdir), "test", step=40)
 
 
 def test_unreadable_state_metadata_is_a_clear_error(finished, tmp_path):
@@ -97,20 +97,20 @@ def test_unreadable_state_metadata_is_a_clear_error(finished, tmp_path):
   (step_dir / "state" / "_METADATA").write_text("{")
   integrity.write_manifest(step_dir)  # damaged before the manifest was written
   with pytest.raises(checkpointing.CorruptCheckpointError, match="step 40 .* cannot be read"):
-    train_lib.evaluate_checkpoint(str(workdir), "test", step=40)
+    loop.evaluate_checkpoint(str(workdir), "test", step=40)
 
 
 def test_results_are_never_replaced_by_a_non_finite_or_worse_evaluation(tmp_path):
-  with pytest.raises(train_lib.ResultError, match="the test evaluation: non-finite logloss nan"):
-    train_lib.check_finite({"auc": 0.5, "logloss": float("nan")}, "the test evaluation")
-  train_lib.check_finite({"auc": float("nan"), "logloss": 0.6}, "one class: AUC undefined")
+  with pytest.raises(loop.ResultError, match="the test evaluation: non-finite logloss nan"):
+    loop.check_finite({"auc": 0.5, "logloss": float("nan")}, "the test evaluation")
+  loop.check_finite({"auc": float("nan"), "logloss": 0.6}, "one class: AUC undefined")
   path = tmp_path / "results.json"
   path.write_text(json.dumps({"best_step": 40, "validation": {"auc": 0.75}}))
   worse = {"best_step": 40, "validation": {"auc": 0.5}}
-  with pytest.raises(train_lib.ResultError, match="0.5000.* records 0.7500 for the same step"):
-    train_lib.check_against_recorded(worse, path)
-  train_lib.check_against_recorded({"best_step": 40, "validation": {"auc": 0.7502}}, path)
-  train_lib.check_against_recorded({"best_step": 60, "validation": {"auc": 0.5}}, path)
+  with pytest.raises(loop.ResultError, match="0.5000.* records 0.7500 for the same step"):
+    loop.check_against_recorded(worse, path)
+  loop.check_against_recorded({"best_step": 40, "validation": {"auc": 0.7502}}, path)
+  loop.check_against_recorded({"best_step": 60, "validation": {"auc": 0.5}}, path)
 
 
 # --- a refused run changes nothing ---------------------------------------------------------
@@ -122,16 +122,16 @@ def test_a_refused_run_without_run_json_writes_nothing(data_dir, finished, tmp_p
   (workdir / "config.json").unlink()
   before = snapshot(workdir)
   with pytest.raises(checkpointing.CheckpointMismatchError):
-    train_lib.train_and_evaluate(tiny_train_config(data_dir, model="din"), str(workdir))
+    loop.train_and_evaluate(tiny_train_config(data_dir, model="din"), str(workdir))
   assert snapshot(workdir) == before  # no run.json of the refused config
-  again = train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+  again = loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   assert again["test"] == finished[1]["test"]  # the original command still resumes
 
 
 def test_a_batch_larger_than_the_split_is_refused_before_the_workdir_is_made(data_dir, tmp_path):
   workdir = tmp_path / "new"
   with pytest.raises(config_lib.ConfigError, match="batch_size=4096 is larger than the training"):
-    train_lib.train_and_evaluate(tiny_train_config(data_dir, batch_size=4096), str(workdir))
+    loop.train_and_evaluate(tiny_train_config(data_dir, batch_size=4096), str(workdir))
   assert not workdir.exists()
 
 
@@ -140,16 +140,16 @@ def test_bad_warm_starts_are_refused_before_the_workdir_is_claimed(data_dir, fin
   workdir = tmp_path / "new"
   config = tiny_train_config(data_dir, model="din", init_from=str(source))
   with pytest.raises(config_lib.ConfigError, match="init_from: .* trained model 'dmf'"):
-    train_lib.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
   config = tiny_train_config(data_dir, init_from=str(source))
   config.model_config.num_heads = 4  # other dimensions
   with pytest.raises(config_lib.ConfigError, match="does not fit this model"):
-    train_lib.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
   shutil.rmtree(source / "checkpoints")
   with pytest.raises(ValueError, match="holds no checkpoint"):
-    train_lib.train_and_evaluate(tiny_train_config(data_dir, init_from=str(source)),
+    loop.train_and_evaluate(tiny_train_config(data_dir, init_from=str(source)),
                                  str(workdir))
   assert not workdir.exists()
 
@@ -160,7 +160,7 @@ def test_the_lock_is_taken_before_the_dataset_is_opened(tmp_path):
   with locking.FileLock(workdir / runs.LOCK_FILE, purpose="another run"):
     start = time.time()
     with pytest.raises(locking.LockedError, match="another run"):
-      train_lib.train_and_evaluate(tiny_train_config(fresh_data), str(workdir))
+      loop.train_and_evaluate(tiny_train_config(fresh_data), str(workdir))
     assert time.time() - start < 5
   assert not fresh_data.exists()  # nothing was built or opened
 
@@ -169,7 +169,7 @@ def test_a_workdir_that_is_a_file(data_dir, tmp_path):
   workdir = tmp_path / "a_file"
   workdir.write_text("x")
   with pytest.raises(ValueError, match="is a file, not a folder"):
-    train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+    loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
   assert workdir.read_text() == "x"
 
 
@@ -189,4 +189,4 @@ def test_a_workdir_that_cannot_be_written(data_dir, finished, tmp_path, monkeypa
   monkeypatch.setattr(locking.os, "open", read_only_open)
   for workdir in (copy_run(finished, tmp_path), tmp_path / "new"):  # a finished run, a new one
     with pytest.raises(ValueError, match="cannot be written .Read-only file system"):
-      train_lib.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
+      loop.train_and_evaluate(tiny_train_config(data_dir), str(workdir))
