@@ -49,7 +49,7 @@ from flax import nnx  # noqa: E402
 from dmf_jax.core.rows import batch_unique_rows, catalog_exceeds_positions  # noqa: E402
 from dmf_jax.core.sharding import ShardingRules  # noqa: E402
 from dmf_jax.data import synthetic  # noqa: E402
-from dmf_jax.models import registry as models  # noqa: E402
+from dmf_jax.models import registry  # noqa: E402
 from dmf_jax.nn import precision  # noqa: E402
 from dmf_jax.serve import server as serving  # noqa: E402
 from dmf_jax.serve.request import RequestLayout  # noqa: E402
@@ -307,7 +307,7 @@ def train_program(devices, name: str, num_items: int, settings: Settings, schema
   tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
       learning_rate=1e-3, sparse_min_rows=settings.sparse_min_rows
       if num_items > settings.shard_items else 0), 1000)
-  factory = lambda rules, rngs: models.build_model(config, schema, rngs=rngs, sharding=rules)
+  factory = lambda rules, rngs: registry.build_model(config, schema, rngs=rngs, sharding=rules)
   graphdef, state, shardings = partitioner.abstract_init(factory, tx)
   like = bench_utils.random_batch(schema.replace(num_items=min(num_items, 1000)), 8,
                                   np.random.default_rng(0))
@@ -342,7 +342,7 @@ def serving_programs(device, name: str, num_items: int, settings: Settings, conf
   schema = model_schema(num_items, settings.serve_seq_len)
   config = config or model_config(name, settings.compute_dtype, device.platform)
   abstract_model = nnx.eval_shape(
-      lambda: models.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
+      lambda: registry.build_model(config, schema, rngs=nnx.Rngs(0), sharding=ShardingRules()))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
   # As `Server` holds them: Params in the compute dtype, cast once.
   params = nnx.merge_state(
@@ -479,10 +479,10 @@ def main(argv):
     targets = [Target.parse(t) for t in _TARGETS.value]
   except ValueError as e:
     cli.fail(str(e))
-  names = sorted(models.model_names()) if _MODELS.value == ["all"] else list(_MODELS.value)
-  unknown = sorted(set(names) - set(models.model_names()))
+  names = sorted(registry.model_names()) if _MODELS.value == ["all"] else list(_MODELS.value)
+  unknown = sorted(set(names) - set(registry.model_names()))
   if unknown:
-    cli.fail(f"--models: unknown {unknown}; registered: {sorted(models.model_names())}")
+    cli.fail(f"--models: unknown {unknown}; registered: {sorted(registry.model_names())}")
   try:
     sizes = [int(n) for n in _ITEMS.value]
   except ValueError:

@@ -14,7 +14,7 @@ from dmf_jax.data.movielens import FIELD_DIM, ID_DIM, USER_FIELDS
 from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline
 from dmf_jax.data import synthetic
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import loop
 from dmf_jax.train import optimizers
 from dmf_jax.train import steps as training
@@ -24,7 +24,7 @@ from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec
 
 def model_config(config, name: str):
   """The typed config of model `name` from an experiment config's flat model_config."""
-  return models.model_config({"name": name, **config.model_config.to_dict()})
+  return registry.model_config({"name": name, **config.model_config.to_dict()})
 
 
 def train_setup(model, *, jit: bool = True, sparse_min_rows: int = 0):
@@ -74,7 +74,7 @@ def train_step_times(built, batch_size: int, steps: int, model_config) -> np.nda
       pipeline.train_dataset(records, parser, global_batch_size=batch_size, seed=0))
   keys = built.schema.batch_keys()
   batches = [jax.device_put({k: v for k, v in next(it).items() if k in keys}) for _ in range(8)]
-  model = models.build_model(model_config, built.schema, rngs=nnx.Rngs(0), catalog=built.catalog)
+  model = registry.build_model(model_config, built.schema, rngs=nnx.Rngs(0), catalog=built.catalog)
   state, step = train_setup(model)
   holder = {"state": state, "i": 0}
 

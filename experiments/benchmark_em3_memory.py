@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax import cli
 from experiments import bench_utils
 from experiments.configs import movielens
@@ -32,7 +32,7 @@ _OUTPUT = flags.DEFINE_string("output_json", "/tmp/em3_memory.json", "Output fil
 
 
 def measure(cfg, schema, catalog, batch, steps):
-  model = models.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
   state, step = bench_utils.train_setup(model)
   compiled = step.lower(state, batch).compile()
   mem = compiled.memory_analysis()

@@ -15,7 +15,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.serve import server as serving
 from dmf_jax import cli
 from experiments import bench_utils
@@ -62,7 +62,7 @@ def main(argv):
           "hist_item_id": rng.integers(0, NUM_ITEMS, seq_len)}
   ids = jnp.asarray(rng.integers(0, NUM_ITEMS, n), jnp.int32)
   for variant in ("dmf", "dmf_early_fusion"):
-    model = models.build_model(dataclasses.replace(cfg, name=variant), schema, rngs=nnx.Rngs(0),
+    model = registry.build_model(dataclasses.replace(cfg, name=variant), schema, rngs=nnx.Rngs(0),
                                catalog=catalog)
     server = serving.Server(model)
     feats = server.user_features(user)
@@ -81,7 +81,7 @@ def main(argv):
   catalog50 = random_catalog(schema50, rng)
   b = _TRAIN_BATCH.value
   batch = bench_utils.random_batch(schema50, b, rng)
-  model = models.build_model(cfg, schema50, rngs=nnx.Rngs(0), catalog=catalog50)
+  model = registry.build_model(cfg, schema50, rngs=nnx.Rngs(0), catalog=catalog50)
   state, step = bench_utils.train_setup(model, jit=False)
   flops, nbytes = cost(step, state, batch)
   seconds = median_s(step, state, batch)

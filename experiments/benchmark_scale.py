@@ -37,7 +37,7 @@ from etils import epath
 from flax import nnx
 
 from dmf_jax import data
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.core import rows
 from dmf_jax.data import pipeline
 from dmf_jax.data import synthetic
@@ -94,7 +94,7 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
   catalog = bench_utils.random_catalog(schema, rng)
   config = bench_utils.model_config(movielens.get_config(), "dmf")
   config = dataclasses.replace(config, vector_dtype=_VECTOR_DTYPE.value)
-  model = models.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
   record = _RECORD.value and model.takes_record_similarities
   state, step = bench_utils.train_setup(model, sparse_min_rows=_SPARSE.value)
   del model

@@ -24,7 +24,7 @@ from absl import flags
 from flax import nnx
 
 from dmf_jax.data.movielens import FIELD_DIM, ID_DIM
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.serve import server as serving
 from dmf_jax.nn.attention import DecoupledTargetAttention, EarlyFusionTargetAttention
 from dmf_jax import cli
@@ -87,8 +87,8 @@ def bench_attention(cfg, seq_len, ns, rng):
 def bench_model(cfg, seq_len, ns, rng):
   schema = movielens_like_schema(seq_len)
   catalog = random_catalog(schema, rng)
-  dmf = models.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
-  ef = models.build_model(dataclasses.replace(cfg, name="dmf_early_fusion"), schema,
+  dmf = registry.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  ef = registry.build_model(dataclasses.replace(cfg, name="dmf_early_fusion"), schema,
                           rngs=nnx.Rngs(0), catalog=catalog)
   servers = {"dta": serving.Server(dmf), "early_fusion": serving.Server(ef)}
   user = {"user/user_id": 3, "user/age": 2, "user/gender": 1, "user/occupation": 4,

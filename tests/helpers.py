@@ -124,12 +124,12 @@ def train_steps(model, steps: int, learning_rate: float = 3e-3, batch_size: int 
 def one_device_and_mesh_runs(make_tx, steps: int = 8, batch_size: int = 64):
   """DMF trained `steps` steps from the same init on 1 device and on a 4x2 ('data', 'model')
   mesh: {'1 device' | '4x2 mesh': (partitioner, final state, losses)}; make_tx() -> the tx."""
-  from dmf_jax.models import registry as models  # pylint: disable=g-import-not-at-top
+  from dmf_jax.models import registry  # pylint: disable=g-import-not-at-top
   from dmf_jax.train import partitioner as pt  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   schema, catalog, splits = synthetic.make_examples(TINY)
-  factory = lambda rules, rngs: models.build_model(
+  factory = lambda rules, rngs: registry.build_model(
       {"name": "dmf", "num_heads": 2, "head_dim": 8}, schema, rngs=rngs, sharding=rules)
   runs = {}
   for name, partitioner in [("1 device", pt.Partitioner(devices=jax.devices()[:1])),

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from helpers import batches, jitted, take, tiny_problem
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import steps as training
 from dmf_jax.core.catalog import ItemCatalog
 
@@ -17,7 +17,7 @@ SMALL = dict(din_hidden=(16,), mlp_hidden=(32, 16), simtier_hidden=(16,), num_ti
 
 def build(name, schema=None, catalog=None, **overrides):
   tiny_schema, tiny_catalog, _ = tiny_problem()
-  return models.build_model({"name": name, **SMALL, **overrides}, schema or tiny_schema,
+  return registry.build_model({"name": name, **SMALL, **overrides}, schema or tiny_schema,
                             rngs=nnx.Rngs(0), catalog=catalog or tiny_catalog)
 
 
@@ -108,11 +108,11 @@ def test_make_pretrains_its_multimodal_tower_then_joins_or_freezes(freeze):
 
 
 def test_make_pretrain_epochs_and_phases_in_config():
-  config = models.model_config({"name": "make", "make_pretrain_epochs": 3})
+  config = registry.model_config({"name": "make", "make_pretrain_epochs": 3})
   assert config.pretrain_epochs == 3
-  assert models.model_config({"name": "dmf", "make_pretrain_epochs": 3}).pretrain_epochs == 0
+  assert registry.model_config({"name": "dmf", "make_pretrain_epochs": 3}).pretrain_epochs == 0
   with pytest.raises(ValueError, match="make_pretrain_epochs must be an int >= 0"):
-    models.model_config({"name": "make", "make_pretrain_epochs": -1})
+    registry.model_config({"name": "make", "make_pretrain_epochs": -1})
 
 
 def test_modality_selection_restricts_schema_and_catalog():
@@ -127,4 +127,4 @@ def test_modality_selection_restricts_schema_and_catalog():
   with pytest.raises(ValueError, match=r"unknown modalities \['audio'\]"):
     schema.with_modalities(["audio"])
   with pytest.raises(ValueError, match="modalities must be a list of names"):
-    models.ModelConfig(modalities="text")
+    registry.ModelConfig(modalities="text")

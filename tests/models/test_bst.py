@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from helpers import (check_sequence_model_reads_the_valid_history_in_order, jitted, take,
                      tiny_problem)
 
 
 def bst_and_batch():
   schema, catalog, splits = tiny_problem()
-  model = models.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2}, schema,
+  model = registry.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2}, schema,
                              rngs=nnx.Rngs(0), catalog=catalog)
   batch = take(splits["validation"], np.arange(32))
   assert (~batch["hist_mask"]).any() and batch["hist_mask"].any(1).all()
@@ -43,7 +43,7 @@ def test_bst_equals_the_whole_sequence_per_candidate_in_values_and_gradients(lay
   """The first layer's history side once per user (`encode_history`, its maps per item row),
   completed per target: the same logits and parameter gradients as the plain formula."""
   schema, catalog, splits = tiny_problem()
-  model = models.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2,
+  model = registry.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2,
                               "bst_layers": layers}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(32)).items()}
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -79,5 +79,5 @@ def test_the_target_token_reads_the_last_position_embedding():
 def test_bst_config_errors():
   schema, catalog, _ = tiny_problem()
   with pytest.raises(ValueError, match="bst_dim 10 must be a multiple of bst_heads 4"):
-    models.build_model({"name": "bst", "bst_dim": 10, "bst_heads": 4}, schema,
+    registry.build_model({"name": "bst", "bst_dim": 10, "bst_heads": 4}, schema,
                        rngs=nnx.Rngs(0), catalog=catalog)

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.nn.losses import bce_with_logits
 from helpers import check_sequence_model_reads_the_valid_history_in_order, take, tiny_problem
 
 
 def dien_and_batch(**overrides):
   schema, catalog, splits = tiny_problem()
-  model = models.build_model({"name": "dien", **overrides}, schema, rngs=nnx.Rngs(0),
+  model = registry.build_model({"name": "dien", **overrides}, schema, rngs=nnx.Rngs(0),
                              catalog=catalog)
   batch = take(splits["validation"], np.arange(32))
   assert (~batch["hist_mask"]).any() and batch["hist_mask"].any(1).all()

@@ -12,7 +12,7 @@ from dmf_jax.nn import losses
 from dmf_jax.nn import lora
 from dmf_jax.core.rows import Rows
 from dmf_jax.models import base as model_base
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import steps as training
 from dmf_jax.nn.qformer import FusionQFormer
 
@@ -168,7 +168,7 @@ EM3_SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_h
 
 def build_em3(**overrides):
   schema, catalog, _ = tiny_problem()
-  return models.build_model({"name": "em3", **EM3_SMALL, **overrides}, schema,
+  return registry.build_model({"name": "em3", **EM3_SMALL, **overrides}, schema,
                             rngs=nnx.Rngs(0), catalog=catalog)
 
 
@@ -233,9 +233,9 @@ def test_em3_serves_through_its_heads_forward(head):
 
 def test_em3_config_errors():
   with pytest.raises(ValueError, match="em3_head='transformer' is not one of"):
-    models.model_config({"name": "em3", "em3_head": "transformer"})
+    registry.model_config({"name": "em3", "em3_head": "transformer"})
   with pytest.raises(ValueError, match="contrastive_negatives='all' is not one of"):
-    models.model_config({"name": "em3", "contrastive_negatives": "all"})
+    registry.model_config({"name": "em3", "contrastive_negatives": "all"})
   with pytest.raises(ValueError, match="pattern 'nothing' matches no layer"):
     build_em3(lora_layers="nothing")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.serve.server import Server
 from helpers import jitted, take, tiny_problem
 
@@ -15,10 +15,10 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
              content_dim=8, contrastive_dim=8)
 
 
-@pytest.mark.parametrize("name", models.model_names())
+@pytest.mark.parametrize("name", registry.model_names())
 def test_training_and_serving_forwards_agree(name):
   schema, catalog, splits = tiny_problem()
-  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   server = Server(model, buckets=(16,))
   call = jitted(model)
   split = splits["validation"]

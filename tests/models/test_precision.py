@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from helpers import batches, take, tiny_problem, train_steps
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.nn import precision
 from dmf_jax.nn.attention import masked_softmax
 from dmf_jax.nn.losses import bce_with_logits
@@ -24,7 +24,7 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 
 def build(name, dtype, **overrides):
   schema, catalog, _ = tiny_problem()
-  return models.build_model({"name": name, **SMALL, "compute_dtype": dtype, **overrides},
+  return registry.build_model({"name": name, **SMALL, "compute_dtype": dtype, **overrides},
                             schema, rngs=nnx.Rngs(0), catalog=catalog)
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from helpers import assert_same_loss_and_gradients, take, tiny_problem, tiny_train_config
 from dmf_jax.core.rows import batch_unique_rows
 from dmf_jax.data import pipeline
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.train import steps as training
 
@@ -48,7 +48,7 @@ def test_record_cosines_match_a_float64_reference():
 @pytest.mark.parametrize("vector_dtype", ["float32", "bfloat16"])
 def test_record_cosines_equal_the_models_own(vector_dtype):
   schema, catalog, batch = a_batch()
-  model = models.build_model({"name": "dmf", **SMALL, "vector_dtype": vector_dtype}, schema,
+  model = registry.build_model({"name": "dmf", **SMALL, "vector_dtype": vector_dtype}, schema,
                              rngs=nnx.Rngs(0), catalog=catalog)
   assert model.takes_record_similarities
   sims = pipeline.RecordSimilarities(catalog, schema.modality_names, vector_dtype).map(dict(batch))
@@ -63,7 +63,7 @@ def test_record_similarities_give_the_same_loss_and_gradients(name, unique):
   config = {"name": name, **SMALL}
   if name == "dmf":
     config["similarity_calibration"] = "catalog_range"
-  model = models.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
   assert model.takes_record_similarities, name
   if unique:
     batch |= batch_unique_rows(batch["item_id"], batch["hist_item_id"], 1, buckets=(64,))
@@ -82,7 +82,7 @@ def test_record_similarities_give_the_same_loss_and_gradients(name, unique):
 
 def test_the_families_that_take_them():
   schema, catalog, _ = a_batch()
-  takers = [name for name in models.MODELS if models.build_model(
+  takers = [name for name in registry.MODELS if registry.build_model(
       {"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog
   ).takes_record_similarities]
   assert takers == TAKERS
@@ -94,7 +94,7 @@ def test_models_that_do_not_take_them_ignore_them():
   record["hist_similarity"] = record["hist_similarity"] + 0.5  # would change any reader
   for config in ({"name": "din", **SMALL}, {"name": "dmf", **SMALL,
                                            "pairwise_similarity_max_items": 4096}):
-    model = models.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
+    model = registry.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
     assert not model.takes_record_similarities
     forward = jax.jit(lambda b, m=model: m(b))
     np.testing.assert_array_equal(forward(record), forward(batch))
@@ -102,7 +102,7 @@ def test_models_that_do_not_take_them_ignore_them():
 
 def test_a_wrong_shape_is_refused_naming_the_key():
   schema, catalog, batch = a_batch(4)
-  model = models.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   batch["hist_similarity"] = jnp.zeros(batch["hist_mask"].shape + (5,))
   with pytest.raises(ValueError, match=r"hist_similarity"):
@@ -119,7 +119,7 @@ def test_the_loop_sends_them_in_training_and_evaluation(tmp_path):
   it = exp.train_iterator(exp.train_dataset())
   first, second = next(it), next(it)
   assert set(exp.to_model_batch(first)) >= {"hist_similarity"}
-  model = models.build_model(exp.model_config, exp.dataset.schema, rngs=nnx.Rngs(0),
+  model = registry.build_model(exp.model_config, exp.dataset.schema, rngs=nnx.Rngs(0),
                              catalog=exp.dataset.catalog)
   plain = {k: v for k, v in first.items() if k != "hist_similarity"}
   np.testing.assert_allclose(first["hist_similarity"], jax.jit(model.similarities)(plain),

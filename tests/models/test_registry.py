@@ -9,7 +9,7 @@ from flax import nnx
 from helpers import jitted, take, tiny_problem, train_steps
 from dmf_jax.core.rows import Rows
 from dmf_jax.models import base as model_base
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.models.din import DinConfig
 from dmf_jax.models.dmf import DmfConfig
 from dmf_jax.models.em3 import EM3Config
@@ -23,19 +23,19 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 
 def build(name, **overrides):
   schema, catalog, _ = tiny_problem()
-  return models.build_model({"name": name, **SMALL, **overrides}, schema,
+  return registry.build_model({"name": name, **SMALL, **overrides}, schema,
                             rngs=nnx.Rngs(0), catalog=catalog)
 
 
 def test_registry_lists_models_and_rejects_unknown_names():
-  assert set(models.model_names()) >= {"din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
+  assert set(registry.model_names()) >= {"din", "dmf", "dmf_early_fusion", "dmf_no_me", "dmf_no_mc",
                                        "din_mm_concat", "simscore", "simtier", "make", "em3", "bst", "dien",
                                        "bst_mm_concat", "dien_mm_concat"}
   with pytest.raises(ValueError, match="unknown model 'dnn'; valid models: bst, bst_mm_concat, "
                                        "dien, dien_mm_concat, din, din_mm_concat, dmf,"):
     build("dnn")
   with pytest.raises(ValueError, match="model 'din' is already registered"):
-    models.register_model("din", models.DIN)
+    registry.register_model("din", registry.DIN)
 
 
 def test_model_config_validation():
@@ -44,11 +44,11 @@ def test_model_config_validation():
   with pytest.raises(ValueError, match="cmm='mean' is not one of"):
     DmfConfig(cmm="mean")
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['heads'\]"):
-    models.ModelConfig.from_mapping({"heads": 2})
+    registry.ModelConfig.from_mapping({"heads": 2})
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['heads'\]"):
-    models.model_config({"name": "din", "heads": 2})
+    registry.model_config({"name": "din", "heads": 2})
   with pytest.raises(ValueError, match="mlp_hidden must be a non-empty list"):
-    models.ModelConfig(mlp_hidden=())
+    registry.ModelConfig(mlp_hidden=())
   # Every problem at once, one message each.
   with pytest.raises(ValueError) as e:
     DmfConfig(num_heads=0, dropout=2.0, cmm="mean")
@@ -58,19 +58,19 @@ def test_model_config_validation():
 def test_each_model_gets_its_familys_config():
   """The flat mapping's fields of other families are ignored; a retired field is accepted."""
   values = {"num_heads": 3, "din_hidden": (8,), "em3_head": "dmf", "item_table_max_items": 0}
-  din = models.model_config({"name": "din", **values})
-  dmf = models.model_config({"name": "dmf", **values})
-  em3 = models.model_config({"name": "em3", **values})
+  din = registry.model_config({"name": "din", **values})
+  dmf = registry.model_config({"name": "dmf", **values})
+  em3 = registry.model_config({"name": "em3", **values})
   assert type(din) is DinConfig and din.din_hidden == (8,) and not hasattr(din, "num_heads")
   assert type(dmf) is DmfConfig and dmf.num_heads == 3 and not hasattr(dmf, "din_hidden")
   assert type(em3) is EM3Config and (em3.num_heads, em3.din_hidden) == (3, (8,))
-  assert set(models.default_values()) == set(models.config_fields()) - {"name"}
+  assert set(registry.default_values()) == set(registry.config_fields()) - {"name"}
 
 
 def test_dmf_needs_modalities():
   schema, _, _ = tiny_problem()
   with pytest.raises(ValueError, match="needs at least one modality"):
-    models.build_model({"name": "dmf"}, schema.replace(modalities=()), rngs=nnx.Rngs(0),
+    registry.build_model({"name": "dmf"}, schema.replace(modalities=()), rngs=nnx.Rngs(0),
                        catalog=None)
 
 
@@ -285,7 +285,7 @@ def test_only_models_that_read_vectors_hold_them():
   from dmf_jax.core.catalog import without_vectors  # pylint: disable=g-import-not-at-top
 
   schema, catalog, splits = tiny_problem()
-  for name in models.model_names():
+  for name in registry.model_names():
     model = build(name)
     reads = name not in ("din", "bst", "dien")
     assert model.catalog.holds_vectors == reads, name

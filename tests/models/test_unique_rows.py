@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import assert_same_loss_and_gradients, take, tiny_problem, tiny_train_config
 from dmf_jax.core.rows import batch_unique_rows
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.nn.embedding import EmbeddingTable, RowProbes, row_probes
 from dmf_jax.train import partitioner as pt
 from dmf_jax.train import steps as training
@@ -35,7 +35,7 @@ def test_unique_rows_equal_the_per_position_path(name, examples, shards):
   batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(examples)).items()}
   unique = with_unique_rows(batch, shards)
   assert unique["unique_items"].shape[1] < schema.num_items + 1  # the unique path is taken
-  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   assert_same_loss_and_gradients(model, batch, unique)
   graphdef, params, rest = training.split_model(model)
   # the logits themselves, and a catalog larger than U but smaller than the positions
@@ -49,7 +49,7 @@ def test_out_of_range_unique_ids_are_refused_eagerly():
   batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(4)).items()}
   unique = with_unique_rows(batch, 1)
   unique["unique_items"] = unique["unique_items"].at[0, 0].set(schema.num_items)
-  model = models.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   with pytest.raises(ValueError, match=r"unique_items.\]: id 90 at index \(0, 0\) is out of range"):
     model(unique)
 
@@ -58,7 +58,7 @@ def test_unique_rows_on_a_mesh_train_like_per_position_rows():
   """4x2 ('data', 'model') mesh: unique_items [4, U] split over 'data', each device gathering
   its own rows; three train steps from the same init give the same losses and parameters."""
   schema, catalog, splits = tiny_problem()
-  factory = lambda rules, rngs: models.build_model({"name": "dmf", **SMALL}, schema, rngs=rngs,
+  factory = lambda rules, rngs: registry.build_model({"name": "dmf", **SMALL}, schema, rngs=rngs,
                                                    sharding=rules)
   partitioner = pt.Partitioner(pt.MeshConfig(model=2))
   assert partitioner.data_size == 4
@@ -104,7 +104,7 @@ def test_the_targets_reuse_the_historys_lookups_of_the_batch_items(name):
   item table (so a row-sparse update sees each distinct row once, not once per use)."""
   schema, catalog, splits = tiny_problem()
   batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(40)).items()}
-  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   tables = {id(m): "/".join(map(str, path)) for path, m in nnx.iter_modules(model)
             if isinstance(m, EmbeddingTable)}
   item_id = tables[id(model.items.item_id.table)]

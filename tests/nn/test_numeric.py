@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import batches, jitted, take, tiny_problem
 from dmf_jax.core.schema import NumericSpec
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.nn.numeric import NumericFeature
 from dmf_jax.train import steps as training
 
@@ -90,10 +90,10 @@ SEQUENCE_MODELS = {"din", "dmf", "dmf_early_fusion", "dmf_no_mc", "din_mm_concat
                    "dien", "em3", "bst_mm_concat", "dien_mm_concat"}
 
 
-@pytest.mark.parametrize("name", models.model_names())
+@pytest.mark.parametrize("name", registry.model_names())
 def test_every_model_reads_numeric_fields(name):
   schema, catalog, splits = numeric_problem()
-  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   assert model.items(model.catalog, jnp.arange(3)).shape[-1] == schema.item_dim
   batch = take(splits["validation"], np.arange(16))
   forward = jitted(model)
@@ -129,7 +129,7 @@ def test_models_with_numeric_fields_train_and_serve_the_same(name):
   from dmf_jax.serve import server as serving
 
   schema, catalog, splits = numeric_problem()
-  model = models.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
+  model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   tx = optax.adam(3e-3)
   graphdef, state = training.create_train_state(model, tx)
   step = training.make_train_step(graphdef, tx)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from dmf_jax.core.errors import UserError
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.serve import server as serving
 from dmf_jax.serve.export import export
 from dmf_jax.train import steps as training
@@ -26,7 +26,7 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 
 def make_model(name, seed=0, **overrides):
   schema, catalog, _ = tiny_problem()
-  model = models.build_model({"name": name, **SMALL, **overrides}, schema, rngs=nnx.Rngs(seed),
+  model = registry.build_model({"name": name, **SMALL, **overrides}, schema, rngs=nnx.Rngs(seed),
                              catalog=catalog)
   # Non-trivial bucket tables, so that a wrong bucket would change the logits.
   if isinstance(model.attention, (DecoupledTargetAttention, EarlyFusionTargetAttention)):

@@ -11,7 +11,7 @@ import pytest
 
 from dmf_jax.train import checkpointing
 from dmf_jax.train import config as config_lib
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import partitioner as pt
 from dmf_jax.data import synthetic
 from dmf_jax.train import loop
@@ -207,7 +207,7 @@ SMALL_MODELS = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtie
                     contrastive_negatives="sampled", contrastive_num_negatives=16)
 
 
-@pytest.mark.parametrize("name,head", [(name, "mlp") for name in sorted(models.MODELS)]
+@pytest.mark.parametrize("name,head", [(name, "mlp") for name in sorted(registry.MODELS)]
                          + [("din", "dcnv2"), ("dmf", "dcnv2")])
 def test_every_model_trains_on_a_sharded_mesh(name, head):
   """Every registered model compiles and trains on a 4x2 ('data', 'model') mesh with explicit
@@ -215,7 +215,7 @@ def test_every_model_trains_on_a_sharded_mesh(name, head):
   DIN and DMF with the DCNv2 head too."""
   schema, catalog, splits = synthetic.make_examples(TINY)
   config = {"name": name, "head": head, "cross_layers": 2, **SMALL_MODELS}
-  factory = lambda rules, rngs: models.build_model(config, schema, rngs=rngs, sharding=rules)
+  factory = lambda rules, rngs: registry.build_model(config, schema, rngs=rngs, sharding=rules)
   partitioner = pt.Partitioner(pt.MeshConfig(model=2))
   tx = optax.adam(3e-3)
   graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from dmf_jax.data import synthetic
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import memory
 from dmf_jax.train import partitioner as pt
 from helpers import TINY
@@ -20,7 +20,7 @@ MODEL = {"name": "dmf", "num_heads": 2, "head_dim": 8, "pairwise_similarity_max_
 
 
 def init(partitioner, schema, catalog, **overrides):
-  factory = lambda rules, rngs: models.build_model({**MODEL, **overrides}, schema, rngs=rngs,
+  factory = lambda rules, rngs: registry.build_model({**MODEL, **overrides}, schema, rngs=rngs,
                                                    sharding=rules)
   tx = optax.adam(1e-3)
   graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import steps as training
 from dmf_jax.train.optimizers import OptimizerConfig, make_optimizer, param_labels
 from helpers import tiny_problem
@@ -15,7 +15,7 @@ from helpers import tiny_problem
 
 def params_and_grads():
   schema, catalog, _ = tiny_problem()
-  model = models.build_model({"name": "dmf", "num_heads": 1, "head_dim": 4}, schema,
+  model = registry.build_model({"name": "dmf", "num_heads": 1, "head_dim": 4}, schema,
                              rngs=nnx.Rngs(0), catalog=catalog)
   _, params, _ = training.split_model(model)
   return params, jax.tree.map(jnp.ones_like, params)

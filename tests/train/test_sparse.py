@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dmf_jax.models import registry as models
+from dmf_jax.models import registry
 from dmf_jax.train import checkpointing
 from dmf_jax.train import loop
 from dmf_jax.train import sparse
@@ -99,7 +99,7 @@ def test_only_tables_of_min_rows_are_row_sparse():
 
 def dmf_state(tx, name="dmf"):
   schema, catalog, splits = tiny_problem()
-  model = models.build_model({"name": name, "num_heads": 2, "head_dim": 8, "make_hidden": (16,),
+  model = registry.build_model({"name": name, "num_heads": 2, "head_dim": 8, "make_hidden": (16,),
                               "qformer_width": 16, "content_dim": 8, "contrastive_dim": 8},
                              schema, rngs=nnx.Rngs(0), catalog=catalog)
   graphdef, state = training.create_train_state(model, tx)
