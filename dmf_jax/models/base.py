@@ -12,10 +12,8 @@ item rows and row indices only.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
@@ -38,22 +36,6 @@ from dmf_jax.nn.simtier import SIMTIER_NORMALIZATIONS
 
 Batch = Mapping[str, jax.Array]
 SIMILARITY_CALIBRATIONS = ("none", "catalog_range")
-
-# Within one forward over a batch (`CTRModel.__call__`): id(ids) -> (ids, embeddings) of the
-# item rows embedded so far, so rows that hold the same ids array (the batch's distinct items,
-# for the history and for the targets) are embedded once: one lookup of each table, whose
-# gradient the row-sparse update then sees once per distinct row, not once per use.
-_EMBEDDED_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "embedded_item_rows", default=None)
-
-
-@contextlib.contextmanager
-def _sharing_item_embeddings() -> Iterator[None]:
-  token = _EMBEDDED_ROWS.set({})
-  try:
-    yield
-  finally:
-    _EMBEDDED_ROWS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,25 +322,14 @@ class CTRModel(nnx.Module):
   def item_tokens(self, rows: Rows, *, sequence: bool = False, train: bool = False,
                   rngs: nnx.Rngs | None = None) -> Rows:
     """Rows of ids -> Rows of tokens [R, token_dim] = [e ; content] (sequence: behaviour side)."""
-    e = self.item_embeddings(rows)
-    if self.content is None:
-      return e
-    c = rows.map(lambda ids: self.content(self.modality_vectors(ids), sequence=sequence,
-                                          train=train, rngs=rngs))
-    return Rows(jnp.concatenate([e.values, c.values], axis=-1), rows.index, rows.shards)
+    def encode(ids):
+      e = self.items(self.catalog, ids).astype(self.dtype)
+      if self.content is None:
+        return e
+      c = self.content(self.modality_vectors(ids), sequence=sequence, train=train, rngs=rngs)
+      return jnp.concatenate([e, c], axis=-1)
 
-  def item_embeddings(self, rows: Rows) -> Rows:
-    """Rows of ids -> Rows of e [R, item_dim] (`ItemEncoder`). Inside one forward
-    (`__call__`), rows holding the very ids array of rows embedded before reuse their e."""
-    seen = _EMBEDDED_ROWS.get()
-    if seen is not None and id(rows.values) in seen:
-      ids, e = seen[id(rows.values)]
-      if ids is rows.values:
-        return Rows(e, rows.index, rows.shards)
-    e = rows.map(lambda ids: self.items(self.catalog, ids).astype(self.dtype))
-    if seen is not None:
-      seen[id(rows.values)] = (rows.values, e.values)
-    return e
+    return rows.map(encode)
 
   def candidate_rows(self, state: Mapping, candidates: jax.Array) -> Rows:
     """Rows of the candidates int [B, N], counting the users' B x L history positions too (in
@@ -483,16 +454,15 @@ class CTRModel(nnx.Module):
                ) -> jax.Array:
     """Logits [B]: each example's user against its own target item."""
     validate_batch(self.schema, batch)
-    with _sharing_item_embeddings():  # the targets' rows reuse the history's embeddings
-      state = self.encode_user(batch, train=train, rngs=rngs)
-      record = self.record_similarities(batch)
-      if record is not None:  # the history side's vector reads are then dead code under jit
-        state = {**state, "similarity": record}
-      targets = self._unique_rows(batch, "item_row")
-      if targets is not None:  # the targets' rows among the batch's distinct items
-        state = {**state, "candidate_rows": Rows(targets.values, targets.index[:, None],
-                                                 targets.shards)}
-      return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
+    state = self.encode_user(batch, train=train, rngs=rngs)
+    record = self.record_similarities(batch)
+    if record is not None:  # the history side's vector reads are then dead code under jit
+      state = {**state, "similarity": record}
+    targets = self._unique_rows(batch, "item_row")
+    if targets is not None:  # the targets' rows among the batch's distinct items
+      state = {**state, "candidate_rows": Rows(targets.values, targets.index[:, None],
+                                               targets.shards)}
+    return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
 
   # -- training hooks: the loss of a phase and which parameters it updates. Phases run in
   # order: 'pretrain' for `config.pretrain_epochs` epochs (when > 0), then 'main'.

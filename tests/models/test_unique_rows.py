@@ -12,7 +12,6 @@ from flax import nnx
 from helpers import assert_same_loss_and_gradients, take, tiny_problem, tiny_train_config
 from dmf_jax.core.rows import batch_unique_rows
 from dmf_jax.models import registry
-from dmf_jax.nn.embedding import EmbeddingTable, RowProbes, row_probes
 from dmf_jax.train import partitioner as pt
 from dmf_jax.train import steps as training
 
@@ -97,27 +96,3 @@ def test_the_loop_sends_unique_rows_only_when_the_catalog_exceeds_a_shards_posit
   small = loop.build_experiment(tiny_train_config(tmp_path, batch_size=80))  # 130 > 121
   assert small.unique_row_shards == 0 and "unique_items" not in small.train_dataset()[0]
 
-
-@pytest.mark.parametrize("name", ["dmf", "din", "bst", "em3"])
-def test_the_targets_reuse_the_historys_lookups_of_the_batch_items(name):
-  """With the batch's distinct items, the history and the targets share one lookup of each
-  item table (so a row-sparse update sees each distinct row once, not once per use)."""
-  schema, catalog, splits = tiny_problem()
-  batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(40)).items()}
-  model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
-  tables = {id(m): "/".join(map(str, path)) for path, m in nnx.iter_modules(model)
-            if isinstance(m, EmbeddingTable)}
-  item_id = tables[id(model.items.item_id.table)]
-
-  def lookups(b):
-    recorder = RowProbes(tables)
-    with row_probes(recorder):
-      jax.eval_shape(lambda b: model(b), b)
-    return [(table, rows.size) for table, rows in recorder.calls]
-
-  unique = with_unique_rows(batch, shards=4)
-  shared = lookups(unique)
-  assert len(shared) == len({table for table, _ in shared}), shared  # each table once
-  assert dict(shared)[item_id] == unique["unique_items"].size
-  # without them, the history and the targets look the catalog's rows up each on its own
-  assert [table for table, _ in lookups(batch)].count(item_id) == 2
