@@ -63,7 +63,7 @@ def main(argv):
   ids = jnp.asarray(rng.integers(0, NUM_ITEMS, n), jnp.int32)
   for variant in ("dmf", "dmf_early_fusion"):
     model = registry.build_model(dataclasses.replace(cfg, name=variant), schema, rngs=nnx.Rngs(0),
-                               catalog=catalog)
+                                 catalog=catalog)
     server = serving.Server(model)
     feats = server.user_features(user)
     state = server.encode_fn(server.params, feats)

@@ -89,7 +89,7 @@ def bench_model(cfg, seq_len, ns, rng):
   catalog = random_catalog(schema, rng)
   dmf = registry.build_model(cfg, schema, rngs=nnx.Rngs(0), catalog=catalog)
   ef = registry.build_model(dataclasses.replace(cfg, name="dmf_early_fusion"), schema,
-                          rngs=nnx.Rngs(0), catalog=catalog)
+                            rngs=nnx.Rngs(0), catalog=catalog)
   servers = {"dta": serving.Server(dmf), "early_fusion": serving.Server(ef)}
   user = {"user/user_id": 3, "user/age": 2, "user/gender": 1, "user/occupation": 4,
           "hist_item_id": rng.integers(0, NUM_ITEMS, seq_len)}

@@ -196,3 +196,28 @@ def assert_same_loss_and_gradients(model, batch, other):
     np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-7,
                                err_msg=str(path))
   return loss, params, want
+
+
+def assert_model_equals_its_formula(model, batch, formula):
+  """`model(batch)` and `formula(model, batch)` (the paper's plain computation, from the
+  model's own modules) give the same logits and the same gradient of a random weighting of
+  them w.r.t. every parameter."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  size = len(batch["label"])
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=size), jnp.float32)
+
+  def loss(forward, params):
+    logits = forward(nnx.merge(graphdef, params, rest), batch)
+    return jnp.sum(logits * weights), logits
+
+  (_, got), got_grads = jax.value_and_grad(
+      lambda p: loss(lambda m, b: m(b), p), has_aux=True)(params)
+  (_, want), want_grads = jax.value_and_grad(lambda p: loss(formula, p), has_aux=True)(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(want)).max() > 1e-2

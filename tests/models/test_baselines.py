@@ -18,7 +18,7 @@ SMALL = dict(din_hidden=(16,), mlp_hidden=(32, 16), simtier_hidden=(16,), num_ti
 def build(name, schema=None, catalog=None, **overrides):
   tiny_schema, tiny_catalog, _ = tiny_problem()
   return registry.build_model({"name": name, **SMALL, **overrides}, schema or tiny_schema,
-                            rngs=nnx.Rngs(0), catalog=catalog or tiny_catalog)
+                              rngs=nnx.Rngs(0), catalog=catalog or tiny_catalog)
 
 
 def flat_params(state):

@@ -1,21 +1,21 @@
 """BST: the paper's formula (the whole sequence per candidate), padding, the target's place in
 the sequence, positions, config errors."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from dmf_jax.models import registry
-from helpers import (check_sequence_model_reads_the_valid_history_in_order, jitted, take,
+from helpers import (assert_model_equals_its_formula,
+                     check_sequence_model_reads_the_valid_history_in_order, jitted, take,
                      tiny_problem)
 
 
 def bst_and_batch():
   schema, catalog, splits = tiny_problem()
   model = registry.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2}, schema,
-                             rngs=nnx.Rngs(0), catalog=catalog)
+                               rngs=nnx.Rngs(0), catalog=catalog)
   batch = take(splits["validation"], np.arange(32))
   assert (~batch["hist_mask"]).any() and batch["hist_mask"].any(1).all()
   return schema, model, batch
@@ -46,20 +46,7 @@ def test_bst_equals_the_whole_sequence_per_candidate_in_values_and_gradients(lay
   model = registry.build_model({"name": "bst", "bst_dim": 16, "bst_heads": 2,
                               "bst_layers": layers}, schema, rngs=nnx.Rngs(0), catalog=catalog)
   batch = {k: jnp.asarray(v) for k, v in take(splits["validation"], np.arange(32)).items()}
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  weights = jnp.asarray(np.random.default_rng(0).normal(size=32), jnp.float32)
-
-  def loss(forward, params):
-    logits = forward(nnx.merge(graphdef, params, rest), batch)
-    return jnp.sum(logits * weights), logits
-
-  (_, got), got_grads = jax.value_and_grad(
-      lambda p: loss(lambda m, b: m(b), p), has_aux=True)(params)
-  (_, want), want_grads = jax.value_and_grad(lambda p: loss(plain_bst, p), has_aux=True)(params)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  assert np.abs(np.asarray(want)).max() > 1e-2
+  assert_model_equals_its_formula(model, batch, plain_bst)
 
 
 def test_padded_history_ids_do_not_matter_and_valid_ones_and_order_do():
@@ -80,4 +67,4 @@ def test_bst_config_errors():
   schema, catalog, _ = tiny_problem()
   with pytest.raises(ValueError, match="bst_dim 10 must be a multiple of bst_heads 4"):
     registry.build_model({"name": "bst", "bst_dim": 10, "bst_heads": 4}, schema,
-                       rngs=nnx.Rngs(0), catalog=catalog)
+                         rngs=nnx.Rngs(0), catalog=catalog)

@@ -1,20 +1,20 @@
 """DIEN: the paper's formula, the auxiliary loss against numpy, its negatives, padding, and
 the combined loss."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dmf_jax.models import registry
 from dmf_jax.nn.losses import bce_with_logits
-from helpers import check_sequence_model_reads_the_valid_history_in_order, take, tiny_problem
+from helpers import (assert_model_equals_its_formula,
+                     check_sequence_model_reads_the_valid_history_in_order, take, tiny_problem)
 
 
 def dien_and_batch(**overrides):
   schema, catalog, splits = tiny_problem()
   model = registry.build_model({"name": "dien", **overrides}, schema, rngs=nnx.Rngs(0),
-                             catalog=catalog)
+                               catalog=catalog)
   batch = take(splits["validation"], np.arange(32))
   assert (~batch["hist_mask"]).any() and batch["hist_mask"].any(1).all()
   return schema, model, batch
@@ -35,20 +35,7 @@ def test_dien_equals_its_formula_in_values_and_gradients():
   parameter gradients as the extractor over every position's token."""
   _, model, batch = dien_and_batch()
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  weights = jnp.asarray(np.random.default_rng(0).normal(size=32), jnp.float32)
-
-  def loss(forward, params):
-    logits = forward(nnx.merge(graphdef, params, rest), batch)
-    return jnp.sum(logits * weights), logits
-
-  (_, got), got_grads = jax.value_and_grad(
-      lambda p: loss(lambda m, b: m(b), p), has_aux=True)(params)
-  (_, want), want_grads = jax.value_and_grad(lambda p: loss(plain_dien, p), has_aux=True)(params)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  assert np.abs(np.asarray(want)).max() > 1e-2
+  assert_model_equals_its_formula(model, batch, plain_dien)
 
 
 def test_auxiliary_loss_matches_numpy():

@@ -169,7 +169,7 @@ EM3_SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_h
 def build_em3(**overrides):
   schema, catalog, _ = tiny_problem()
   return registry.build_model({"name": "em3", **EM3_SMALL, **overrides}, schema,
-                            rngs=nnx.Rngs(0), catalog=catalog)
+                              rngs=nnx.Rngs(0), catalog=catalog)
 
 
 @pytest.mark.parametrize("head,negatives", [("din", "sampled"), ("dmf", "in_batch")])

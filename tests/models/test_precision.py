@@ -25,7 +25,7 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 def build(name, dtype, **overrides):
   schema, catalog, _ = tiny_problem()
   return registry.build_model({"name": name, **SMALL, "compute_dtype": dtype, **overrides},
-                            schema, rngs=nnx.Rngs(0), catalog=catalog)
+                              schema, rngs=nnx.Rngs(0), catalog=catalog)
 
 
 def compute_call(model):

@@ -49,7 +49,7 @@ def test_record_cosines_match_a_float64_reference():
 def test_record_cosines_equal_the_models_own(vector_dtype):
   schema, catalog, batch = a_batch()
   model = registry.build_model({"name": "dmf", **SMALL, "vector_dtype": vector_dtype}, schema,
-                             rngs=nnx.Rngs(0), catalog=catalog)
+                               rngs=nnx.Rngs(0), catalog=catalog)
   assert model.takes_record_similarities
   sims = pipeline.RecordSimilarities(catalog, schema.modality_names, vector_dtype).map(dict(batch))
   own = jax.jit(lambda b: model.similarities(b))({k: jnp.asarray(v) for k, v in batch.items()})
@@ -120,7 +120,7 @@ def test_the_loop_sends_them_in_training_and_evaluation(tmp_path):
   first, second = next(it), next(it)
   assert set(exp.to_model_batch(first)) >= {"hist_similarity"}
   model = registry.build_model(exp.model_config, exp.dataset.schema, rngs=nnx.Rngs(0),
-                             catalog=exp.dataset.catalog)
+                               catalog=exp.dataset.catalog)
   plain = {k: v for k, v in first.items() if k != "hist_similarity"}
   np.testing.assert_allclose(first["hist_similarity"], jax.jit(model.similarities)(plain),
                              atol=1e-6)

@@ -24,7 +24,7 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 def build(name, **overrides):
   schema, catalog, _ = tiny_problem()
   return registry.build_model({"name": name, **SMALL, **overrides}, schema,
-                            rngs=nnx.Rngs(0), catalog=catalog)
+                              rngs=nnx.Rngs(0), catalog=catalog)
 
 
 def test_registry_lists_models_and_rejects_unknown_names():
@@ -71,7 +71,7 @@ def test_dmf_needs_modalities():
   schema, _, _ = tiny_problem()
   with pytest.raises(ValueError, match="needs at least one modality"):
     registry.build_model({"name": "dmf"}, schema.replace(modalities=()), rngs=nnx.Rngs(0),
-                       catalog=None)
+                         catalog=None)
 
 
 @pytest.mark.parametrize("cmm", ["concat", "weighted", "gate"])

@@ -58,7 +58,7 @@ def test_unique_rows_on_a_mesh_train_like_per_position_rows():
   its own rows; three train steps from the same init give the same losses and parameters."""
   schema, catalog, splits = tiny_problem()
   factory = lambda rules, rngs: registry.build_model({"name": "dmf", **SMALL}, schema, rngs=rngs,
-                                                   sharding=rules)
+                                                     sharding=rules)
   partitioner = pt.Partitioner(pt.MeshConfig(model=2))
   assert partitioner.data_size == 4
   results = {}

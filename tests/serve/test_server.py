@@ -27,7 +27,7 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 def make_model(name, seed=0, **overrides):
   schema, catalog, _ = tiny_problem()
   model = registry.build_model({"name": name, **SMALL, **overrides}, schema, rngs=nnx.Rngs(seed),
-                             catalog=catalog)
+                               catalog=catalog)
   # Non-trivial bucket tables, so that a wrong bucket would change the logits.
   if isinstance(model.attention, (DecoupledTargetAttention, EarlyFusionTargetAttention)):
     tables = model.attention.weights.buckets.tables

@@ -21,7 +21,7 @@ MODEL = {"name": "dmf", "num_heads": 2, "head_dim": 8, "pairwise_similarity_max_
 
 def init(partitioner, schema, catalog, **overrides):
   factory = lambda rules, rngs: registry.build_model({**MODEL, **overrides}, schema, rngs=rngs,
-                                                   sharding=rules)
+                                                     sharding=rules)
   tx = optax.adam(1e-3)
   graphdef, state, shardings = partitioner.init(factory, tx, seed=0, schema=schema,
                                                 catalog=catalog)

@@ -16,7 +16,7 @@ from helpers import tiny_problem
 def params_and_grads():
   schema, catalog, _ = tiny_problem()
   model = registry.build_model({"name": "dmf", "num_heads": 1, "head_dim": 4}, schema,
-                             rngs=nnx.Rngs(0), catalog=catalog)
+                               rngs=nnx.Rngs(0), catalog=catalog)
   _, params, _ = training.split_model(model)
   return params, jax.tree.map(jnp.ones_like, params)
 
