@@ -19,11 +19,12 @@ import ml_collections
 
 from dmf_jax.train.config import default_config
 
-# model -> {section: {field: value}}, from the validation-only tuning runs (see the docstring).
+# model -> {section: {field: value}}, chosen on validation only: by the tuning runs (see the
+# docstring) or, for em3, by its component study.
 PER_MODEL: dict[str, dict] = {
     # EM3's component study (README, "EM3's components"): of its rungs over the DIN ranker,
     # the contrastive weight 0.03 had the best mean validation AUC over 5 seeds (0.7950,
-    # against 0.7933 for the default 0.1 and 0.7928 for the tower alone); = em3_cl003.
+    # against 0.7933 for the default 0.1 and 0.7931 for the tower alone); = em3_cl003.
     "em3": {"model_config": {"contrastive_weight": 0.03}},
 }
 
