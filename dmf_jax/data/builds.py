@@ -1,7 +1,7 @@
 """The dataset registry and builds: TFDS dataset builders (ArrayRecord, no TensorFlow),
 registered with TFDS when this module is imported (`dmf_jax.data` imports it on first use).
 
-  generated_ctr      seeded synthetic data (configs: default, tiny)
+  generated_ctr      seeded synthetic data (configs: default, content_signal, tiny, large, ...)
   movielens_100k_mm  MovieLens-100K + TMDB text + posters (configs: text_image, text, ids,
                      text_image_tmdb, ids_tmdb)
   byod_ctr           your own files, described by dataset.json in manual_dir; each distinct

@@ -187,12 +187,11 @@ class ContentSignal:
                        for _, dim, _ in config.modalities[:2])
     return cls(x, y, directions)
 
-  def write(self, modalities: dict[str, np.ndarray], config: SyntheticConfig,
-            items: slice = slice(None)) -> None:
-    """Adds x and y along their directions to the first two modalities' rows `items`."""
+  def write(self, modalities: dict[str, np.ndarray], config: SyntheticConfig) -> None:
+    """Adds x and y along their directions to the first two modalities' vectors."""
     for (name, _, _), value, direction in zip(config.modalities[:2], (self.x, self.y),
                                               self.directions):
-      modalities[name][items] += (value[items, None] * direction).astype(np.float32)
+      modalities[name] += (value[:, None] * direction).astype(np.float32)
 
   def term(self, config: SyntheticConfig, group: np.ndarray, item: np.ndarray) -> np.ndarray:
     """w * s(user) * x * y per event (user groups `group`, target items `item`)."""

@@ -71,7 +71,7 @@ class TransformerLayer(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     q, k, v = (self.heads(f(x)) for f in (self.query, self.key, self.value))
-    scores = self._scaled(jnp.einsum("...qhc,...khc->...hqk", q, k), x.shape[-1])
+    scores = self._scaled(jnp.einsum("...qhc,...khc->...hqk", q, k))
     scores = jnp.where(mask[..., None, None, :], scores, MASKED_SCORE)
     attended = jnp.einsum("...hqk,...khc->...qhc", jax.nn.softmax(scores, -1), v)
     return self._finish(x, attended, train, rngs)
@@ -80,9 +80,9 @@ class TransformerLayer(nnx.Module):
     """[..., D] -> [..., H, D / H]."""
     return y.reshape(*y.shape[:-1], self.num_heads, y.shape[-1] // self.num_heads)
 
-  def _scaled(self, scores: jax.Array, width: int) -> jax.Array:
+  def _scaled(self, scores: jax.Array) -> jax.Array:
     """Scores / sqrt(D / H)."""
-    return scores / jnp.sqrt(width / self.num_heads)
+    return scores / jnp.sqrt(self.query.in_features / self.num_heads)
 
   def _finish(self, x, attended, train, rngs):
     """The rest of the layer from the heads' attention [..., T, H, c]: the output projection,
@@ -98,7 +98,7 @@ class TransformerLayer(nnx.Module):
     qkv: the history's query, key and value [B, L, D] when the caller has them (computed per
     item row); else from x."""
     q, k, v = (self.heads(y) for y in (qkv or (self.query(x), self.key(x), self.value(x))))
-    scores = self._scaled(jnp.einsum("bqhc,bkhc->bqhk", q, k), x.shape[-1])
+    scores = self._scaled(jnp.einsum("bqhc,bkhc->bqhk", q, k))
     scores = jnp.where(mask[:, None, None, :], scores, MASKED_SCORE)
     top = jax.lax.stop_gradient(jnp.max(scores, -1))  # any shift gives the same function
     weights = jnp.exp(scores - top[..., None])  # [B, L, H, L]
@@ -113,15 +113,15 @@ class TransformerLayer(nnx.Module):
     length = history.x.shape[1]
     qt, kt, vt = (self.heads(f(target)) for f in (self.query, self.key, self.value))
     # history queries: the per-user sums merged with the target's key
-    s_it = self._scaled(jnp.einsum("blhc,bnhc->bnlh", history.query, kt), d)  # [B, N, L, H]
+    s_it = self._scaled(jnp.einsum("blhc,bnhc->bnlh", history.query, kt))  # [B, N, L, H]
     top = jnp.maximum(history.max[:, None], jax.lax.stop_gradient(s_it))
     old, new = jnp.exp(history.max[:, None] - top), jnp.exp(s_it - top)
     from_history = ((old[..., None] * history.sum[:, None] + new[..., None] * vt[:, :, None])
                     / (old * history.norm[:, None] + new)[..., None])  # [B, N, L, H, c]
     # the target's query over the history and itself
-    s_tj = self._scaled(jnp.einsum("bnhc,blhc->bnhl", qt, history.key), d)
+    s_tj = self._scaled(jnp.einsum("bnhc,blhc->bnhl", qt, history.key))
     s_tj = jnp.where(history.mask[:, None, None, :], s_tj, MASKED_SCORE)
-    s_tt = self._scaled(jnp.sum(qt * kt, -1, keepdims=True), d)  # [B, N, H, 1]
+    s_tt = self._scaled(jnp.sum(qt * kt, -1, keepdims=True))  # [B, N, H, 1]
     p = jax.nn.softmax(jnp.concatenate([s_tj, s_tt], -1), -1)
     from_target = (jnp.einsum("bnhl,blhc->bnhc", p[..., :length], history.value)
                    + p[..., length:] * vt)  # [B, N, H, c]

@@ -92,6 +92,10 @@ def with_model_values(config: ml_collections.ConfigDict) -> ml_collections.Confi
   config = copy.deepcopy(config)
   variants, per_model = config.get("variants"), config.get("per_model")
   variant = None
+  if variants is not None and config.model not in variants and config.model not in registry.MODELS:
+    raise ConfigError(f"model: unknown model {config.model!r}; valid models: "
+                      f"{', '.join(registry.model_names())}; variants of this config: "
+                      f"{', '.join(variants)}")
   if variants is not None and config.model in variants:
     variant = variants[config.model].to_dict()
     if not isinstance(variant.get("model"), str):

@@ -127,6 +127,10 @@ def test_a_named_variant_runs_its_model_with_its_values(tmp_path):
     config.variants = {"broken": {"model_config": {"num_tiers": 4}}}
   with pytest.raises(ConfigError, match="variants.broken: needs 'model'"):
     ablation.run_ablation(config, [ablation.ModelSpec("broken")], [0], out, baseline="broken")
+  with pytest.raises(ConfigError, match="unknown model 'dmf_fewer_tires'; valid models: .*; "
+                     "variants of this config: broken"):
+    ablation.run_ablation(config, [ablation.ModelSpec("dmf_fewer_tires")], [0], out,
+                          baseline="dmf_fewer_tires")
   with config.unlocked():
     config.variants = {"typo": {"model": "dmf", "model_config": {"num_teirs": 4}}}
   with pytest.raises(ConfigError, match="variants.typo.model_config.num_teirs: not a config"):
