@@ -16,7 +16,10 @@ from dmf_jax import cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output file.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation AUC).")
-_BUCKETS = flags.DEFINE_list("buckets", ["16", "128", "1024", "4096"], "Candidate bucket sizes.")
+_CANDIDATE_SIZES = flags.DEFINE_list(
+    "candidate_sizes", ["16", "128", "1024", "4096"],
+    "The padded candidate counts to compile a score function for.")
+flags.DEFINE_alias("buckets", "candidate_sizes")  # the flag's earlier name
 _FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output file.")
 
 
@@ -28,10 +31,11 @@ def main(argv):
 
   output = check_output(_OUTPUT.value, force=_FORCE.value)  # before the run is loaded
   try:
-    buckets = [int(b) for b in _BUCKETS.value]
+    sizes = [int(n) for n in _CANDIDATE_SIZES.value]
   except ValueError:
-    raise UserError(f"--buckets: expected integers, got {_BUCKETS.value}") from None
-  server = serving.Server.from_workdir(_WORKDIR.value, _STEP.value, buckets=buckets)
+    raise UserError(f"--candidate_sizes: expected integers, got {_CANDIDATE_SIZES.value}"
+                    ) from None
+  server = serving.Server.from_workdir(_WORKDIR.value, _STEP.value, candidate_sizes=sizes)
   export(server, output, force=_FORCE.value)
   print(f"exported step {server.step} of {_WORKDIR.value} to {output}")
 

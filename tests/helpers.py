@@ -221,3 +221,57 @@ def assert_model_equals_its_formula(model, batch, formula):
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert np.abs(np.asarray(want)).max() > 1e-2
+
+
+# Small models of the tiny problem; serving: one user's request, the model's logits for it.
+
+SMALL_WIDTHS = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
+                    mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8)
+
+
+def small_model(name, seed=0, **overrides):
+  """The registered model `name` for the tiny problem, `SMALL_WIDTHS` with `overrides`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  schema, catalog, _ = tiny_problem()
+  return registry.build_model({"name": name, **SMALL_WIDTHS, **overrides}, schema,
+                              rngs=nnx.Rngs(seed), catalog=catalog)
+
+
+def serving_model(name, seed=0, **overrides):
+  """`small_model` with non-trivial similarity-bucket tables, so that a wrong bucket would
+  change the logits."""
+  from dmf_jax.nn.attention import (  # pylint: disable=g-import-not-at-top
+      DecoupledTargetAttention, EarlyFusionTargetAttention)
+
+  model = small_model(name, seed, **overrides)
+  if isinstance(model.attention, (DecoupledTargetAttention, EarlyFusionTargetAttention)):
+    tables = model.attention.weights.buckets.tables
+    tables[...] = tables[...] * 30
+  return model
+
+
+def serving_request(split, row, num_candidates, rng):
+  """(row's user request: user fields and valid history, `num_candidates` random item ids)."""
+  user = {k: split[k][row] for k in split if k.startswith("user/")}
+  user["hist_item_id"] = split["hist_item_id"][row][split["hist_mask"][row]]
+  return user, rng.integers(0, 90, num_candidates)
+
+
+def serving_logits(model, split, row, ids, call=None):
+  """(the model's logits of row's user against ids, the batch it scored)."""
+  batch = {k: np.repeat(np.asarray(v[row])[None], len(ids), 0) for k, v in split.items()}
+  batch["item_id"] = ids.astype(np.int32)
+  return np.asarray((call or jitted(model))(batch)), batch
+
+
+def small_qformer(dims, **kw):
+  """A 2-layer Fusion-Q-Former of width 16 over modalities of `dims`, output 12."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from dmf_jax.nn.qformer import FusionQFormer  # pylint: disable=g-import-not-at-top
+
+  return FusionQFormer(dims, width=16, num_queries=3, num_layers=2, num_heads=2, out_dim=12,
+                       rngs=nnx.Rngs(1), **kw)

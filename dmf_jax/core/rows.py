@@ -17,7 +17,7 @@ step the catalog rows are computed once (XLA merges the identical computations).
 Large catalogs: the input pipeline sends each batch's distinct items (`batch_unique_rows`,
 numpy, in the Grain workers): per data shard s (the batch's examples split into S equal
 groups, as the mesh splits them) the distinct ids of its targets and behaviours, padded to a
-static count U from a few buckets, and each position's row within its shard. `Rows` with
+static count U from a few sizes (`UNIQUE_ROW_COUNTS`), and each position's row within its shard. `Rows` with
 `shards=S` holds values [S, U, ...] and an index local to each shard, so per-item work runs
 once per distinct item of each device's examples and every gather stays on its device.
 """
@@ -108,14 +108,14 @@ def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 # Distinct-item counts a batch's unique rows are padded to: static shapes, so each size is a
 # compiled program; 8 sizes per octave (256 .. 131,072) pad by at most 12.5%, and a stream of
 # similar batches meets one or two of them.
-UNIQUE_ROW_BUCKETS = tuple(sorted({m << (k - 3) for k in range(8, 17) for m in range(8, 17)}))
+UNIQUE_ROW_COUNTS = tuple(sorted({m << (k - 3) for k in range(8, 17) for m in range(8, 17)}))
 
 
 def unique_row_count(distinct: int, positions: int,
-                     buckets: Sequence[int] = UNIQUE_ROW_BUCKETS) -> int:
-  """The smallest bucket holding `distinct` ids (never more than `positions`, which always
-  holds them: an overflowing batch takes the next bucket, no id is dropped)."""
-  for size in buckets:
+                     counts: Sequence[int] = UNIQUE_ROW_COUNTS) -> int:
+  """The smallest of `counts` holding `distinct` ids (never more than `positions`, which always
+  holds them: an overflowing batch takes the next count, no id is dropped)."""
+  for size in counts:
     if distinct <= size:
       return min(size, positions)
   return positions
@@ -130,14 +130,14 @@ def catalog_exceeds_positions(num_items: int, batch_size: int, shards: int, seq_
 
 
 def batch_unique_rows(item_id: np.ndarray, hist_item_id: np.ndarray, shards: int = 1,
-                      buckets: Sequence[int] = UNIQUE_ROW_BUCKETS) -> dict[str, np.ndarray]:
+                      counts: Sequence[int] = UNIQUE_ROW_COUNTS) -> dict[str, np.ndarray]:
   """A batch's distinct items per data shard (numpy; the input pipeline's workers run it).
 
   item_id int [B], hist_item_id int [B, L], B divisible by `shards` -> {
     'unique_items': int32 [S, U]  each shard's distinct ids (targets and behaviours, padding
                                   included), padded with the shard's first id,
     'item_row': int32 [B], 'hist_item_row': int32 [B, L]  each position's row in its shard}
-  with U one bucket for the whole batch (`unique_row_count` of the largest shard).
+  with U one of `counts` for the whole batch (`unique_row_count` of the largest shard).
   """
   item_id, hist = np.asarray(item_id), np.asarray(hist_item_id)
   b, seq_len = hist.shape
@@ -150,7 +150,7 @@ def batch_unique_rows(item_id: np.ndarray, hist_item_id: np.ndarray, shards: int
     values, inverse = np.unique(ids[s], return_inverse=True)
     uniques.append(values)
     rows[s] = inverse
-  u = unique_row_count(max(len(v) for v in uniques), per * (seq_len + 1), buckets)
+  u = unique_row_count(max(len(v) for v in uniques), per * (seq_len + 1), counts)
   table = np.stack([np.pad(v, (0, u - len(v)), constant_values=v[0]) for v in uniques])
   rows = rows.reshape(b, seq_len + 1)
   return {"unique_items": table.astype(np.int32), "item_row": rows[:, 0].copy(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,11 @@ from dmf_jax.nn.layers import ACTIVATIONS, PredictionHead
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.numeric import NumericFeatures
 from dmf_jax.nn.precision import COMPUTE_DTYPES
-from dmf_jax.nn.similarity import (LOOKUP_MODES, SIMILARITY_MODES, TargetAwareSimilarity,
-                                   resolve_lookup_mode)
+from dmf_jax.nn.similarity import (LOOKUP_MODES, SIMILARITY_CALIBRATIONS, SIMILARITY_MODES,
+                                   CatalogSimilarity, SimilarityHistory, resolve_lookup_mode)
 from dmf_jax.nn.simtier import SIMTIER_NORMALIZATIONS
 
 Batch = Mapping[str, jax.Array]
-SIMILARITY_CALIBRATIONS = ("none", "catalog_range")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +86,13 @@ class ModelConfig:
     return 0
 
   @classmethod
+  def search_space(cls) -> dict[str, list]:
+    """The values `train.tuning` tries for the family's fields ({field: values}); each family
+    adds its own knobs to its parents'."""
+    return {"dropout": [0.0, 0.1, 0.2, 0.3],
+            "mlp_hidden": [(256, 128, 64), (128, 64), (512, 256, 128)]}
+
+  @classmethod
   def from_mapping(cls, values: Mapping) -> "ModelConfig":
     """From a dict or ConfigDict; unknown keys are an error that lists the valid ones."""
     return checks.dataclass_from_mapping(cls, values, "model config")
@@ -121,6 +127,10 @@ class MultimodalConfig(ModelConfig):
   # matrix ('gather': scalar gathers and segment sums; 'one_hot': the same sums as matmuls;
   # 'auto': one_hot on TPU, where a scalar gather costs a whole memory tile).
   lookup_mode: str = checks.field("auto", LOOKUP_MODES)
+
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), "num_tiers": [10, 20, 40]}
 
   def cross_field_problems(self) -> list[str]:
     problems = super().cross_field_problems()
@@ -227,6 +237,33 @@ def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The users' state between `encode_user` and `score`
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UserState:
+  """What every family's state holds (each family extends it with its own fields).
+
+  user [B, u]; mask bool [B, L]; candidate_rows: the targets' Rows among a training batch's
+  distinct items (set by `CTRModel.__call__`; None: `score` finds the candidates' rows).
+  """
+
+  user: jax.Array
+  mask: jax.Array
+  candidate_rows: Rows | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimilarityState(UserState):
+  """A state with the similarities' history side (None for a model built without them)."""
+
+  similarity: SimilarityHistory | None = None
+
+
+# ---------------------------------------------------------------------------------------------
 # The base model
 # ---------------------------------------------------------------------------------------------
 
@@ -267,9 +304,10 @@ class CTRModel(nnx.Module):
         vectors=similarity or content is not None or self.READS_VECTORS)
     self.items = ItemEncoder(schema, rngs=rngs, sharding=sharding)
     self.users = UserEncoder(schema, rngs=rngs, sharding=sharding)
-    self.similarity = TargetAwareSimilarity(
-        [m.dim for m in schema.modalities], mode=config.similarity,
-        projection_dim=config.projection_dim, rngs=rngs,
+    self.similarity = CatalogSimilarity(
+        schema.modality_names, [m.dim for m in schema.modalities], mode=config.similarity,
+        projection_dim=config.projection_dim, calibration=config.similarity_calibration,
+        dtype=self.dtype, rngs=rngs,
     ) if similarity else None
     self.content = content
 
@@ -331,14 +369,14 @@ class CTRModel(nnx.Module):
 
     return rows.map(encode)
 
-  def candidate_rows(self, state: Mapping, candidates: jax.Array) -> Rows:
+  def candidate_rows(self, state: UserState, candidates: jax.Array) -> Rows:
     """Rows of the candidates int [B, N], counting the users' B x L history positions too (in
     a training forward over a batch with unique rows: the targets' rows among them)."""
-    if "candidate_rows" in state:
-      return state["candidate_rows"]
-    return self.item_rows(candidates, candidates.size + state["mask"].size)
+    if state.candidate_rows is not None:
+      return state.candidate_rows
+    return self.item_rows(candidates, candidates.size + state.mask.size)
 
-  def candidate_tokens(self, state: Mapping, candidates: jax.Array, *, train: bool = False,
+  def candidate_tokens(self, state: UserState, candidates: jax.Array, *, train: bool = False,
                        rngs: nnx.Rngs | None = None) -> jax.Array:
     """Candidate ids int [B, N] -> their tokens [B, N, token_dim]."""
     rows = self.candidate_rows(state, candidates)
@@ -348,103 +386,41 @@ class CTRModel(nnx.Module):
     """[B, user_dim] from the batch's user/<field> arrays (compute dtype)."""
     return self.users(batch, batch["hist_mask"].shape[0]).astype(self.dtype)
 
-  # -- similarities ---------------------------------------------------------------------------
-
-  def encode_similarities(self, rows: Rows) -> dict[str, Any]:
-    """The target-agnostic side of s_tj for the history Rows of ids: the ids (pairwise
-    matrix); frozen cosines: each modality's stored vectors [B, L, D_k] and inverse norms
-    [B, L] (the cosine is then one product, with no normalised copy of the vectors);
-    projected: the prepared unit vectors [B, L, D'_k] (prepared on the rows)."""
-    if self.similarity is None:
-      raise ValueError(f"model {self.config.name!r} was built without similarities")
-    if self.catalog.has_pairwise:
-      return {"history": rows.take()}
-    names = self.schema.modality_names
-    if self.config.similarity == "frozen":
-      if rows.shards:  # a batch's distinct items: a plain read per position moves fewer bytes
-        rows = Rows(rows.take())  # than gathering the distinct rows and then the positions
-      return {"vectors": [rows.map(lambda ids, n=n: self.catalog.stored_vectors(n, ids)).take()
-                          for n in names],
-              "inv_norms": [rows.map(lambda ids, n=n: self.catalog.inverse_norms(n, ids)).take()
-                            for n in names]}
-    vectors = [rows.map(lambda ids, k=k, name=name: self.similarity.prepare(
-        k, self.catalog.vectors(name, ids).astype(self.dtype))).take()
-        for k, name in enumerate(names)]
-    return {"vectors": vectors}
-
-  def candidate_similarities(self, state: Mapping, candidates: jax.Array, mask: jax.Array
-                             ) -> jax.Array:
-    """Target-aware similarities s [B, N, L, K] of candidates int [B, N] (0 where masked)."""
-    names = self.schema.modality_names
-    if "record" in state:  # the batch's own targets, cosines from the input pipeline
-      checks.check_shape("candidates", candidates, (state["record"].shape[0], 1))
-      sims = [state["record"][:, None, :, k] for k in range(len(names))]
-    elif self.catalog.has_pairwise:
-      sims = [self.catalog.pairwise_similarity(name, candidates, state["history"][:, None])
-              for name in names]
-    elif "inv_norms" in state:  # frozen: cos = (t . h) / (|t| |h|)
-      sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.catalog.stored_vectors(name, candidates),
-                                  h, preferred_element_type=jnp.float32)
-                       * self.catalog.inverse_norms(name, candidates)[..., None]
-                       * inv[:, None, :], -1.0, 1.0)
-              for name, h, inv in zip(names, state["vectors"], state["inv_norms"])]
-    else:
-      sims = [jnp.clip(jnp.einsum("bnd,bld->bnl", self.similarity.prepare(k, t), h,
-                                  preferred_element_type=jnp.float32), -1.0, 1.0)
-              for k, (t, h) in enumerate(zip(self.modality_vectors(candidates),
-                                             state["vectors"]))]
-    return jnp.stack(self.calibrate(sims), axis=-1) * mask[:, None, :, None]
-
-  def similarities(self, batch: Batch) -> jax.Array:
-    """Each example's target-aware similarities s [B, L, K] (0 at masked positions)."""
-    state = self.record_similarities(batch) or self.encode_similarities(self.history_rows(batch))
-    return self.candidate_similarities(state, batch["item_id"][:, None], batch["hist_mask"])[:, 0]
+  # -- similarities (`nn.similarity.CatalogSimilarity`, for the models built with them) ----
 
   @property
   def takes_record_similarities(self) -> bool:
     """Whether batches may carry their own frozen cosines 'hist_similarity' [B, L, K] (the
-    input pipeline's `data.pipeline.RecordSimilarities`): frozen similarities of a catalog
-    without the all-pairs matrix, whose step then reads no vectors."""
-    return (self.similarity is not None and self.config.similarity == "frozen"
-            and not self.catalog.has_pairwise)
+    input pipeline's `data.pipeline.RecordSimilarities`)."""
+    return self.similarity is not None and self.similarity.takes_records(self.catalog)
 
-  def record_similarities(self, batch: Batch) -> dict[str, jax.Array] | None:
-    """The similarity state {'record': s [B, L, K]} of a batch that carries its own cosines
-    (raw, before calibration; the targets are the batch's items); None otherwise."""
-    record = batch.get("hist_similarity")
-    if record is None or not self.takes_record_similarities:
-      return None
-    checks.check_floating("batch['hist_similarity']", record)
-    checks.check_shape("batch['hist_similarity']", record,
-                       batch["hist_mask"].shape + (len(self.schema.modalities),))
-    return {"record": record}
-
-  def calibrate(self, sims: list[jax.Array]) -> list[jax.Array]:
-    """Per-modality cosines (schema order) -> calibrated per `similarity_calibration`."""
-    if self.config.similarity_calibration == "none":
-      return sims
-    return [self.catalog.calibrate(name, s) for name, s in zip(self.schema.modality_names, sims)]
+  def similarities(self, batch: Batch) -> jax.Array:
+    """Each example's target-aware similarities s [B, L, K] (0 at masked positions)."""
+    history = (self.similarity.record(self.catalog, batch)
+               or self.similarity.history(self.catalog, self.history_rows(batch)))
+    return self.similarity.score(self.catalog, history, batch["item_id"][:, None],
+                                 batch["hist_mask"])[:, 0]
 
   # -- the forward ----------------------------------------------------------------------------
 
   def encode_user(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
-                  ) -> dict[str, Any]:
-    """user/<field> arrays, hist_item_id [B, L], hist_mask [B, L] -> the users' state
-    (a pytree with leading dim B)."""
+                  ) -> UserState:
+    """user/<field> arrays, hist_item_id [B, L], hist_mask [B, L] -> the users' state (the
+    family's `UserState`, every leaf with leading dim B)."""
     raise NotImplementedError
 
-  def score(self, state: Mapping, candidates: jax.Array, *, train: bool = False,
+  def score(self, state: UserState, candidates: jax.Array, *, train: bool = False,
             rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, N] of candidates int [B, N] against each user's state."""
     raise NotImplementedError
 
-  def predict(self, state: Mapping, features: list[jax.Array], *, train: bool = False,
+  def predict(self, state: UserState, features: list[jax.Array], *, train: bool = False,
               rngs: nnx.Rngs | None = None) -> jax.Array:
     """head([user ; *features]): features [B, N, f_i] -> logits [B, N].
 
     The head runs on the B * N rows as a 2-D batch (XLA's CPU backend runs the weight
     gradients of [B, 1, F] inputs markedly slower)."""
-    user = state["user"]
+    user = state.user
     b, n = features[0].shape[:2]
     user = jnp.broadcast_to(user[:, None], (b, n, user.shape[-1]))
     x = merge_leading(jnp.concatenate([user, *features], -1))
@@ -455,13 +431,13 @@ class CTRModel(nnx.Module):
     """Logits [B]: each example's user against its own target item."""
     validate_batch(self.schema, batch)
     state = self.encode_user(batch, train=train, rngs=rngs)
-    record = self.record_similarities(batch)
+    record = self.similarity.record(self.catalog, batch) if self.similarity else None
     if record is not None:  # the history side's vector reads are then dead code under jit
-      state = {**state, "similarity": record}
+      state = dataclasses.replace(state, similarity=record)
     targets = self._unique_rows(batch, "item_row")
     if targets is not None:  # the targets' rows among the batch's distinct items
-      state = {**state, "candidate_rows": Rows(targets.values, targets.index[:, None],
-                                               targets.shards)}
+      state = dataclasses.replace(
+          state, candidate_rows=Rows(targets.values, targets.index[:, None], targets.shards))
     return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
 
   # -- training hooks: the loss of a phase and which parameters it updates. Phases run in

@@ -28,11 +28,14 @@ from dmf_jax.core.sharding import NO_SHARDING
 from dmf_jax.models.base import MultimodalConfig
 from dmf_jax.models.bst import BST, BstConfig
 from dmf_jax.models.dien import DIEN, DienConfig
-from dmf_jax.models.din import DIN, DinConfig
-from dmf_jax.nn.attention import DinAttention
+from dmf_jax.models.din import DIN, DinConfig, DinState
+from dmf_jax.nn.attention import DinAttention, DinUserState
 from dmf_jax.nn.layers import MLP
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.simtier import SimTier
+
+
+MODALITY_TOKEN_SPACE = {"modality_token_dim": [16, 32, 64]}  # the tuner's values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,10 @@ class BaselineConfig(MultimodalConfig, DinConfig):
 
   # Width of each projected modality token (din_mm_concat, make).
   modality_token_dim: int = checks.field(32, "positive_int")
+
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), **MODALITY_TOKEN_SPACE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +85,20 @@ class BstVectorConfig(BstConfig):
 
   modality_token_dim: int = checks.field(32, "positive_int")
 
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), **MODALITY_TOKEN_SPACE}
+
 
 @dataclasses.dataclass(frozen=True)
 class DienVectorConfig(DienConfig):
   """DIEN plus the width of each projected modality token."""
 
   modality_token_dim: int = checks.field(32, "positive_int")
+
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), **MODALITY_TOKEN_SPACE}
 
 
 def bst_multimodal_concat(schema, config, *, rngs, catalog=None, sharding=NO_SHARDING) -> BST:
@@ -114,7 +129,7 @@ class SimScore(DIN):
                      similarity=True)
 
   def attention_inputs(self, state, candidates, target):
-    s = self.candidate_similarities(state["similarity"], candidates, state["mask"])
+    s = self.similarity.score(self.catalog, state.similarity, candidates, state.mask)
     self_similarity = jnp.ones_like(s[:, :, 0, :])  # [B, N, K], sharded like the batch
     return jnp.concatenate([target, self_similarity], -1), s
 
@@ -132,8 +147,8 @@ class DinSimTier(DIN):
                      similarity=True)
 
   def head_extras(self, state, candidates, *, train=False):
-    s = self.candidate_similarities(state["similarity"], candidates, state["mask"])
-    return [self.simtier(s, state["mask"], train=train)]
+    s = self.similarity.score(self.catalog, state.similarity, candidates, state.mask)
+    return [self.simtier(s, state.mask, train=train)]
 
 
 class MultimodalTower(nnx.Module):
@@ -159,6 +174,14 @@ class MultimodalTower(nnx.Module):
     return jnp.concatenate([pooled, *hidden, logit], -1), logit[..., 0]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MakeState(DinState):
+  """DIN's state plus the multimodal tower's attention over the behaviours' modality tokens."""
+
+  mm: DinUserState
+
+
 class MAKE(DIN):
   """ID DIN joined with a pre-trained multimodal tower: head([user ; e_t ; pooled ; tower]).
 
@@ -167,6 +190,7 @@ class MAKE(DIN):
   """
 
   READS_VECTORS = True  # its pre-trained multimodal tower
+  State = MakeState
 
   def __init__(self, schema, config, *, rngs, catalog=None, sharding=NO_SHARDING):
     self.mm = MultimodalTower(schema, config, rngs=rngs)
@@ -181,7 +205,7 @@ class MAKE(DIN):
     """The tower's (features [B, N, out_dim], logit [B, N])."""
     target = self.candidate_rows(state, candidates).map(
         lambda ids: self.mm.tokens(self.modality_vectors(ids))).take()
-    return self.mm(state["mm"], target)
+    return self.mm(state.mm, target)
 
   def head_extras(self, state, candidates, *, train=False):
     features, _ = self.multimodal(state, candidates)

@@ -23,8 +23,8 @@ from flax import nnx
 
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import CTRModel, ModelConfig, prediction_head
-from dmf_jax.nn.transformer import TransformerLayer
+from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head
+from dmf_jax.nn.transformer import HistoryAttention, TransformerLayer
 
 POSITION_INIT_STDDEV = 0.02
 
@@ -38,11 +38,23 @@ class BstConfig(ModelConfig):
   bst_layers: int = checks.field(1, "positive_int")
   bst_ffn_dim: int = checks.field(64, "positive_int")
 
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), "bst_dim": [16, 32, 64], "bst_layers": [1, 2]}
+
   def cross_field_problems(self) -> list[str]:
     problems = super().cross_field_problems()
     if self.bst_dim % self.bst_heads:
       problems.append(f"bst_dim {self.bst_dim} must be a multiple of bst_heads {self.bst_heads}")
     return problems
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BstState(UserState):
+  """user, mask and the first layer's attention state of the history."""
+
+  history: HistoryAttention
 
 
 class BST(CTRModel):
@@ -72,14 +84,14 @@ class BST(CTRModel):
     first = self.layers[0]
     qkv = tuple(projected.map(f).take() + positions @ f.kernel[...]
                 for f in (first.query, first.key, first.value))
-    return {"user": self.user_embedding(batch), "mask": mask,
-            "history": first.encode_history(projected.take() + positions, mask, qkv)}
+    return BstState(user=self.user_embedding(batch), mask=mask,
+                    history=first.encode_history(projected.take() + positions, mask, qkv))
 
   def score(self, state, candidates, *, train=False, rngs=None):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d_tok]
-    mask = state["mask"]
+    mask = state.mask
     (b, n), length = candidates.shape, mask.shape[1]
-    x = self.layers[0].with_target(state["history"], self.project(target) + self.positions[length],
+    x = self.layers[0].with_target(state.history, self.project(target) + self.positions[length],
                                    train=train, rngs=rngs)  # [B, N, L + 1, bst_dim]
     valid = jnp.broadcast_to(mask[:, None], (b, n, length))
     keys = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)  # [B, N, L + 1]

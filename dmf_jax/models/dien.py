@@ -27,7 +27,7 @@ from flax import nnx
 
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import CTRModel, ModelConfig, prediction_head, validate_batch
+from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head, validate_batch
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.recurrent import GRU
 
@@ -37,6 +37,17 @@ class DienConfig(ModelConfig):
   """The auxiliary loss's weight (0: the extractor learns from the CTR loss only)."""
 
   dien_aux_weight: float = checks.field(1.0, "non_negative")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DienState(UserState):
+  """user, mask; the behaviour tokens and interest states [B, L, d]; the AUGRU's input side
+  of the interests [B, L, 3d] (the same for every candidate)."""
+
+  tokens: jax.Array
+  interests: jax.Array
+  evolution_inputs: jax.Array
 
 
 class DIEN(CTRModel):
@@ -53,23 +64,22 @@ class DIEN(CTRModel):
     self.head = prediction_head(schema.user_dim + 2 * d, config, rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
-    """user [B, u]; mask [B, L]; the behaviour tokens and interest states [B, L, d]; the
-    AUGRU's input side of the interests [B, L, 3d] (the same for every candidate). The
-    extractor's input side (W x_t + b) is computed once per item row, then gathered."""
+    """The users' `DienState`. The extractor's input side (W x_t + b) is computed once per
+    item row, then gathered."""
     mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
     interests = self.extractor.recur(tokens.map(self.extractor.project).take(), mask)
-    return {"user": self.user_embedding(batch), "mask": mask, "tokens": tokens.take(),
-            "interests": interests, "evolution_inputs": self.evolution.project(interests)}
+    return DienState(user=self.user_embedding(batch), mask=mask, tokens=tokens.take(),
+                     interests=interests, evolution_inputs=self.evolution.project(interests))
 
   def score(self, state, candidates, *, train=False, rngs=None):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
-    interests, mask = state["interests"], state["mask"]  # [B, L, d], [B, L]
+    interests, mask = state.interests, state.mask  # [B, L, d], [B, L]
     b, n = candidates.shape
     scores = jnp.einsum("bld,bnd->bnl", interests, self.attention(target))
     valid = jnp.broadcast_to(mask[:, None], (b, n, mask.shape[1]))
     weights = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1) * valid
-    inputs = state["evolution_inputs"]
+    inputs = state.evolution_inputs
     evolved = self.evolution.recur(
         jnp.broadcast_to(inputs[:, None], (b, n, *inputs.shape[1:])), valid, weights)
     return self.predict(state, [target, evolved[:, :, -1]], train=train, rngs=rngs)
@@ -77,13 +87,13 @@ class DIEN(CTRModel):
   def auxiliary_loss(self, batch, state, rngs=None, offset=None) -> jax.Array:
     """L_aux (see the module docstring): next-behaviour discrimination by the interests.
     offset: the negatives' id offset in [1, V) (default: drawn from rngs' 'sample' stream)."""
-    ids, mask = batch["hist_item_id"], state["mask"]
+    ids, mask = batch["hist_item_id"], state.mask
     num_items = self.catalog.num_items
     if offset is None:
       offset = jax.random.randint(rngs.sample(), (), 1, max(num_items, 2))
     negative_ids = (ids[:, 1:] + offset) % num_items
     negatives = self.item_tokens(self.item_rows(negative_ids), sequence=True).take()
-    h, positives = state["interests"][:, :-1], state["tokens"][:, 1:]
+    h, positives = state.interests[:, :-1], state.tokens[:, 1:]
     pairs = (mask[:, :-1] & mask[:, 1:]).astype(h.dtype)
     pos = jnp.sum(h * positives, -1)
     neg = jnp.sum(h * negatives, -1)

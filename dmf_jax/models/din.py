@@ -11,14 +11,12 @@ keys. The hooks `attention_inputs` and `head_extras` are where the DIN-based bas
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-
 import jax
 
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import ModelConfig, CTRModel, prediction_head
-from dmf_jax.nn.attention import DIN_NORMALIZATIONS, DinAttention
+from dmf_jax.models.base import CTRModel, ModelConfig, SimilarityState, prediction_head
+from dmf_jax.nn.attention import DIN_NORMALIZATIONS, DinAttention, DinUserState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +25,19 @@ class DinConfig(ModelConfig):
 
   din_hidden: tuple[int, ...] = checks.field((80, 40), "sizes")
   din_normalization: str = checks.field("none", DIN_NORMALIZATIONS)
+
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), "din_hidden": [(36,), (64, 32), (80, 40)]}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DinState(SimilarityState):
+  """user, mask, the DIN unit's user part and, for the similarity baselines, the
+  similarities' history side."""
+
+  attention: DinUserState
 
 
 class DIN(CTRModel):
@@ -37,6 +48,7 @@ class DIN(CTRModel):
 
   side_dim = 0  # width of the per-pair side features `attention_inputs` appends to the keys
   extra_dim = 0  # width of the features `head_extras` adds to the head's input
+  State = DinState  # the state class (a subclass adds the fields `encode_extras` returns)
 
   def __init__(self, schema, config, *, rngs, catalog=None, sharding=NO_SHARDING,
                similarity: bool = False, content=None, content_in_head: bool = True):
@@ -54,16 +66,16 @@ class DIN(CTRModel):
   def encode_user(self, batch, *, train=False, rngs=None):
     mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
-    state = {"user": self.user_embedding(batch), "mask": mask,
-             "attention": self.attention.encode_user(tokens, mask)}
-    if self.similarity is not None:
-      state["similarity"] = self.encode_similarities(rows)
-    return state | self.encode_extras(batch, rows)
+    similarity = (self.similarity.history(self.catalog, rows)
+                  if self.similarity is not None else None)
+    return self.State(user=self.user_embedding(batch), mask=mask, similarity=similarity,
+                      attention=self.attention.encode_user(tokens, mask),
+                      **self.encode_extras(batch, rows))
 
   def score(self, state, candidates, *, train=False, rngs=None):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
     query, side = self.attention_inputs(state, candidates, target)
-    pooled = self.attention.attend(state["attention"], query, side)
+    pooled = self.attention.attend(state.attention, query, side)
     head_target = target if self.content_in_head else target[..., : self.schema.item_dim]
     features = [head_target, pooled, *self.head_extras(state, candidates, train=train)]
     return self.predict(state, features, train=train, rngs=rngs)
@@ -71,17 +83,17 @@ class DIN(CTRModel):
   # Hooks for the DIN-based baselines.
 
   def encode_extras(self, batch, rows) -> dict:
-    """More target-agnostic state (e.g. MAKE's tower)."""
+    """More target-agnostic state (e.g. MAKE's tower): the extra fields of `State`."""
     del batch, rows
     return {}
 
-  def attention_inputs(self, state: Mapping, candidates: jax.Array, target: jax.Array
+  def attention_inputs(self, state: DinState, candidates: jax.Array, target: jax.Array
                        ) -> tuple[jax.Array, jax.Array | None]:
     """(query [B, N, d + side_dim], side features [B, N, L, side_dim] or None)."""
     del state, candidates
     return target, None
 
-  def head_extras(self, state: Mapping, candidates: jax.Array, *, train: bool = False
+  def head_extras(self, state: DinState, candidates: jax.Array, *, train: bool = False
                   ) -> list[jax.Array]:
     """More head features [B, N, f] (extra_dim in total)."""
     del state, candidates, train

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import CTRModel, MultimodalConfig, prediction_head
+from dmf_jax.models.base import CTRModel, MultimodalConfig, SimilarityState, prediction_head
 from dmf_jax.nn.attention import (
     DecoupledTargetAttention,
     EarlyFusionTargetAttention,
+    HeadsUserState,
     MultiHeadTargetAttention,
+    TokensUserState,
 )
 from dmf_jax.nn.cmm import CMM, CMM_MODES
 from dmf_jax.nn.similarity import bucketize
@@ -39,6 +43,19 @@ class DmfConfig(MultimodalConfig):
   cmm: str = checks.field("concat", CMM_MODES)
   cmm_dim: int = checks.field(64, "positive_int")
   cmm_alpha: float = checks.field(0.5, "unit_interval")
+
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    return {**super().search_space(), "num_heads": [1, 2, 4], "head_dim": [8, 16, 32]}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DmfState(SimilarityState):
+  """user, mask, the similarities' history side, and the attention's user part (DTA: per-head
+  W^id e_j; ID-only: K and V; early fusion: the tokens)."""
+
+  attention: HeadsUserState | TokensUserState
 
 
 class DMF(CTRModel):
@@ -82,21 +99,20 @@ class DMF(CTRModel):
     self.head = prediction_head(schema.user_dim + d + rep_dim, config, rngs=rngs)
 
   def encode_user(self, batch, *, train=False, rngs=None):
-    """user [B, u]; mask [B, L]; the similarities' history side; the attention's user part
-    (DTA: per-head W^id e_j; ID-only: K and V; early fusion: the tokens)."""
+    """The users' `DmfState`."""
     mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
-    return {"user": self.user_embedding(batch), "mask": mask,
-            "similarity": self.encode_similarities(rows),
-            "attention": self.attention.encode_user(tokens, mask)}
+    return DmfState(user=self.user_embedding(batch), mask=mask,
+                    similarity=self.similarity.history(self.catalog, rows),
+                    attention=self.attention.encode_user(tokens, mask))
 
   def score(self, state, candidates, *, train=False, rngs=None):
     """Per candidate: its similarities (one product per modality against the prepared
     history), their buckets, the attention with bucket side information, SimTier, the head."""
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
-    s = self.candidate_similarities(state["similarity"], candidates, state["mask"])
+    s = self.similarity.score(self.catalog, state.similarity, candidates, state.mask)
     side = bucketize(s, self.config.num_buckets) if self.use_me else None
-    rep = self.attention.attend(state["attention"], target, side)
+    rep = self.attention.attend(state.attention, target, side)
     if self.use_mc:
-      rep = self.cmm(rep, self.simtier(s, state["mask"], train=train))
+      rep = self.cmm(rep, self.simtier(s, state.mask, train=train))
     return self.predict(state, [target, rep], train=train, rngs=rngs)

@@ -53,6 +53,16 @@ class EM3Config(DmfConfig, DinConfig):
   contrastive_negatives: str = checks.field("in_batch", CONTRASTIVE_NEGATIVES)
   contrastive_num_negatives: int = checks.field(256, "positive_int")
 
+  @classmethod
+  def search_space(cls) -> dict[str, list]:
+    """The ranker's knobs, then the content tower's and the contrastive loss's."""
+    return {**super().search_space(),
+            "content_dim": [16, 32, 64], "qformer_width": [16, 32, 64],
+            "qformer_queries": [1, 2, 4], "qformer_layers": [1, 2],
+            "qformer_dropout": [0.0, 0.1, 0.2], "modality_dropout": [0.0, 0.1, 0.2],
+            "contrastive_weight": [0.0, 0.01, 0.03, 0.1],
+            "contrastive_temperature": [0.05, 0.1, 0.2]}
+
 
 class ContentEncoder(nnx.Module):
   """Item content c = Q-Former(modality vectors): K x [R, D_k] -> [R, content_dim], with the

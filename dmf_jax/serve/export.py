@@ -1,6 +1,6 @@
 """Export a `Server` to one file that `dmf_jax.serve.exported.ExportedScorer` runs without
-the model code: the serialized encode function, one score function per bucket size, the
-weights (.npz, flat leaves) and a JSON manifest of the request layout."""
+the model code: the serialized encode function, one score function per candidate size
+(the padded candidate counts, `Server.candidate_sizes`), the weights (.npz, flat leaves) and a JSON manifest of the request layout."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from dmf_jax.core.errors import UserError
 from dmf_jax.serve.exported import FORMAT_VERSION
-from dmf_jax.serve.request import check_buckets
+from dmf_jax.serve.request import check_candidate_sizes
 from dmf_jax.serve.server import Server
 
 
@@ -34,9 +34,9 @@ def check_output(path: str, *, force: bool = False) -> str:
   return path
 
 
-def export(server: Server, path: str, buckets: Sequence[int] | None = None, *,
+def export(server: Server, path: str, candidate_sizes: Sequence[int] | None = None, *,
            force: bool = False) -> None:
-  """Writes one zip file: the serialized encode function, one score function per bucket size,
+  """Writes one zip file: the serialized encode function, one score function per candidate size,
   the weights (.npz, flat leaves) and a JSON manifest of the request layout. An existing file
   is refused unless `force`; the file appears whole (written beside it, then renamed)."""
   path = check_output(path, force=force)
@@ -58,7 +58,7 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None, *,
   encode_exp = jax.export.export(jax.jit(encode_flat))(params_spec, user_spec)
   state_spec = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in encode_exp.out_avals]
   files = {"encode_user.bin": encode_exp.serialize()}
-  sizes = check_buckets(buckets or server.buckets)
+  sizes = check_candidate_sizes(candidate_sizes or server.candidate_sizes)
   for size in sizes:
     exp = jax.export.export(jax.jit(score_flat))(
         params_spec, state_spec, jax.ShapeDtypeStruct((size,), np.int32))
@@ -71,7 +71,7 @@ def export(server: Server, path: str, buckets: Sequence[int] | None = None, *,
   files["weights.npz"] = weights.getvalue()
   manifest = {
       "format_version": FORMAT_VERSION,
-      "buckets": list(sizes),
+      "buckets": list(sizes),  # the candidate sizes (the format's key since version 1)
       "layout": server.layout.to_json(),
       "num_weights": len(leaves),
       "bfloat16_weights": bf16,

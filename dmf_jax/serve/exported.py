@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmf_jax.serve.request import RequestLayout, check_buckets, check_user_state, chunks
+from dmf_jax.serve.request import RequestLayout, check_candidate_sizes, check_user_state, chunks
 
 FORMAT_VERSION = 2
 
@@ -38,7 +38,7 @@ class ExportedScorer:
     manifest = self._manifest(files)
     try:
       self.layout = RequestLayout.from_json(manifest["layout"])
-      self.buckets = check_buckets(manifest["buckets"])
+      self.candidate_sizes = check_candidate_sizes(manifest["buckets"])
       num_weights = int(manifest["num_weights"])
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{path}: manifest.json is damaged ({type(e).__name__}: {e})") from None
@@ -51,7 +51,7 @@ class ExportedScorer:
     except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise ValueError(f"{path}: weights.npz is damaged ({type(e).__name__}: {e})") from None
     self._encode = self._program(files, "encode_user.bin")
-    self._score = {b: self._program(files, f"score_candidates_{b}.bin") for b in self.buckets}
+    self._score = {b: self._program(files, f"score_candidates_{b}.bin") for b in self.candidate_sizes}
 
   def _member(self, files: dict, name: str) -> bytes:
     if name not in files:
@@ -88,5 +88,5 @@ class ExportedScorer:
     check_user_state(user_state)
     ids = self.layout.item_ids("item_ids", item_ids)
     out = [np.asarray(self._score[len(padded)].call(self.weights, user_state, padded))[:n]
-           for padded, n in chunks(ids, self.buckets)]
+           for padded, n in chunks(ids, self.candidate_sizes)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -13,8 +13,8 @@ the same way in both places:
 
 Ids may be given as ints or as floats with integral values; anything else (fractional or
 non-finite floats, strings, bools, a wrong rank or shape, an out-of-range id) raises a
-`ValueError` naming the field. Candidates are scored in static bucket sizes: `chunks` pads
-them to the smallest bucket that holds them (the largest bucket in chunks).
+`ValueError` naming the field. Candidates are scored in a few static candidate sizes: `chunks`
+pads them to the smallest size that holds them (the largest size in chunks).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from dmf_jax.core import hashing
 
-DEFAULT_BUCKETS = (16, 128, 1024, 4096)
+DEFAULT_CANDIDATE_SIZES = (16, 128, 1024, 4096)
 
 
 def integer_ids(name: str, value, rank: int) -> np.ndarray:
@@ -179,19 +179,20 @@ def check_user_state(user_state) -> None:
     raise ValueError("score: user_state is None; pass what encode_user(user) returned")
 
 
-def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
-  if not buckets or any(int(b) != b or b < 1 for b in buckets):
-    raise ValueError(f"bucket sizes must be positive integers, got {list(buckets)}")
-  return tuple(sorted(int(b) for b in buckets))
+def check_candidate_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+  """The padded candidate counts a server compiles for, sorted; positive integers."""
+  if not sizes or any(int(n) != n or n < 1 for n in sizes):
+    raise ValueError(f"candidate sizes must be positive integers, got {list(sizes)}")
+  return tuple(sorted(int(n) for n in sizes))
 
 
-def chunks(ids: np.ndarray, buckets: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
-  """(ids padded with 0 to a bucket size, int32; how many are real) per chunk of the largest
-  bucket."""
-  largest = buckets[-1]
+def chunks(ids: np.ndarray, sizes: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
+  """(ids padded with 0 to a candidate size, int32; how many are real) per chunk of the
+  largest size (sizes: sorted, `check_candidate_sizes`)."""
+  largest = sizes[-1]
   for start in range(0, len(ids), largest):
     chunk = ids[start:start + largest]
-    size = next(b for b in buckets if b >= len(chunk))
+    size = next(n for n in sizes if n >= len(chunk))
     padded = np.zeros(size, np.int32)
     padded[:len(chunk)] = chunk
     yield padded, len(chunk)

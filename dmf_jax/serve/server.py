@@ -6,7 +6,7 @@
 
 `params` is the model's whole state (`nnx.state(model)`: trainable Params plus the frozen
 catalog and batch statistics). `Server` wraps both with request validation and pads N up to a
-few static bucket sizes, so requests of any size reuse a handful of compiled programs.
+few static candidate sizes, so requests of any size reuse a handful of compiled programs.
 `export(server, path)` serializes both functions with `jax.export` (weights alongside, in the
 same file); `dmf_jax.serve.exported.ExportedScorer` runs them in a process without the model code.
 """
@@ -24,7 +24,7 @@ from flax import nnx
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.nn import precision
-from dmf_jax.serve.request import (DEFAULT_BUCKETS, RequestLayout, check_buckets,
+from dmf_jax.serve.request import (DEFAULT_CANDIDATE_SIZES, RequestLayout, check_candidate_sizes,
                                    check_user_state, chunks)
 from dmf_jax.train import restore
 
@@ -55,17 +55,18 @@ class Server:
 
   `encode_user(user)` takes user/<field> values, the behaviour item ids (any length: the last
   `seq_len` are kept, most recent last) and returns the user state; `score(user_state, ids)`
-  returns float32 logits [N], with N padded to the smallest bucket >= N (requests larger than
-  the largest bucket run in chunks of it). N = 0 gives an empty array; an empty history is
+  returns float32 logits [N], with N padded to the smallest candidate size >= N (requests larger
+  than the largest size run in chunks of it). N = 0 gives an empty array; an empty history is
   valid (the attention and SimTier parts are zero). Requests are checked by
   `serve.request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
   fractional or wrongly shaped ids raise a ValueError naming the field.
   """
 
-  def __init__(self, model: nnx.Module, buckets: Sequence[int] = DEFAULT_BUCKETS):
+  def __init__(self, model: nnx.Module,
+               candidate_sizes: Sequence[int] = DEFAULT_CANDIDATE_SIZES):
     """`model`: a CTR model (`schema`, `encode_user(batch)`, `score(state, candidates)`)."""
     self.schema = model.schema
-    self.buckets = check_buckets(buckets)
+    self.candidate_sizes = check_candidate_sizes(candidate_sizes)
     self.step = None  # the checkpoint step, when served from a workdir
     # Each item's raw id (`dmf_jax.core.hashing`) where the catalog records them (BYOD builds;
     # from_workdir), else None: then add_items cannot tell a known item from a new one.
@@ -141,18 +142,19 @@ class Server:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
-                   buckets: Sequence[int] = DEFAULT_BUCKETS) -> "Server":
+                   candidate_sizes: Sequence[int] = DEFAULT_CANDIDATE_SIZES) -> "Server":
     """Serves the best (or a given) checkpoint of a training workdir, trained on a mesh or
     not (see `dmf_jax.train.restore.restore_run`)."""
     run = restore.restore_run(workdir, step)
-    server = cls(run.model(), buckets)
+    server = cls(run.model(), candidate_sizes)
     server.step, server.raw_ids = run.step, run.dataset.catalog.raw_ids
     return server
 
   @classmethod
-  def from_train_state(cls, graphdef, state, buckets: Sequence[int] = DEFAULT_BUCKETS):
+  def from_train_state(cls, graphdef, state,
+                       candidate_sizes: Sequence[int] = DEFAULT_CANDIDATE_SIZES):
     """For a graphdef built without mesh axes; for a workdir's run use `from_workdir`."""
-    return cls(nnx.merge(graphdef, state.params, state.rest), buckets)
+    return cls(nnx.merge(graphdef, state.params, state.rest), candidate_sizes)
 
   def user_features(self, user: Mapping) -> dict[str, np.ndarray]:
     """Validated, padded request features: user/<field>, hist_item_id [L], hist_mask [L]."""
@@ -165,15 +167,12 @@ class Server:
     """The user state of already prepared features (`user_features`), unchecked."""
     return self.encode_fn(self.params, features)
 
-  def bucket(self, n: int) -> int:
-    return next((b for b in self.buckets if b >= n), self.buckets[-1])
-
   def score(self, user_state, item_ids) -> np.ndarray:
     check_user_state(user_state)
     return self.score_ids(user_state, self.layout.item_ids("item_ids", item_ids))
 
   def score_ids(self, user_state, ids: np.ndarray) -> np.ndarray:
-    """Logits of already checked ids (`layout.item_ids`), in bucket-sized chunks."""
+    """Logits of already checked ids (`layout.item_ids`), in chunks of the candidate sizes."""
     out = [np.asarray(self.score_fn(self.params, user_state, padded))[:n]
-           for padded, n in chunks(ids, self.buckets)]
+           for padded, n in chunks(ids, self.candidate_sizes)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -1,8 +1,8 @@
 """Validation-only hyperparameter search: random search or successive halving, resumable.
 
 `tune(base, model, trials, output_dir)` samples `trials` settings from the model's search
-space (`search_space`: learning rates, dropout, weight decay, and the size knobs its family
-has; trial 0 is the base config's own values, `base_values`, so the starting point
+space (`search_space`: the optimizer's learning rates and weight decay, and the knobs its
+family's config class lists, `ModelConfig.search_space`; trial 0 is the base config's own values, `base_values`, so the starting point
 competes), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
 (`loop.train_and_evaluate(..., test=False)`: nothing can read it), and ranks them by best
 validation AUC. Successive halving (`method='halving'`) trains all trials for
@@ -18,7 +18,6 @@ trials, method) in the same DIR is refused.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -28,24 +27,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dmf_jax.core import jsonio
+from dmf_jax.core import compat, jsonio
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.models import registry
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop
 
 METHODS = ("random", "halving")
-# Size knobs: tried for a model whose family config has the field.
-SIZE_KNOBS = {
-    "mlp_hidden": [(256, 128, 64), (128, 64), (512, 256, 128)],
-    "din_hidden": [(36,), (64, 32), (80, 40)],
-    "num_heads": [1, 2, 4],
-    "head_dim": [8, 16, 32],
-    "num_tiers": [10, 20, 40],
-    "bst_dim": [16, 32, 64],
-    "bst_layers": [1, 2],
-    "modality_token_dim": [16, 32, 64],
-}
 
 
 def _log_uniform(low: float, high: float) -> Callable[[np.random.Generator], float]:
@@ -57,17 +45,17 @@ def _choice(values) -> Callable[[np.random.Generator], object]:
 
 
 def search_space(model: str) -> dict[str, Callable[[np.random.Generator], object]]:
-  """{dotted config path: sampler} for `model`."""
-  fields = {f.name for f in dataclasses.fields(registry.model_config({"name": model}))}
+  """{dotted config path: sampler} for `model`, in the order `sample` draws them (the model
+  knobs in `compat.TUNING_DRAW_ORDER` first)."""
+  knobs = registry.MODELS[model].config_class.search_space()
+  order = {name: i for i, name in enumerate(compat.TUNING_DRAW_ORDER)}
   space = {
       "optimizer.learning_rate": _log_uniform(3e-4, 1e-2),
       "optimizer.embedding_learning_rate": _log_uniform(3e-4, 3e-2),
       "optimizer.weight_decay": _choice([0.0, 1e-5, 1e-4, 1e-3]),
-      "model_config.dropout": _choice([0.0, 0.1, 0.2, 0.3]),
   }
-  for name, values in SIZE_KNOBS.items():
-    if name in fields:
-      space[f"model_config.{name}"] = _choice(values)
+  for name in sorted(knobs, key=lambda name: order.get(name, len(order))):
+    space[f"model_config.{name}"] = _choice(knobs[name])
   return space
 
 

@@ -1,12 +1,16 @@
 """The catalog's host-side math (`core.catalog`): inverse norms, the all-pairs cosine matrix,
 the typical cosine range and each record's cosines, against float64 references; the device
-tables' lookups and their out-of-range rule."""
+tables' lookups and their out-of-range rule; the catalog frozen in a model (not a parameter) and
+its bad tables refused."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from helpers import tiny_problem
+from helpers import small_model, tiny_problem
+from dmf_jax.train import steps as training
+from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core import catalog as catalog_lib
 
 
@@ -75,3 +79,27 @@ def test_tables_look_up_rows_and_keep_out_of_range_ids_defined():
     catalog_lib.CatalogTables(schema, catalog, vector_dtype="int8")
   without = catalog_lib.CatalogTables(schema, catalog, vectors=False)
   assert not without.holds_vectors and not without.has_pairwise
+
+
+def test_catalog_is_frozen_and_not_in_params():
+  model = small_model("dmf")
+  _, params, rest = training.split_model(model)
+  param_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
+  assert not any(p.startswith("catalog") for p in param_paths)
+  rest_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(rest)}
+  assert "catalog/modalities/text" in rest_paths
+
+
+def test_catalog_rejects_bad_tables():
+  schema, catalog, _ = tiny_problem()
+  bad = dict(catalog.modalities)
+  bad["text"] = bad["text"].copy()
+  bad["text"][4, 1] = np.nan
+  with pytest.raises(ValueError, match=r"catalog.modalities\['text'\]: 1 non-finite value"):
+    ItemCatalog(catalog.side, bad).validate(schema)
+  bad["text"] = np.zeros((schema.num_items + 1, 8), np.float32)
+  with pytest.raises(ValueError, match=r"catalog.modalities\['text'\]: expected shape"):
+    ItemCatalog(catalog.side, bad).validate(schema)
+  side = dict(catalog.side, category=np.full(schema.num_items, 99, np.int32))
+  with pytest.raises(ValueError, match=r"catalog.side\['category'\]: id 99"):
+    ItemCatalog(side, catalog.modalities).validate(schema)

@@ -1,12 +1,11 @@
-"""Content manifests (dmf_jax.core.integrity) and strict JSON (dmf_jax.core.jsonio)."""
+"""Content manifests (`core.integrity`): every file recorded, flipped bits, missing and resized
+files found and named; the digest."""
 
-import json
-import math
 
 import numpy as np
 import pytest
 
-from dmf_jax.core import integrity, jsonio
+from dmf_jax.core import integrity
 
 
 def make_folder(root):
@@ -61,13 +60,3 @@ def test_the_digest_is_xxh3_128_of_the_bytes(tmp_path):
   data = np.random.default_rng(1).bytes(3 * (1 << 22) + 5)  # several read chunks
   (tmp_path / "f").write_bytes(data)
   assert integrity.file_digest(tmp_path / "f") == xxhash.xxh3_128(data).hexdigest()
-
-
-def test_strict_json_writes_no_bare_nan(tmp_path):
-  value = {"auc": float("nan"), "cold": {"auc": np.float32("inf"), "count": np.int64(3)},
-           "list": [1.5, -math.inf], "ok": 0.75}
-  jsonio.write_json(tmp_path / "r.json", value)
-  text = (tmp_path / "r.json").read_text()
-  assert "NaN" not in text and "Infinity" not in text
-  assert json.loads(text) == {"auc": None, "cold": {"auc": None, "count": 3},
-                              "list": [1.5, None], "ok": 0.75}

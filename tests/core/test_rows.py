@@ -43,7 +43,7 @@ def test_batch_unique_rows_per_shard_reconstruct_every_position():
   item_id = rng.integers(0, 50, 12)
   hist = rng.integers(0, 50, (12, 7))
   for shards in (1, 3, 4):
-    out = batch_unique_rows(item_id, hist, shards, buckets=(8, 16, 32, 64))
+    out = batch_unique_rows(item_id, hist, shards, counts=(8, 16, 32, 64))
     table, row, hist_row = out["unique_items"], out["item_row"], out["hist_item_row"]
     s, u = table.shape
     per = 12 // shards
@@ -54,18 +54,18 @@ def test_batch_unique_rows_per_shard_reconstruct_every_position():
     distinct = max(len(np.unique(np.concatenate([item_id[k * per:(k + 1) * per],
                                                   hist[k * per:(k + 1) * per].ravel()])))
                    for k in range(shards))
-    # the smallest bucket, never more rows than the shard's positions
+    # the smallest count, never more rows than the shard's positions
     assert u == min(min(b for b in (8, 16, 32, 64) if b >= distinct), per * 8)
 
 
-def test_an_overflowing_batch_takes_the_next_bucket_and_never_drops_an_id():
+def test_an_overflowing_batch_takes_the_next_count_and_never_drops_an_id():
   item_id, hist = np.arange(10), np.arange(10, 40).reshape(10, 3)  # 40 distinct ids
-  assert unique_row_count(40, 40, (8, 16)) == 40  # past the largest bucket: all positions
-  out = batch_unique_rows(item_id, hist, 1, buckets=(8, 16))
+  assert unique_row_count(40, 40, (8, 16)) == 40  # past the largest count: all positions
+  out = batch_unique_rows(item_id, hist, 1, counts=(8, 16))
   assert out["unique_items"].shape == (1, 40)
   assert sorted(out["unique_items"][0]) == list(range(40))
-  assert batch_unique_rows(item_id, hist, 1, buckets=(8, 64))["unique_items"].shape == (1, 40)
-  assert batch_unique_rows(item_id[:2], hist[:2], 1, buckets=(8, 64))["unique_items"].shape == (
+  assert batch_unique_rows(item_id, hist, 1, counts=(8, 64))["unique_items"].shape == (1, 40)
+  assert batch_unique_rows(item_id[:2], hist[:2], 1, counts=(8, 64))["unique_items"].shape == (
       1, 8)
   with pytest.raises(ValueError, match="batch of 10 examples does not split into 3"):
     batch_unique_rows(item_id, hist, 3)
@@ -74,7 +74,7 @@ def test_an_overflowing_batch_takes_the_next_bucket_and_never_drops_an_id():
 def test_sharded_rows_take_and_gradients_equal_the_direct_gather():
   rng = np.random.default_rng(2)
   item_id, hist = rng.integers(0, 30, 8), rng.integers(0, 30, (8, 5))
-  out = batch_unique_rows(item_id, hist, 4, buckets=(16, 64))
+  out = batch_unique_rows(item_id, hist, 4, counts=(16, 64))
   table = jnp.asarray(rng.normal(size=(30, 3)), jnp.float32)
 
   def via_rows(t):

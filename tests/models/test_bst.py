@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dmf_jax.models import registry
+from dmf_jax.models.base import UserState
 from helpers import (assert_model_equals_its_formula,
                      check_sequence_model_reads_the_valid_history_in_order, jitted, take,
                      tiny_problem)
@@ -34,7 +35,7 @@ def plain_bst(model, batch):
     x = layer(x, keys)
   weights = mask.astype(x.dtype)[..., None]
   pooled = (x[:, :length] * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-  return model.predict({"user": model.user_embedding(batch)},
+  return model.predict(UserState(user=model.user_embedding(batch), mask=mask),
                        [target, x[:, None, length], pooled[:, None]])[:, 0]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 from flax import nnx
 
 from dmf_jax.models import registry
+from dmf_jax.models.dien import DienState
 from dmf_jax.nn.losses import bce_with_logits
 from helpers import (assert_model_equals_its_formula,
                      check_sequence_model_reads_the_valid_history_in_order, take, tiny_problem)
@@ -25,8 +26,8 @@ def plain_dien(model, batch):
   mask = jnp.asarray(batch["hist_mask"])
   tokens = model.item_tokens(model.item_rows(batch["hist_item_id"]), sequence=True).take()
   interests = model.extractor(tokens, mask)
-  state = {"user": model.user_embedding(batch), "mask": mask, "tokens": tokens,
-           "interests": interests, "evolution_inputs": model.evolution.project(interests)}
+  state = DienState(user=model.user_embedding(batch), mask=mask, tokens=tokens,
+                    interests=interests, evolution_inputs=model.evolution.project(interests))
   return model.score(state, jnp.asarray(batch["item_id"])[:, None])[:, 0]
 
 
@@ -44,8 +45,8 @@ def test_auxiliary_loss_matches_numpy():
   state = model.encode_user(jb)
   offset = 7
   got = float(model.auxiliary_loss(jb, state, offset=offset))
-  h = np.asarray(state["interests"], np.float64)
-  tokens = np.asarray(state["tokens"], np.float64)
+  h = np.asarray(state.interests, np.float64)
+  tokens = np.asarray(state.tokens, np.float64)
   negative_ids = (batch["hist_item_id"][:, 1:] + offset) % schema.num_items
   negatives = np.asarray(model.item_tokens(model.item_rows(jnp.asarray(negative_ids)),
                                            sequence=True).take(), np.float64)

@@ -19,7 +19,7 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
 def test_training_and_serving_forwards_agree(name):
   schema, catalog, splits = tiny_problem()
   model = registry.build_model({"name": name, **SMALL}, schema, rngs=nnx.Rngs(0), catalog=catalog)
-  server = Server(model, buckets=(16,))
+  server = Server(model, candidate_sizes=(16,))
   call = jitted(model)
   split = splits["validation"]
   lengths = split["hist_mask"].sum(1)

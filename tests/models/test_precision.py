@@ -114,7 +114,7 @@ def test_serving_and_export_follow_the_models_dtype(tmp_path):
 
   _, _, splits = tiny_problem()
   model = build("dmf", "bfloat16")
-  server = serving.Server(model, buckets=(8, 64))
+  server = serving.Server(model, candidate_sizes=(8, 64))
   params = [x for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))]
   assert all(p[...].dtype == jnp.float32 for p in params)  # the caller's model is not cast
   served = jax.tree.leaves(server.params)

@@ -66,7 +66,7 @@ def test_record_similarities_give_the_same_loss_and_gradients(name, unique):
   model = registry.build_model(config, schema, rngs=nnx.Rngs(0), catalog=catalog)
   assert model.takes_record_similarities, name
   if unique:
-    batch |= batch_unique_rows(batch["item_id"], batch["hist_item_id"], 1, buckets=(64,))
+    batch |= batch_unique_rows(batch["item_id"], batch["hist_item_id"], 1, counts=(64,))
   record = pipeline.RecordSimilarities(catalog, schema.modality_names).map(dict(batch))
   batch, record = ({k: jnp.asarray(v) for k, v in b.items()} for b in (batch, record))
   _, params, want = assert_same_loss_and_gradients(model, batch, record)

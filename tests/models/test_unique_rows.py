@@ -20,9 +20,9 @@ SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidde
              pairwise_similarity_max_items=0)  # frozen cosines from the vectors, per position
 
 
-def with_unique_rows(batch, shards, buckets=(16, 32, 64)):
+def with_unique_rows(batch, shards, counts=(16, 32, 64)):
   rows = batch_unique_rows(np.asarray(batch["item_id"]), np.asarray(batch["hist_item_id"]),
-                           shards, buckets=buckets)
+                           shards, counts=counts)
   return batch | {k: jnp.asarray(v) for k, v in rows.items()}
 
 
@@ -71,7 +71,7 @@ def test_unique_rows_on_a_mesh_train_like_per_position_rows():
     for i in range(3):
       local = {k: v[i * 16:(i + 1) * 16] for k, v in splits["train"].items()}
       if unique:
-        local |= batch_unique_rows(local["item_id"], local["hist_item_id"], 4, buckets=(16, 64))
+        local |= batch_unique_rows(local["item_id"], local["hist_item_id"], 4, counts=(16, 64))
         assert local["unique_items"].shape[1] < schema.num_items + 1
       batch = partitioner.shard_batch(local)
       state, out = step(state, batch)

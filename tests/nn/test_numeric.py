@@ -143,7 +143,7 @@ def test_models_with_numeric_fields_train_and_serve_the_same(name):
   assert np.abs(np.asarray(rank_table[...]) - np.asarray(
       before["items"]["numeric"]["fields"]["rank"]["buckets"]["embedding"])).max() > 0
   model = nnx.merge(graphdef, state.params, state.rest)
-  server = serving.Server(model, buckets=(8,))
+  server = serving.Server(model, candidate_sizes=(8,))
   batch = take(splits["validation"], np.arange(1))
   user = {k: v[0] for k, v in batch.items() if k.startswith("user/")}
   user["user/age"] = None  # missing

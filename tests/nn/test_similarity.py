@@ -1,4 +1,5 @@
-"""Cosine similarity, bucketization edges and the projected mode."""
+"""Similarities (`nn.similarity`): cosine, similarity-bucket edges, the projected mode, and the
+catalog feature (the all-pairs matrix equals the vector path; calibration)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,8 @@ import pytest
 from flax import nnx
 
 import reference
+from helpers import small_model, take, tiny_problem
+from dmf_jax.models.dmf import DmfConfig
 from dmf_jax.nn.similarity import (
     SimilarityBucketEmbedding,
     TargetAwareSimilarity,
@@ -108,3 +111,48 @@ def test_bucket_embedding_lookup():
   tables = np.asarray(emb.tables[...])
   want = np.concatenate([tables[0][ids[..., 0]], tables[1][ids[..., 1]]], axis=-1)
   np.testing.assert_array_equal(got, want)
+
+
+def test_pairwise_similarity_matrix_equals_the_vector_path():
+  _, _, splits = tiny_problem()
+  batch = take(splits["validation"], np.arange(50))
+  fast, slow = small_model("dmf"), small_model("dmf", pairwise_similarity_max_items=0)
+  assert fast.catalog.has_pairwise and not slow.catalog.has_pairwise
+  nnx.update(slow, nnx.state(fast, nnx.Param))
+  np.testing.assert_allclose(fast.similarities(batch), slow.similarities(batch), atol=2e-6)
+  np.testing.assert_allclose(fast(batch), slow(batch), rtol=1e-4, atol=1e-5)
+  projected = small_model("dmf", similarity="projected")
+  assert not projected.catalog.has_pairwise  # a learned projection cannot be precomputed
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_calibrated_similarities_match_numpy_and_serving(pairwise):
+  """catalog_range calibration: clip(2 (cos - low) / (high - low) - 1) with the catalog's cosine
+  percentiles; the same in the pairwise and vector paths and in the serving path."""
+  from dmf_jax.serve import server as serving
+  from dmf_jax.core.catalog import cosine_range
+  from helpers import jitted
+
+  schema, catalog, splits = tiny_problem()
+  batch = take(splits["validation"], np.arange(30))
+  model = small_model("dmf", similarity_calibration="catalog_range",
+                pairwise_similarity_max_items=4096 if pairwise else 0)
+  assert model.catalog.has_pairwise == pairwise
+  got = np.asarray(jitted(model, "similarities")(batch))
+  for k, name in enumerate(schema.modality_names):
+    v = catalog.modalities[name].astype(np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)
+    cos = np.einsum("bd,bld->bl", v[batch["item_id"]], v[batch["hist_item_id"]])
+    low, high = cosine_range(catalog.modalities[name])
+    want = np.clip(2 * (cos - low) / (high - low) - 1, -1, 1) * batch["hist_mask"]
+    np.testing.assert_allclose(got[..., k], want, atol=2e-5)
+  server = serving.Server(model, candidate_sizes=(8,))
+  row = {k: v[0] for k, v in batch.items()}
+  user = {k: v for k, v in row.items() if k.startswith("user/")}
+  user["hist_item_id"] = row["hist_item_id"][row["hist_mask"]]
+  ids = np.arange(8)
+  many = {k: np.repeat(v[:1], 8, 0) for k, v in batch.items()} | {"item_id": ids.astype(np.int32)}
+  np.testing.assert_allclose(server.score(server.encode_user(user), ids), jitted(model)(many),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="similarity_calibration needs similarity='frozen'"):
+    DmfConfig(similarity="projected", similarity_calibration="catalog_range")

@@ -1,4 +1,5 @@
-"""Fixtures of the workdir tests (test_runs, test_trust): one per test module."""
+"""Fixtures of the workdir tests (test_runs, test_trust, test_checkpointing): one per test
+module."""
 
 import pytest
 

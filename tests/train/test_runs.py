@@ -16,6 +16,7 @@ from dmf_jax.train import config as config_lib
 from dmf_jax.train import runs
 from dmf_jax.train import loop
 from dmf_jax.train import restore
+from dmf_jax.train import tuning
 from helpers import copy_run, snapshot, tiny_train_config
 
 
@@ -219,14 +220,14 @@ def test_server_from_workdir_serves_a_model_sharded_run(data_dir, tmp_path):
   config.mesh.model = 2  # tables row-sharded (and padded) over 2 devices
   workdir = tmp_path / "sharded"
   results = loop.train_and_evaluate(config, str(workdir))
-  server = serving.Server.from_workdir(str(workdir), buckets=(8, 64))
+  server = serving.Server.from_workdir(str(workdir), candidate_sizes=(8, 64))
   assert server.step == results["best_step"]
   exp = loop.build_experiment(config)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=4)
   state = manager.restore(server.step,
                           exp.partitioner.abstract_state(exp.shardings, exp.state),
                           catalog=checkpointing.catalog_of(exp.state)).state
-  reference = serving.Server(loop.serving_model(exp, state), buckets=(8, 64))
+  reference = serving.Server(loop.serving_model(exp, state), candidate_sizes=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
   np.testing.assert_allclose(server.score(server.encode_user(user), ids),
@@ -287,7 +288,7 @@ def test_a_new_model_family_is_one_module_and_one_registry_line(data_dir, finish
   """A toy family (its own config class and field, defined here as its module would be)
   registered with `register_model`: it trains from the command-line config, and a finished run
   of another family, recorded before the toy existed, still resumes, with no identity
-  bookkeeping (`runs.ADDED_FIELDS`) touched."""
+  bookkeeping (`runs.ADDED_FIELDS`) touched; the tuner searches its knobs."""
   import dataclasses  # pylint: disable=g-import-not-at-top
 
   from dmf_jax.core import checks  # pylint: disable=g-import-not-at-top
@@ -297,6 +298,10 @@ def test_a_new_model_family_is_one_module_and_one_registry_line(data_dir, finish
   @dataclasses.dataclass(frozen=True)
   class ToyConfig(DinConfig):
     toy_scale: float = checks.field(1.0, "positive")
+
+    @classmethod
+    def search_space(cls):
+      return {**super().search_space(), "toy_scale": [0.5, 1.0]}
 
   class Toy(DIN):
     def score(self, state, candidates, *, train=False, rngs=None):
@@ -308,6 +313,9 @@ def test_a_new_model_family_is_one_module_and_one_registry_line(data_dir, finish
   try:
     config = tiny_train_config(data_dir, num_train_steps=10)
     assert config.model_config.toy_scale == 1.0  # the flat config gained the field
+    space = tuning.search_space("toy")  # the tuner tries the family's own knobs too
+    assert {"model_config.toy_scale", "model_config.din_hidden"} <= set(space)
+    assert "model_config.num_heads" not in space
     config.model = "toy"
     config.model_config.toy_scale = 0.5
     results = loop.train_and_evaluate(config, str(tmp_path / "toy"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dmf_jax.core import integrity, locking
+from dmf_jax.core import locking
 from dmf_jax.train import checkpointing
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import loop
@@ -18,18 +18,6 @@ from dmf_jax.train import runs
 from helpers import copy_run, flip_array_bytes, snapshot, tiny_train_config
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-
-
-def test_every_saved_step_has_a_manifest_of_its_files(finished):
-  workdir, results = finished
-  assert results["best_step"] == 40 and results["steps"] == 40  # the step damaged below
-  for step_dir in (workdir / "checkpoints").iterdir():
-    if step_dir.name.isdigit():
-      manifest = json.loads((step_dir / integrity.MANIFEST_FILE).read_text())
-      on_disk = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
-                 if p.is_file() and p.name != integrity.MANIFEST_FILE}
-      assert set(manifest["files"]) == on_disk
-      assert integrity.verify_manifest(step_dir) > 0
 
 
 def test_flipped_bits_in_the_latest_checkpoint_fall_back_and_keep_the_result(
@@ -67,37 +55,6 @@ def test_evaluate_of_a_damaged_step_exits_2_and_writes_nothing(finished, tmp_pat
   assert done.returncode == 2, done.stderr[-2000:]
   assert "Traceback" not in done.stderr and "step 40" in done.stderr and "corrupt" in done.stderr
   assert not (workdir / "eval_test.json").exists()
-
-
-def test_a_step_of_an_older_version_restores_unverified(finished, tmp_path, capsys):
-  workdir = copy_run(finished, tmp_path)
-  for step_dir in (workdir / "checkpoints").iterdir():
-    if step_dir.name.isdigit():
-      (step_dir / integrity.MANIFEST_FILE).unlink()
-      record_file = step_dir / checkpointing.METADATA_FILE
-      record = json.loads(record_file.read_text())
-      del record["custom_metadata"][checkpointing.MANIFEST_KEY]
-      record_file.write_text(json.dumps(record))
-  got = loop.evaluate_checkpoint(str(workdir), "test")
-  assert got["auc"] == finished[1]["test"]["auc"]
-  said = capsys.readouterr()
-  assert (said.out + said.err).count("restored unverified") == 1
-
-
-def test_a_step_whose_manifest_was_never_written_is_not_trusted(finished, tmp_path):
-  workdir = copy_run(finished, tmp_path)
-  (workdir / "checkpoints" / "40" / integrity.MANIFEST_FILE).unlink()  # killed in between
-  with pytest.raises(checkpointing.CorruptCheckpointError, match="manifest .* is missing"):
-    loop.evaluate_checkpoint(str(workdir), "test", step=40)
-
-
-def test_unreadable_state_metadata_is_a_clear_error(finished, tmp_path):
-  workdir = copy_run(finished, tmp_path)
-  step_dir = workdir / "checkpoints" / "40"
-  (step_dir / "state" / "_METADATA").write_text("{")
-  integrity.write_manifest(step_dir)  # damaged before the manifest was written
-  with pytest.raises(checkpointing.CorruptCheckpointError, match="step 40 .* cannot be read"):
-    loop.evaluate_checkpoint(str(workdir), "test", step=40)
 
 
 def test_results_are_never_replaced_by_a_non_finite_or_worse_evaluation(tmp_path):

@@ -47,6 +47,25 @@ def test_the_search_space_follows_the_family():
   assert tuning.rungs("random", 1, 9, 3) == [9]
 
 
+def test_each_family_owns_its_knobs_and_recorded_searches_draw_the_same_trials():
+  """The model knobs come from the family's config class (`search_space`); the draw order
+  of knobs that searches recorded before (`compat.TUNING_DRAW_ORDER`) is kept: a recorded
+  (model, seed) gives the trials it gave then (values taken from that version)."""
+  em3 = tuning.search_space("em3")
+  assert {"model_config.qformer_width", "model_config.contrastive_weight",
+          "model_config.din_hidden", "model_config.num_heads"} <= set(em3)
+  assert not any("qformer" in p for p in tuning.search_space("dmf"))
+  first = tuning.sample("dmf", 2, seed=3)[1]
+  assert first == {
+      "optimizer.learning_rate": 0.0013700015736682236,
+      "optimizer.embedding_learning_rate": 0.0027241050480293523,
+      "optimizer.weight_decay": 1e-05, "model_config.dropout": 0.0,
+      "model_config.mlp_hidden": (512, 256, 128), "model_config.num_heads": 4,
+      "model_config.head_dim": 8, "model_config.num_tiers": 10}
+  assert list(tuning.sample("simtier", 1, seed=3)[0].values())[-4:] == [
+      (512, 256, 128), (64, 32), 10, 16]
+
+
 def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
   base = tiny_train_config(tmp_path / "tfds", model="din", num_epochs=2)
   out = tmp_path / "tune"

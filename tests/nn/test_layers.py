@@ -1,4 +1,4 @@
-"""SimTier histogram, CMM modes, MLP, Dice and the prediction head against numpy."""
+"""MLP, Dice, the cross network (DCNv2) and the prediction head (`nn.layers`) against numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -7,60 +7,7 @@ import pytest
 from flax import nnx
 
 import reference
-from dmf_jax.nn.cmm import CMM
 from dmf_jax.nn.layers import MLP, CrossNetwork, Dice, PredictionHead
-from dmf_jax.nn.simtier import SimTier, simtier_histogram
-
-
-@pytest.mark.parametrize("normalization", ["count", "normalized", "log1p"])
-@pytest.mark.parametrize("lookup", ["gather", "one_hot"])
-def test_simtier_histogram_matches_numpy_and_ignores_padding(normalization, lookup):
-  rng = np.random.default_rng(0)
-  s = rng.uniform(-1, 1, size=(4, 9, 2)).astype(np.float32)
-  mask = rng.random((4, 9)) < 0.6
-  mask[3] = False
-  s_garbage = np.where(mask[..., None], s, np.nan).astype(np.float32)  # padding holds NaN
-  got = np.asarray(simtier_histogram(jnp.asarray(s_garbage), jnp.asarray(mask), 20, normalization,
-                                     lookup))
-  np.testing.assert_allclose(got, reference.simtier(s, mask, 20, normalization), rtol=1e-6)
-  assert np.all(got[3] == 0)
-  if normalization == "count":
-    np.testing.assert_array_equal(got.sum(-1), np.broadcast_to(mask.sum(-1)[:, None], (4, 2)))
-
-
-def test_simtier_module_shape_and_bad_normalization():
-  mod = SimTier(3, num_tiers=10, hidden=(8, 4), rngs=nnx.Rngs(0))
-  out = mod(jnp.zeros((5, 7, 3)), jnp.ones((5, 7), bool))
-  assert out.shape == (5, 4) and mod.out_dim == 4
-  with pytest.raises(ValueError, match="SimTier normalization 'sqrt' is not one of"):
-    SimTier(3, normalization="sqrt", rngs=nnx.Rngs(0))
-
-
-def test_cmm_modes_match_numpy():
-  rng = np.random.default_rng(1)
-  me = rng.normal(size=(3, 5)).astype(np.float32)
-  mc = rng.normal(size=(3, 4)).astype(np.float32)
-  relu = lambda x: np.maximum(x, 0)
-  sig = lambda x: 1 / (1 + np.exp(-x))
-  lin = lambda layer, x: x @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
-
-  concat = CMM(5, 4, rngs=nnx.Rngs(0))
-  np.testing.assert_array_equal(concat(jnp.asarray(me), jnp.asarray(mc)), np.c_[me, mc])
-  assert concat.out_dim == 9
-
-  weighted = CMM(5, 4, mode="weighted", dim=6, alpha=0.3, rngs=nnx.Rngs(0))
-  want = 0.3 * relu(lin(weighted.me, me)) + 0.7 * relu(lin(weighted.mc, mc))
-  np.testing.assert_allclose(weighted(jnp.asarray(me), jnp.asarray(mc)), want, rtol=1e-5, atol=1e-6)
-
-  gate = CMM(5, 4, mode="gate", dim=6, rngs=nnx.Rngs(0))
-  g = sig(lin(gate.gate, np.c_[me, mc]))
-  want = g * relu(lin(gate.me, me)) + (1 - g) * relu(lin(gate.mc, mc))
-  np.testing.assert_allclose(gate(jnp.asarray(me), jnp.asarray(mc)), want, rtol=1e-5, atol=1e-6)
-
-  with pytest.raises(ValueError, match="CMM mode 'sum' is not one of"):
-    CMM(5, 4, mode="sum", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="CMM alpha must be in"):
-    CMM(5, 4, mode="weighted", alpha=1.5, rngs=nnx.Rngs(0))
 
 
 def test_relu_mlp_and_head_match_numpy():
