@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 from dmf_jax import cli
+from dmf_jax.core import compat
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output file.", required=True)
@@ -19,7 +20,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best by va
 _CANDIDATE_SIZES = flags.DEFINE_list(
     "candidate_sizes", ["16", "128", "1024", "4096"],
     "The padded candidate counts to compile a score function for.")
-flags.DEFINE_alias("buckets", "candidate_sizes")  # the flag's earlier name
+for _old, _new in compat.RENAMED_FLAGS["export"].items():  # older command lines
+  flags.DEFINE_alias(_old, _new)
 _FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output file.")
 
 

@@ -28,6 +28,9 @@ _MIN_EPOCHS = flags.DEFINE_integer("min_epochs", 1, "Halving: epochs of the firs
                                   lower_bound=1)
 _ETA = flags.DEFINE_integer("eta", 3, "Halving: keep 1/eta of the trials per rung.",
                             lower_bound=2)
+_KNOBS = flags.DEFINE_list("knobs", [], "Search only these (model fields or dotted paths, e.g. "
+                           "content_dim,optimizer.learning_rate); the rest stay at the config's "
+                           "values. Default: the model's whole search space.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where trials and results are written.")
 flags.mark_flags_as_required(["config", "model", "output_dir"])
 
@@ -38,7 +41,7 @@ def main(argv):
 
   best = tuning.tune(_CONFIG.value, _MODEL.value, _TRIALS.value, _OUTPUT_DIR.value,
                      method=_METHOD.value, seed=_SEED.value, min_epochs=_MIN_EPOCHS.value,
-                     eta=_ETA.value, log=lambda m: print(m, flush=True))
+                     eta=_ETA.value, knobs=_KNOBS.value, log=lambda m: print(m, flush=True))
   print(json.dumps(best, indent=2))
 
 

@@ -148,13 +148,14 @@ def test_serving_needs_neither_the_training_loop_nor_the_input_pipeline():
 
 
 def test_a_data_module_imports_without_the_builders():
-  """`import dmf_jax.data.synthetic` (or format) loads no dataset builder; the registry's names
-  on `dmf_jax.data` load them on first use."""
+  """`import dmf_jax.data.synthetic` (or format) loads no dataset builder and not TFDS; the
+  registry's names on `dmf_jax.data` load them on first use."""
   import subprocess
   code = ("import sys, dmf_jax.data.synthetic, dmf_jax.data.format\n"
           "builders = ('dmf_jax.data.builds', 'dmf_jax.data.movielens', 'dmf_jax.data.byod',"
           " 'dmf_jax.data.generated')\n"
           "assert not [m for m in builders if m in sys.modules], sys.modules.keys()\n"
+          "assert not [m for m in sys.modules if m.startswith('tensorflow_datasets')]\n"
           "from dmf_jax import data\n"
           "assert 'generated_ctr' in data.BUILDERS and callable(data.prepare)\n"
           "assert all(m in sys.modules for m in builders)\n"

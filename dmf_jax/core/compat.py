@@ -37,6 +37,11 @@ TUNING_DRAW_ORDER = ("dropout", "mlp_hidden", "din_hidden", "num_heads", "head_d
                      "num_tiers", "bst_dim", "bst_layers", "modality_token_dim")
 
 
+# Flags a binary renamed ({binary: {old name: new name}}), kept as aliases so that older
+# command lines still run: `experiments.export --buckets` (the serving candidate sizes).
+RENAMED_FLAGS = {"export": {"buckets": "candidate_sizes"}}
+
+
 def checkpoint_holds_catalog(saved_keys: Iterable[str], catalog_key: str) -> bool:
   """Whether a checkpoint has the older layout with the frozen catalog inside the saved state
   (`rest/<catalog_key>/...`); current checkpoints keep only its fingerprint

@@ -28,15 +28,20 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.proto import tf_example_pb2
 
 from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core.errors import DataError
 from dmf_jax.core.schema import FeatureSchema, FeatureSpec, ModalitySpec, NumericSpec
+
+# TFDS is imported where it is used, so the rest of this module (and data.synthetic) loads
+# without it.
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 SCHEMA_FILE = "dmf_schema.json"
 CATALOG_FILE = "dmf_catalog.npz"
@@ -44,6 +49,8 @@ CATALOG_FILE = "dmf_catalog.npz"
 
 def example_features() -> tfds.features.FeaturesDict:
   """The TFDS features of one impression record (the same for every dataset)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   int_vector = dict(shape=(None,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES)
   return tfds.features.FeaturesDict({
       "user_features": tfds.features.Tensor(**int_vector),
@@ -179,6 +186,8 @@ class BuiltDataset:
 
 def load_built_dataset(builder: tfds.core.DatasetBuilder) -> BuiltDataset:
   """Reads a prepared builder's splits with `tfds.data_source` plus its side files."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   directory = epath.Path(builder.data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
@@ -262,6 +271,8 @@ class RecordParser:
     self._numeric_offset = offset
 
   def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
+
     n, seq_len = len(records), self.seq_len
     # Column by column over the parsed protos; the int vectors are joined and decoded at once.
     features = [tf_example_pb2.Example.FromString(r).features.feature for r in records]

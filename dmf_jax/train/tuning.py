@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -44,35 +44,45 @@ def _choice(values) -> Callable[[np.random.Generator], object]:
   return lambda rng: values[int(rng.integers(len(values)))]
 
 
-def search_space(model: str) -> dict[str, Callable[[np.random.Generator], object]]:
+def search_space(model: str, knobs: Sequence[str] | None = None
+                 ) -> dict[str, Callable[[np.random.Generator], object]]:
   """{dotted config path: sampler} for `model`, in the order `sample` draws them (the model
-  knobs in `compat.TUNING_DRAW_ORDER` first)."""
-  knobs = registry.MODELS[model].config_class.search_space()
+  knobs in `compat.TUNING_DRAW_ORDER` first); `knobs` (paths, or model field names): only
+  those, the others left at the base config's values."""
+  family = registry.MODELS[model].config_class.search_space()
   order = {name: i for i, name in enumerate(compat.TUNING_DRAW_ORDER)}
   space = {
       "optimizer.learning_rate": _log_uniform(3e-4, 1e-2),
       "optimizer.embedding_learning_rate": _log_uniform(3e-4, 3e-2),
       "optimizer.weight_decay": _choice([0.0, 1e-5, 1e-4, 1e-3]),
   }
-  for name in sorted(knobs, key=lambda name: order.get(name, len(order))):
-    space[f"model_config.{name}"] = _choice(knobs[name])
-  return space
+  for name in sorted(family, key=lambda name: order.get(name, len(order))):
+    space[f"model_config.{name}"] = _choice(family[name])
+  if knobs is None:
+    return space
+  paths = [k if k in space else f"model_config.{k}" for k in knobs]
+  unknown = [k for k, path in zip(knobs, paths) if path not in space]
+  if unknown:
+    raise ConfigError(f"knobs: {unknown} not in {model}'s search space: {', '.join(space)}")
+  return {path: sampler for path, sampler in space.items() if path in paths}
 
 
-def sample(model: str, trials: int, seed: int) -> list[dict]:
-  """`trials` settings {path: value}, the same for the same (model, trials, seed)."""
+def sample(model: str, trials: int, seed: int, knobs: Sequence[str] | None = None
+           ) -> list[dict]:
+  """`trials` settings {path: value}, the same for the same (model, trials, seed, knobs)."""
   rng = np.random.default_rng(seed)
-  space = search_space(model)
+  space = search_space(model, knobs)
   return [{path: sampler(rng) for path, sampler in space.items()} for _ in range(trials)]
 
 
-def base_values(base: ml_collections.ConfigDict, model: str) -> dict:
+def base_values(base: ml_collections.ConfigDict, model: str,
+                knobs: Sequence[str] | None = None) -> dict:
   """{path: value} of the search space's paths in `base` for `model` (its study values
   applied); a path the config leaves unset (None, e.g. no separate embedding rate) is left out,
   so the trial trains exactly the base config."""
   config = trial_config(base, model, {}, base.num_epochs)
   values = {}
-  for path in search_space(model):
+  for path in search_space(model, knobs):
     node = config
     for name in path.split("."):
       node = node[name]
@@ -153,8 +163,10 @@ def _nested(values: dict) -> dict:
 
 def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: epath.PathLike,
          *, method: str = "random", seed: int = 0, min_epochs: int = 1, eta: int = 3,
-         log: Callable[[str], None] = print) -> dict:
-  """Runs (or resumes) the search; returns the best.json record (see the module docstring)."""
+         knobs: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
+  """Runs (or resumes) the search; returns the best.json record (see the module docstring).
+  knobs: search only these (`search_space`), e.g. a model's own knobs on top of its ranker's
+  tuned values."""
   if method not in METHODS:
     raise ConfigError(f"method: {method!r} is not one of {METHODS}")
   if model not in registry.MODELS:
@@ -162,16 +174,20 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
                       f"{', '.join(registry.model_names())}")
   if trials < 1 or eta < 2 or min_epochs < 1:
     raise ConfigError("trials must be >= 1, eta >= 2 and min_epochs >= 1")
+  knobs = list(knobs) if knobs else None
+  search_space(model, knobs)  # an unknown knob is refused before anything is written
   output_dir = epath.Path(output_dir).expanduser()
   output_dir.mkdir(parents=True, exist_ok=True)
   search = {"model": model, "trials": trials, "method": method, "seed": seed,
             "min_epochs": min_epochs, "eta": eta, "max_epochs": base.num_epochs}
+  if knobs:  # absent otherwise, so searches recorded before knobs existed stay the same
+    search["knobs"] = knobs
   search_file = output_dir / "search.json"
   if search_file.exists() and json.loads(search_file.read_text()) != search:
     raise ConfigError(f"{output_dir} holds another search ({search_file}); use a new "
                       f"--output_dir")
   search_file.write_text(json.dumps(search, indent=2))
-  settings = [base_values(base, model)] + sample(model, trials - 1, seed)
+  settings = [base_values(base, model, knobs)] + sample(model, trials - 1, seed, knobs)
   for values in settings:  # every trial's config is checked before anything trains
     config_lib.validate(trial_config(base, model, values, base.num_epochs),
                         num_devices=jax.device_count(), num_processes=jax.process_count())

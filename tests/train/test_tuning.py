@@ -66,6 +66,19 @@ def test_each_family_owns_its_knobs_and_recorded_searches_draw_the_same_trials()
       (512, 256, 128), (64, 32), 10, 16]
 
 
+def test_knobs_restrict_the_search_and_an_unknown_one_is_refused_before_any_write(tmp_path):
+  space = tuning.search_space("em3", ["content_dim", "optimizer.learning_rate"])
+  assert list(space) == ["optimizer.learning_rate", "model_config.content_dim"]
+  trials = tuning.sample("em3", 3, seed=0, knobs=["content_dim"])
+  assert all(set(t) == {"model_config.content_dim"} for t in trials)
+  assert tuning.base_values(tiny_train_config(tmp_path / "tfds", model="em3"), "em3",
+                            ["content_dim"]) == {"model_config.content_dim": 32}
+  with pytest.raises(ConfigError, match=r"knobs: \['qformer_depth'\] not in em3's search space"):
+    tuning.tune(tiny_train_config(tmp_path / "tfds"), "em3", 2, tmp_path / "out",
+                knobs=["qformer_depth"])
+  assert not (tmp_path / "out").exists()
+
+
 def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
   base = tiny_train_config(tmp_path / "tfds", model="din", num_epochs=2)
   out = tmp_path / "tune"
