@@ -322,7 +322,7 @@ def train_program(devices, name: str, num_items: int, settings: Settings, schema
 
 def pipeline_inputs(model, schema, batch_size: int, shards: int, exposure: str) -> dict:
   """The shapes of what the input pipeline adds to a train batch for `model` (as
-  `train.loop.Experiment` decides): the distinct items per data shard when the catalog has
+  `train.experiment.Experiment` decides): the distinct items per data shard when the catalog has
   more rows than a shard's positions (U from one batch drawn with `exposure`), the frozen
   cosines when the model takes them."""
   out = {}

@@ -15,7 +15,7 @@ from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline
 from dmf_jax.data import synthetic
 from dmf_jax.models import registry
-from dmf_jax.train import loop
+from dmf_jax.train import experiment
 from dmf_jax.train import optimizers
 from dmf_jax.train import steps as training
 from dmf_jax.core.catalog import ItemCatalog
@@ -93,7 +93,7 @@ def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> fl
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.batch_size, config.worker_count = batch_size, workers
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   step_fn = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, "main")
   it = exp.train_iterator(exp.train_dataset(seed=0))
   state = exp.state

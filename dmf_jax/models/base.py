@@ -53,15 +53,15 @@ class ModelConfig:
   class by model name. Validation lists every problem at once.
   """
 
-  name: str = "dmf"
-  mlp_hidden: tuple[int, ...] = checks.field((256, 128, 64), "sizes")
-  activation: str = checks.field("relu", ACTIVATIONS)
-  dropout: float = checks.field(0.0, "fraction")
+  name: str = "dmf"  # the registered model (`models.registry.MODELS`)
+  mlp_hidden: tuple[int, ...] = checks.field((256, 128, 64), "sizes")  # the head's tower widths
+  activation: str = checks.field("relu", ACTIVATIONS)  # the tower's activation
+  dropout: float = checks.field(0.0, "fraction")  # in the head (and BST's layers) in training
   # The head: 'mlp' (the tower only) or 'dcnv2' (`nn.layers.CrossNetwork` of cross_layers
   # layers, full rank or of rank cross_rank, stacked before the tower).
   head: str = checks.field("mlp", HEAD_KINDS)
-  cross_layers: int = checks.field(3, "positive_int")
-  cross_rank: int = checks.field(0, "non_negative_int")
+  cross_layers: int = checks.field(3, "positive_int")  # DCNv2's cross layers
+  cross_rank: int = checks.field(0, "non_negative_int")  # their rank (0: full rank)
   # Modalities the model sees (empty: all the dataset's); the experiment restricts the schema.
   modalities: tuple[str, ...] = checks.field((), "names")
   # How the catalog holds the frozen vectors on the devices ('bfloat16': half the memory;
@@ -112,17 +112,18 @@ class MultimodalConfig(ModelConfig):
   """Target-aware similarity and SimTier: DMF's modality-centric settings, shared by the
   similarity baselines so that comparisons differ in architecture only."""
 
+  # Cosines of the frozen vectors, or of learned projections of them ('projected').
   similarity: str = checks.field("frozen", SIMILARITY_MODES)
-  projection_dim: int = checks.field(64, "positive_int")
+  projection_dim: int = checks.field(64, "positive_int")  # the projections' width
   # Frozen similarity from a precomputed all-pairs cosine matrix when the catalog has at most
   # this many items (0: never); the same function, one gather instead of two vector gathers.
   pairwise_similarity_max_items: int = checks.field(4096, "non_negative_int")
   # 'catalog_range': frozen cosines are mapped from the catalog's typical range (random item
   # pairs, 0.5-99.5 percentiles) onto [-1, 1] before bucketing / SimTier ('none': raw cosine).
   similarity_calibration: str = checks.field("none", SIMILARITY_CALIBRATIONS)
-  num_tiers: int = checks.field(20, "positive_int")
-  simtier_normalization: str = checks.field("log1p", SIMTIER_NORMALIZATIONS)
-  simtier_hidden: tuple[int, ...] = checks.field((64, 32), "sizes")
+  num_tiers: int = checks.field(20, "positive_int")  # SimTier's histogram bins over [-1, 1]
+  simtier_normalization: str = checks.field("log1p", SIMTIER_NORMALIZATIONS)  # of the counts
+  simtier_hidden: tuple[int, ...] = checks.field((64, 32), "sizes")  # SimTier's MLP widths
   # How small lookups run: DTA's bucket scores and mass, SimTier's counts, the pairwise cosine
   # matrix ('gather': scalar gathers and segment sums; 'one_hot': the same sums as matmuls;
   # 'auto': one_hot on TPU, where a scalar gather costs a whole memory tile).

@@ -55,9 +55,9 @@ class MakeConfig(BaselineConfig):
   """MAKE's multimodal tower, its pre-training epochs and whether it stays frozen after joining
   (else joint training)."""
 
-  make_hidden: tuple[int, ...] = checks.field((64, 32), "sizes")
-  make_pretrain_epochs: int = checks.field(2, "non_negative_int")
-  make_freeze: bool = False
+  make_hidden: tuple[int, ...] = checks.field((64, 32), "sizes")  # the tower's MLP widths
+  make_pretrain_epochs: int = checks.field(2, "non_negative_int")  # the tower's own phase
+  make_freeze: bool = False  # the tower frozen after joining (else trained jointly)
 
   @property
   def pretrain_epochs(self) -> int:
@@ -83,7 +83,7 @@ class ModalityTokens(nnx.Module):
 class BstVectorConfig(BstConfig):
   """BST plus the width of each projected modality token."""
 
-  modality_token_dim: int = checks.field(32, "positive_int")
+  modality_token_dim: int = checks.field(32, "positive_int")  # one modality's token width
 
   @classmethod
   def search_space(cls) -> dict[str, list]:
@@ -94,7 +94,7 @@ class BstVectorConfig(BstConfig):
 class DienVectorConfig(DienConfig):
   """DIEN plus the width of each projected modality token."""
 
-  modality_token_dim: int = checks.field(32, "positive_int")
+  modality_token_dim: int = checks.field(32, "positive_int")  # one modality's token width
 
   @classmethod
   def search_space(cls) -> dict[str, list]:

@@ -33,10 +33,10 @@ POSITION_INIT_STDDEV = 0.02
 class BstConfig(ModelConfig):
   """The Transformer's width, heads, layers and feed-forward width (dropout: `dropout`)."""
 
-  bst_dim: int = checks.field(32, "positive_int")
-  bst_heads: int = checks.field(2, "positive_int")
-  bst_layers: int = checks.field(1, "positive_int")
-  bst_ffn_dim: int = checks.field(64, "positive_int")
+  bst_dim: int = checks.field(32, "positive_int")  # the Transformer's width
+  bst_heads: int = checks.field(2, "positive_int")  # its heads (bst_dim a multiple of them)
+  bst_layers: int = checks.field(1, "positive_int")  # its encoder layers
+  bst_ffn_dim: int = checks.field(64, "positive_int")  # its feed-forward width
 
   @classmethod
   def search_space(cls) -> dict[str, list]:

@@ -36,7 +36,7 @@ from dmf_jax.nn.recurrent import GRU
 class DienConfig(ModelConfig):
   """The auxiliary loss's weight (0: the extractor learns from the CTR loss only)."""
 
-  dien_aux_weight: float = checks.field(1.0, "non_negative")
+  dien_aux_weight: float = checks.field(1.0, "non_negative")  # L_aux's weight in the loss
 
 
 @jax.tree_util.register_dataclass

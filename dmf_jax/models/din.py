@@ -23,7 +23,8 @@ from dmf_jax.nn.attention import DIN_NORMALIZATIONS, DinAttention, DinUserState
 class DinConfig(ModelConfig):
   """DIN's activation unit."""
 
-  din_hidden: tuple[int, ...] = checks.field((80, 40), "sizes")
+  din_hidden: tuple[int, ...] = checks.field((80, 40), "sizes")  # the activation unit's MLP
+  # The attention weights: raw scores (DIN's 'none') or a masked softmax over the history.
   din_normalization: str = checks.field("none", DIN_NORMALIZATIONS)
 
   @classmethod

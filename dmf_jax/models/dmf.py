@@ -36,13 +36,13 @@ ATTENTIONS = {"dta": DecoupledTargetAttention, "early_fusion": EarlyFusionTarget
 class DmfConfig(MultimodalConfig):
   """Fusion attention (ME path) and CMM, on top of the similarity and SimTier settings."""
 
-  num_heads: int = checks.field(2, "positive_int")
-  head_dim: int = checks.field(32, "positive_int")
-  num_buckets: int = checks.field(32, "positive_int")
-  bucket_dim: int = checks.field(16, "positive_int")
-  cmm: str = checks.field("concat", CMM_MODES)
-  cmm_dim: int = checks.field(64, "positive_int")
-  cmm_alpha: float = checks.field(0.5, "unit_interval")
+  num_heads: int = checks.field(2, "positive_int")  # the fusion attention's heads
+  head_dim: int = checks.field(32, "positive_int")  # and their width
+  num_buckets: int = checks.field(32, "positive_int")  # similarity buckets over [-1, 1]
+  bucket_dim: int = checks.field(16, "positive_int")  # a similarity bucket's embedding width
+  cmm: str = checks.field("concat", CMM_MODES)  # how CMM joins the ME and MC representations
+  cmm_dim: int = checks.field(64, "positive_int")  # their common width (weighted, gate)
+  cmm_alpha: float = checks.field(0.5, "unit_interval")  # the ME side's weight ('weighted')
 
   @classmethod
   def search_space(cls) -> dict[str, list]:

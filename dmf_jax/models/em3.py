@@ -36,22 +36,22 @@ class EM3Config(DmfConfig, DinConfig):
   on the behaviour side (lora_layers: a regex over the Q-Former's layer paths; lora_rank 0: the
   behaviour side fine-tunes the full module instead) and the Content-ID contrastive loss."""
 
-  em3_head: str = checks.field("din", tuple(HEADS))
-  content_dim: int = checks.field(32, "positive_int")
-  qformer_width: int = checks.field(32, "positive_int")
-  qformer_queries: int = checks.field(2, "positive_int")
-  qformer_layers: int = checks.field(1, "positive_int")
-  qformer_heads: int = checks.field(2, "positive_int")
-  qformer_dropout: float = checks.field(0.0, "fraction")
-  modality_dropout: float = checks.field(0.0, "fraction")
-  lora_rank: int = checks.field(4, "non_negative_int")
-  lora_alpha: float = 8.0
-  lora_layers: str = r"layers/.*|output"
-  contrastive_weight: float = checks.field(0.1, "non_negative")
-  contrastive_temperature: float = checks.field(0.1, "positive")
-  contrastive_dim: int = checks.field(32, "positive_int")
-  contrastive_negatives: str = checks.field("in_batch", CONTRASTIVE_NEGATIVES)
-  contrastive_num_negatives: int = checks.field(256, "positive_int")
+  em3_head: str = checks.field("din", tuple(HEADS))  # the ranker the content tokens feed
+  content_dim: int = checks.field(32, "positive_int")  # an item's content token width
+  qformer_width: int = checks.field(32, "positive_int")  # the Q-Former's width
+  qformer_queries: int = checks.field(2, "positive_int")  # its learned queries
+  qformer_layers: int = checks.field(1, "positive_int")  # its layers
+  qformer_heads: int = checks.field(2, "positive_int")  # its attention heads
+  qformer_dropout: float = checks.field(0.0, "fraction")  # its dropout in training
+  modality_dropout: float = checks.field(0.0, "fraction")  # a whole modality dropped, training
+  lora_rank: int = checks.field(4, "non_negative_int")  # behaviour-side adapters (0: none)
+  lora_alpha: float = 8.0  # their scale alpha / rank
+  lora_layers: str = r"layers/.*|output"  # the Q-Former layers that get them (a regex)
+  contrastive_weight: float = checks.field(0.1, "non_negative")  # the Content-ID loss's weight
+  contrastive_temperature: float = checks.field(0.1, "positive")  # its softmax temperature
+  contrastive_dim: int = checks.field(32, "positive_int")  # its heads' output width
+  contrastive_negatives: str = checks.field("in_batch", CONTRASTIVE_NEGATIVES)  # or sampled
+  contrastive_num_negatives: int = checks.field(256, "positive_int")  # sampled ones per batch
 
   @classmethod
   def search_space(cls) -> dict[str, list]:

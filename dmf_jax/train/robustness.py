@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 
 from dmf_jax.core.catalog import without_vectors
+from dmf_jax.train import experiment
 from dmf_jax.train import loop, restore
 from dmf_jax.train.checkpointing import CheckpointManager, catalog_of, with_catalog
 
@@ -62,7 +63,7 @@ def evaluate_missing_modalities(workdir, fractions: Sequence[float] = FRACTIONS)
     if cached.get("fractions") == fractions:
       return cached
   config = restore.read_run_config(workdir)
-  exp = loop.build_experiment(config, dataset=restore.open_run_dataset(workdir, config))
+  exp = experiment.build_experiment(config, dataset=restore.open_run_dataset(workdir, config))
   schema = exp.dataset.schema
   result = {"step": None, "fractions": fractions, "modalities": {}}
   if schema.modality_names:

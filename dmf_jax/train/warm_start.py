@@ -16,7 +16,7 @@ from dmf_jax.train.restore import restore_run
 
 
 def warm_start(exp, source_workdir: str, *, optimizer_state: bool, log=print):
-  """The initial state of `exp` (a `loop.Experiment`) with the weights (and optionally the
+  """The initial state of `exp` (a `train.experiment.Experiment`) with the weights (and optionally the
   optimizer state) of another run's best checkpoint: a newer build with more users/items.
 
   Arrays are matched by their path in the state. Same shape: copied. An embedding table whose

@@ -17,7 +17,7 @@ import pytest
 
 from dmf_jax import data
 from dmf_jax.train import checkpointing
-from dmf_jax.train import loop
+from dmf_jax.train import experiment
 from helpers import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ KILL_FLAGS = ("--config.num_train_steps=160", "--config.checkpoint_every_steps=1
 
 def final_state(workdir, data_dir, step):
   config = tiny_train_config(data_dir, num_train_steps=160)
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   manager = checkpointing.CheckpointManager(pathlib.Path(workdir) / "checkpoints", every_steps=10)
   return manager.restore(step, abstract, catalog=checkpointing.catalog_of(exp.state)).state

@@ -110,11 +110,12 @@ def test_a_wrong_shape_is_refused_naming_the_key():
 
 
 def test_the_loop_sends_them_in_training_and_evaluation(tmp_path):
+  from dmf_jax.train import experiment
   from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   config = tiny_train_config(tmp_path, batch_size=32)
   config.model_config.pairwise_similarity_max_items = 0
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   assert exp.record_similarities is not None
   it = exp.train_iterator(exp.train_dataset())
   first, second = next(it), next(it)
@@ -132,11 +133,11 @@ def test_the_loop_sends_them_in_training_and_evaluation(tmp_path):
   predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
   metrics = loop.evaluate_split(exp, predict, exp.state, "validation")
   config.record_similarities = False
-  off = loop.build_experiment(config)
+  off = experiment.build_experiment(config)
   assert off.record_similarities is None
   np.testing.assert_allclose(
       loop.evaluate_split(off, off.partitioner.predict_step(off.graphdef, off.shardings),
                                off.state, "validation")["auc"], metrics["auc"], atol=1e-6)
   config.record_similarities = True
   config.model_config.pairwise_similarity_max_items = 4096  # the matrix: nothing to send
-  assert loop.build_experiment(config).record_similarities is None
+  assert experiment.build_experiment(config).record_similarities is None

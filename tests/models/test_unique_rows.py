@@ -83,9 +83,9 @@ def test_unique_rows_on_a_mesh_train_like_per_position_rows():
 
 
 def test_the_loop_sends_unique_rows_only_when_the_catalog_exceeds_a_shards_positions(tmp_path):
-  from dmf_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import experiment  # pylint: disable=g-import-not-at-top
 
-  big = loop.build_experiment(tiny_train_config(tmp_path, batch_size=32))
+  big = experiment.build_experiment(tiny_train_config(tmp_path, batch_size=32))
   # tiny: 120 items, L = 12; 8 data shards (the suite's fake devices): 4 examples a shard
   # hold 52 positions, fewer than the 121 catalog rows
   shards = big.partitioner.data_size
@@ -93,6 +93,6 @@ def test_the_loop_sends_unique_rows_only_when_the_catalog_exceeds_a_shards_posit
   batch = big.train_dataset()[0]
   assert batch["unique_items"].shape[0] == shards
   assert set(big.to_model_batch(batch)) >= {"unique_items", "item_row", "hist_item_row"}
-  small = loop.build_experiment(tiny_train_config(tmp_path, batch_size=80))  # 130 > 121
+  small = experiment.build_experiment(tiny_train_config(tmp_path, batch_size=80))  # 130 > 121
   assert small.unique_row_shards == 0 and "unique_items" not in small.train_dataset()[0]
 

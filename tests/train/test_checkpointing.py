@@ -11,6 +11,7 @@ import pytest
 
 from dmf_jax.core import integrity
 from dmf_jax.train import checkpointing
+from dmf_jax.train import experiment
 from dmf_jax.train import loop
 from helpers import copy_run, tiny_train_config
 
@@ -63,7 +64,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, finished
   original, _ = finished
   workdir = tmp_path / "copy"  # corrupt a copy: other tests restore the original
   shutil.copytree(original, workdir)
-  exp = loop.build_experiment(tiny_train_config(data_dir))
+  exp = experiment.build_experiment(tiny_train_config(data_dir))
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
   latest, previous = manager.steps[-1], manager.steps[-2]
@@ -81,7 +82,7 @@ def test_checkpoints_hold_a_catalog_fingerprint_not_the_catalog(data_dir, finish
   from the dataset on restore; another catalog is refused; a checkpoint from before (catalog
   inside) still restores."""
   original, results = finished
-  exp = loop.build_experiment(tiny_train_config(data_dir))
+  exp = experiment.build_experiment(tiny_train_config(data_dir))
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   catalog = checkpointing.catalog_of(exp.state)
   manager = checkpointing.CheckpointManager(original / "checkpoints", every_steps=10,

@@ -1,5 +1,5 @@
-"""The training loop in-process: results files, evaluate, resume, the in-memory and streamed
-iterators, the non-finite guard, the export binary, MAKE's pre-training phase."""
+"""The training loop in-process (`train.loop`): results files, evaluate, resume, the non-finite
+guard, the export binary, MAKE's pre-training phase."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dmf_jax.train import checkpointing
-from dmf_jax.train import config as config_lib
+from dmf_jax.train import experiment
 from dmf_jax.train import loop
 from helpers import tiny_train_config
 
@@ -56,23 +56,6 @@ def test_rerun_of_a_finished_run_resumes_instead_of_retraining(finished_run):
   assert again["steps"] == 40 and again["test"] == results["test"]
 
 
-def test_training_iterator_in_memory_or_streamed_gives_the_same_batches(tmp_path):
-  config = tiny_train_config(tmp_path)
-  cached = loop.build_experiment(config)
-  config = config.copy_and_resolve_references()  # the experiment keeps the one it was given
-  config.in_memory_max_records = 0
-  streamed = loop.build_experiment(config)
-  assert cached.train_in_memory and not streamed.train_in_memory
-  a, b = cached.train_iterator(), streamed.train_iterator()
-  for _ in range(3):
-    x, y = next(a), next(b)
-    for key in y:
-      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-  config.in_memory_max_records = -1
-  with pytest.raises(config_lib.ConfigError, match="in_memory_max_records must be >= 0"):
-    config_lib.validate(config, num_devices=1)
-
-
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
   config = tiny_train_config(tmp_path / "data", num_train_steps=30)
   config.optimizer.name = "sgd"
@@ -96,12 +79,12 @@ def test_export_binary_scores_like_the_restored_model(finished_run, tmp_path):
       capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"exported step {results['best_step']}" in done.stdout
-  exp = loop.build_experiment(tiny_train_config(data_dir))
+  exp = experiment.build_experiment(tiny_train_config(data_dir))
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=10)
   state = manager.restore(results["best_step"],
                           exp.partitioner.abstract_state(exp.shardings, exp.state),
                           catalog=checkpointing.catalog_of(exp.state)).state
-  server = serving.Server(loop.serving_model(exp, state), candidate_sizes=(8, 64))
+  server = serving.Server(experiment.serving_model(exp, state), candidate_sizes=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
   scorer = ExportedScorer(str(out))

@@ -11,7 +11,7 @@ from flax import nnx
 from helpers import jitted, take, tiny_problem, tiny_run
 from dmf_jax.core.catalog import ItemCatalog, cosine_matrix, without_vectors
 from dmf_jax.models.registry import build_model
-from dmf_jax.train import ablation, loop, robustness
+from dmf_jax.train import ablation, experiment, robustness
 
 SMALL = dict(num_heads=2, head_dim=8, num_buckets=8, bucket_dim=4, simtier_hidden=(16,),
              mlp_hidden=(32, 16), din_hidden=(16,), num_tiers=8)
@@ -100,7 +100,7 @@ def test_report_of_a_run_reads_the_test_split_and_caches(dmf_run, monkeypatch):
     assert by_fraction["1.0"]["auc"] != unchanged["auc"], name
   assert json.loads((workdir / robustness.RESULT_FILE).read_text()) == report
   # A second call with the same fractions reads the file (builds nothing).
-  monkeypatch.setattr(loop, "build_experiment", lambda *a, **k: pytest.fail("rebuilt"))
+  monkeypatch.setattr(experiment, "build_experiment", lambda *a, **k: pytest.fail("rebuilt"))
   assert robustness.evaluate_missing_modalities(workdir, (1.0, 0.5)) == report
   with pytest.raises(ValueError, match="not in"):
     robustness.evaluate_missing_modalities(workdir, (2.0,))

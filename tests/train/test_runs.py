@@ -14,6 +14,7 @@ from dmf_jax.train import checkpointing
 from dmf_jax.core import locking
 from dmf_jax.train import config as config_lib
 from dmf_jax.train import runs
+from dmf_jax.train import experiment
 from dmf_jax.train import loop
 from dmf_jax.train import restore
 from dmf_jax.train import tuning
@@ -222,12 +223,12 @@ def test_server_from_workdir_serves_a_model_sharded_run(data_dir, tmp_path):
   results = loop.train_and_evaluate(config, str(workdir))
   server = serving.Server.from_workdir(str(workdir), candidate_sizes=(8, 64))
   assert server.step == results["best_step"]
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   manager = checkpointing.CheckpointManager(workdir / "checkpoints", every_steps=4)
   state = manager.restore(server.step,
                           exp.partitioner.abstract_state(exp.shardings, exp.state),
                           catalog=checkpointing.catalog_of(exp.state)).state
-  reference = serving.Server(loop.serving_model(exp, state), candidate_sizes=(8, 64))
+  reference = serving.Server(experiment.serving_model(exp, state), candidate_sizes=(8, 64))
   user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17, 4]}
   ids = np.arange(0, 120, 3)
   np.testing.assert_allclose(server.score(server.encode_user(user), ids),

@@ -13,6 +13,7 @@ from flax import nnx
 
 from dmf_jax.models import registry
 from dmf_jax.train import checkpointing
+from dmf_jax.train import experiment
 from dmf_jax.train import loop
 from dmf_jax.train import sparse
 from dmf_jax.train import steps as training
@@ -185,7 +186,7 @@ def test_sparse_run_resumes_exactly(tmp_path):
   train(tmp_path / "resumed", 20)
   _, resumed = train(tmp_path / "resumed", 40)
   assert resumed["test"] == straight["test"]
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   abstract = exp.partitioner.abstract_state(exp.shardings, exp.state)
   assert isinstance(exp.state.opt_state, sparse.RowSparseState)
   finals = []

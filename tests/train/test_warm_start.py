@@ -5,6 +5,7 @@ import pytest
 
 from dmf_jax.core.errors import ConfigError
 from dmf_jax.train import config as config_lib
+from dmf_jax.train import experiment
 from dmf_jax.train import loop
 from dmf_jax.train import restore
 from dmf_jax.train import warm_start
@@ -33,7 +34,7 @@ def test_grown_vocabularies_keep_the_known_rows_and_init_the_new(window1_run):
   data_dir, source = window1_run
   run = restore.restore_run(source)
   assert run.dataset.schema.num_items == 100
-  exp = loop.build_experiment(tiny_train_config(data_dir, dataset_config="tiny_window2"))
+  exp = experiment.build_experiment(tiny_train_config(data_dir, dataset_config="tiny_window2"))
   assert exp.dataset.schema.num_items == 120
   fresh = {p: table(exp.state, p) for p in (ITEM_TABLE, USER_TABLE)}
   messages = []
@@ -65,7 +66,7 @@ def test_training_from_another_run_and_its_errors(window1_run, tmp_path):
 
   other = tiny_train_config(data_dir, dataset_config="tiny_window2", init_from=str(source))
   other.model_config.mlp_hidden = (24, 16)  # other head dimensions
-  exp = loop.build_experiment(other)
+  exp = experiment.build_experiment(other)
   with pytest.raises(ConfigError,
                      match=r"(?s)does not fit this model.*head/tower/layers/0/kernel: \(88, 32\) in"):
     warm_start.warm_start(exp, str(source), optimizer_state=False)
@@ -82,7 +83,7 @@ def test_row_sparse_moments_carry_with_grown_vocabularies(tmp_path_factory):
   run = restore.restore_run(source)
   config = tiny_train_config(data_dir, dataset_config="tiny_window2",
                              optimizer={"sparse_min_rows": 1})
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   state = warm_start.warm_start(exp, str(source), optimizer_state=True, log=lambda _: None)
   for path, (new_vocab, old_vocab) in ((ITEM_TABLE, (120, 100)), (USER_TABLE, (150, 90))):
     for moment in ("m", "v"):
