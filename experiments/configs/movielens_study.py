@@ -46,8 +46,19 @@ def _em3_rungs(head: str) -> dict[str, dict]:
 
 
 # Named variants (`--models=<name>`, `dmf_jax.train.config.with_model_values`): EM3's component
-# study over both rankers (README, "EM3's components").
-VARIANTS: dict[str, dict] = {**_em3_rungs("din"), **_em3_rungs("dmf")}
+# study over both rankers (README, "EM3's components"), and EM3 over DMF with its own knobs
+# tuned: `experiments.tune --model=em3 --config.model_config.em3_head=dmf
+# --config.model_config.lora_rank=0 --trials=6 --method=random --knobs=content_dim,
+# qformer_width,qformer_queries,qformer_layers,qformer_dropout,modality_dropout,
+# contrastive_weight,contrastive_temperature` (validation only; the tower rung's base, since
+# LoRA cost AUC in the ladder; trial 5 of 6 won, val AUC 0.8028; BUILD_NOTES, "EM3 tuned").
+VARIANTS: dict[str, dict] = {
+    **_em3_rungs("din"), **_em3_rungs("dmf"),
+    "em3_dmf_tuned": {"model": "em3", "model_config": {
+        "em3_head": "dmf", "lora_rank": 0, "content_dim": 16, "qformer_width": 64,
+        "qformer_queries": 1, "qformer_layers": 2, "qformer_dropout": 0.0,
+        "modality_dropout": 0.0, "contrastive_weight": 0.01, "contrastive_temperature": 0.1}},
+}
 
 
 def get_config():

@@ -35,3 +35,27 @@ def test_config_errors_list_every_problem(tmp_path):
   with pytest.raises(config_lib.ConfigError,
                      match="dataset_config: generated_ctr has no config 'huge'; valid: "):
     config_lib.validate(config, num_devices=1)
+
+
+def test_every_variant_and_model_value_of_the_study_config_is_a_valid_model_config():
+  """What the MovieLens study config names (its per-model values and variants) builds its
+  model's typed config: a misspelt field fails here, not an hour into a study."""
+  from experiments.configs import movielens_study  # pylint: disable=g-import-not-at-top
+  from dmf_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  base = movielens_study.get_config()
+  names = list(base.variants) + list(base.per_model)
+  assert "em3_dmf_tuned" in names and "em3" in names
+  for name in names:
+    resolved = config_lib.with_model_values(_named(base.copy_and_resolve_references(), name))
+    model = registry.model_config({**resolved.model_config.to_dict(), "name": resolved.model})
+    assert model.name == resolved.model
+  tuned = config_lib.with_model_values(_named(movielens_study.get_config(), "em3_dmf_tuned"))
+  assert (tuned.model, tuned.model_config.em3_head, tuned.model_config.lora_rank) == (
+      "em3", "dmf", 0)
+
+
+def _named(config, model):
+  with config.unlocked():
+    config.model = model
+  return config
