@@ -397,8 +397,9 @@ class CTRModel(nnx.Module):
 
   def similarities(self, batch: Batch) -> jax.Array:
     """Each example's target-aware similarities s [B, L, K] (0 at masked positions)."""
-    history = (self.similarity.record(self.catalog, batch)
-               or self.similarity.history(self.catalog, self.history_rows(batch)))
+    history = self.similarity.record(self.catalog, batch)
+    if history is None:
+      history = self.similarity.history(self.catalog, self.history_rows(batch))
     return self.similarity.score(self.catalog, history, batch["item_id"][:, None],
                                  batch["hist_mask"])[:, 0]
 
@@ -432,7 +433,8 @@ class CTRModel(nnx.Module):
     """Logits [B]: each example's user against its own target item."""
     validate_batch(self.schema, batch)
     state = self.encode_user(batch, train=train, rngs=rngs)
-    record = self.similarity.record(self.catalog, batch) if self.similarity else None
+    record = (self.similarity.record(self.catalog, batch) if self.similarity is not None
+              else None)
     if record is not None:  # the history side's vector reads are then dead code under jit
       state = dataclasses.replace(state, similarity=record)
     targets = self._unique_rows(batch, "item_row")
