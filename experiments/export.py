@@ -13,12 +13,13 @@ from __future__ import annotations
 from absl import flags
 from dmf_jax import cli
 from dmf_jax.core import compat
+from dmf_jax.serve.request import DEFAULT_CANDIDATE_SIZES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Output file.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation AUC).")
 _CANDIDATE_SIZES = flags.DEFINE_list(
-    "candidate_sizes", ["16", "128", "1024", "4096"],
+    "candidate_sizes", [str(n) for n in DEFAULT_CANDIDATE_SIZES],
     "The padded candidate counts to compile a score function for.")
 for _old, _new in compat.RENAMED_FLAGS["export"].items():  # older command lines
   flags.DEFINE_alias(_old, _new)

@@ -17,9 +17,10 @@ step the catalog rows are computed once (XLA merges the identical computations).
 Large catalogs: the input pipeline sends each batch's distinct items (`batch_unique_rows`,
 numpy, in the Grain workers): per data shard s (the batch's examples split into S equal
 groups, as the mesh splits them) the distinct ids of its targets and behaviours, padded to a
-static count U from a few sizes (`UNIQUE_ROW_COUNTS`), and each position's row within its shard. `Rows` with
-`shards=S` holds values [S, U, ...] and an index local to each shard, so per-item work runs
-once per distinct item of each device's examples and every gather stays on its device.
+static count U from a few sizes (`UNIQUE_ROW_COUNTS`), and each position's row within its
+shard. `Rows` with `shards=S` holds values [S, U, ...] and an index local to each shard, so
+per-item work runs once per distinct item of each device's examples and every gather stays on
+its device.
 """
 
 from __future__ import annotations

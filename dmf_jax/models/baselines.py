@@ -25,7 +25,7 @@ from flax import nnx
 from dmf_jax.core import checks
 from dmf_jax.core.schema import FeatureSchema
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import MultimodalConfig
+from dmf_jax.models.base import ModelConfig, MultimodalConfig
 from dmf_jax.models.bst import BST, BstConfig
 from dmf_jax.models.dien import DIEN, DienConfig
 from dmf_jax.models.din import DIN, DinConfig, DinState
@@ -35,19 +35,20 @@ from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.simtier import SimTier
 
 
-MODALITY_TOKEN_SPACE = {"modality_token_dim": [16, 32, 64]}  # the tuner's values
-
-
 @dataclasses.dataclass(frozen=True)
-class BaselineConfig(MultimodalConfig, DinConfig):
-  """DIN plus the similarity settings (simscore, simtier) or modality tokens (din_mm_concat)."""
+class ModalityTokenConfig(ModelConfig):
+  """The width of each projected modality token (`ModalityTokens`: the Vector baselines, MAKE)."""
 
-  # Width of each projected modality token (din_mm_concat, make).
-  modality_token_dim: int = checks.field(32, "positive_int")
+  modality_token_dim: int = checks.field(32, "positive_int")  # one modality's token width
 
   @classmethod
   def search_space(cls) -> dict[str, list]:
-    return {**super().search_space(), **MODALITY_TOKEN_SPACE}
+    return {**super().search_space(), "modality_token_dim": [16, 32, 64]}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig(MultimodalConfig, DinConfig, ModalityTokenConfig):
+  """DIN plus the similarity settings (simscore, simtier) or modality tokens (din_mm_concat)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +81,13 @@ class ModalityTokens(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class BstVectorConfig(BstConfig):
+class BstVectorConfig(BstConfig, ModalityTokenConfig):
   """BST plus the width of each projected modality token."""
-
-  modality_token_dim: int = checks.field(32, "positive_int")  # one modality's token width
-
-  @classmethod
-  def search_space(cls) -> dict[str, list]:
-    return {**super().search_space(), **MODALITY_TOKEN_SPACE}
 
 
 @dataclasses.dataclass(frozen=True)
-class DienVectorConfig(DienConfig):
+class DienVectorConfig(DienConfig, ModalityTokenConfig):
   """DIEN plus the width of each projected modality token."""
-
-  modality_token_dim: int = checks.field(32, "positive_int")  # one modality's token width
-
-  @classmethod
-  def search_space(cls) -> dict[str, list]:
-    return {**super().search_space(), **MODALITY_TOKEN_SPACE}
 
 
 def bst_multimodal_concat(schema, config, *, rngs, catalog=None, sharding=NO_SHARDING) -> BST:

@@ -1,6 +1,7 @@
 """Export a `Server` to one file that `dmf_jax.serve.exported.ExportedScorer` runs without
-the model code: the serialized encode function, one score function per candidate size
-(the padded candidate counts, `Server.candidate_sizes`), the weights (.npz, flat leaves) and a JSON manifest of the request layout."""
+the model code: the serialized encode function, one score function per candidate size (the
+padded candidate counts, `Server.candidate_sizes`), the weights (.npz, flat leaves) and a JSON
+manifest of the request layout."""
 
 from __future__ import annotations
 

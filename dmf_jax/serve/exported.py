@@ -51,7 +51,8 @@ class ExportedScorer:
     except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise ValueError(f"{path}: weights.npz is damaged ({type(e).__name__}: {e})") from None
     self._encode = self._program(files, "encode_user.bin")
-    self._score = {b: self._program(files, f"score_candidates_{b}.bin") for b in self.candidate_sizes}
+    self._score = {n: self._program(files, f"score_candidates_{n}.bin")
+                   for n in self.candidate_sizes}
 
   def _member(self, files: dict, name: str) -> bytes:
     if name not in files:

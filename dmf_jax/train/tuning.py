@@ -2,8 +2,8 @@
 
 `tune(base, model, trials, output_dir)` samples `trials` settings from the model's search
 space (`search_space`: the optimizer's learning rates and weight decay, and the knobs its
-family's config class lists, `ModelConfig.search_space`; trial 0 is the base config's own values, `base_values`, so the starting point
-competes), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
+family's config class lists, `ModelConfig.search_space`; trial 0 is the base config's own
+values, `base_values`, so the starting point competes), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
 (`loop.train_and_evaluate(..., test=False)`: nothing can read it), and ranks them by best
 validation AUC. Successive halving (`method='halving'`) trains all trials for
 `min_epochs`, keeps the best 1/eta, resumes those for eta times the epochs, and so on up to

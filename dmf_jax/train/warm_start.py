@@ -16,8 +16,9 @@ from dmf_jax.train.restore import restore_run
 
 
 def warm_start(exp, source_workdir: str, *, optimizer_state: bool, log=print):
-  """The initial state of `exp` (a `train.experiment.Experiment`) with the weights (and optionally the
-  optimizer state) of another run's best checkpoint: a newer build with more users/items.
+  """The initial state of `exp` (a `train.experiment.Experiment`) with the weights (and
+  optionally the optimizer state) of another run's best checkpoint: a newer build with more
+  users/items.
 
   Arrays are matched by their path in the state. Same shape: copied. An embedding table whose
   vocabulary grew (or shrank) keeps the rows of the ids both builds know and its OOV row;
