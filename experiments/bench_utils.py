@@ -110,6 +110,45 @@ def end_to_end_rate(config, batch_size: int, steps: int, workers: int = 0) -> fl
 NUM_ITEMS = 1682
 
 
+def matmul_flops(fn, *args) -> tuple[float, bool]:
+  """(FLOPs of the matrix products `fn(*args)` runs, whether a `while` loop was counted once).
+
+  Counted on the jaxpr: 2 x (output elements) x (contracted size) per `dot_general`, a `scan`'s
+  body times its length, every nested jaxpr (jit, custom_vjp, remat, cond: its largest branch).
+  XLA's `cost_analysis` counts a loop's body once, which under-counts recurrent models (DIEN's
+  GRUs by their length), so the roofline uses this count for the compute side. A `while` loop
+  of unknown trip count is counted once, and flagged.
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  once = [False]
+
+  def count(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == "dot_general":
+        (contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+        continue
+      subs = [v for k, v in eqn.params.items()
+              if k in ("jaxpr", "call_jaxpr", "fun_jaxpr", "body_jaxpr", "branches")]
+      inner = []
+      for sub in subs:
+        for j in (sub if isinstance(sub, (list, tuple)) else [sub]):
+          inner.append(count(getattr(j, "jaxpr", j)))
+      if name == "cond":
+        total += max(inner, default=0.0)
+      elif name == "scan":
+        total += eqn.params["length"] * sum(inner)
+      else:
+        once[0] |= name == "while"
+        total += sum(inner)
+    return total
+
+  return count(closed.jaxpr), once[0]
+
+
 def movielens_like_schema(seq_len: int, num_items: int = NUM_ITEMS) -> FeatureSchema:
   return FeatureSchema(
       num_items=num_items, item_id_dim=ID_DIM, seq_len=seq_len,

@@ -97,6 +97,33 @@ def segment_sum_rows(data: jax.Array, segment_ids: jax.Array, num_segments: int)
   return out.at[segment_ids].add(data, out_sharding=P(axis, *([None] * (data.ndim - 1))))
 
 
+def to_rows(x: jax.Array) -> jax.Array | None:
+  """x [..., K] -> [E, K], its leading dims merged into one that keeps the mesh split of the
+  first (None when a later leading dim is split: that merge has no single sharding)."""
+  spec = _spec(x)
+  if any(axis is not None for axis in spec[1:x.ndim - 1]):
+    return None
+  if not spec or spec[0] is None:
+    return x.reshape(-1, x.shape[-1])
+  return jax.lax.reshape(x, (x.size // x.shape[-1], x.shape[-1]), out_sharding=P(spec[0], None))
+
+
+def from_rows(y: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+  """y [E, M] -> [*lead, M], the inverse of `to_rows` (the first dim keeps y's split)."""
+  axis = leading_axis(y)
+  if axis is None:
+    return y.reshape(*lead, y.shape[-1])
+  return jax.lax.reshape(y, (*lead, y.shape[-1]),
+                         out_sharding=P(axis, *([None] * len(lead))))
+
+
+def _spec(x: jax.Array) -> tuple:
+  try:
+    return tuple(jax.typeof(x).sharding.spec)
+  except AttributeError:
+    return ()
+
+
 def merge_leading(x: jax.Array) -> jax.Array:
   """[B, N, ...] -> [B * N, ...]; N = 1 drops the axis (no reshape of a mesh-split B)."""
   if x.shape[1] == 1:

@@ -30,7 +30,7 @@ from dmf_jax.models.bst import BST, BstConfig
 from dmf_jax.models.dien import DIEN, DienConfig
 from dmf_jax.models.din import DIN, DinConfig, DinState
 from dmf_jax.nn.attention import DinAttention, DinUserState
-from dmf_jax.nn.layers import MLP
+from dmf_jax.nn.layers import MLP, Linear
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.simtier import SimTier
 
@@ -71,7 +71,7 @@ class ModalityTokens(nnx.Module):
   def __init__(self, schema: FeatureSchema, width: int, *, rngs: nnx.Rngs):
     if not schema.modalities:
       raise ValueError("ModalityTokens needs at least one modality in the schema")
-    self.projections = nnx.List([nnx.Linear(m.dim, width, rngs=rngs) for m in schema.modalities])
+    self.projections = nnx.List([Linear(m.dim, width, rngs=rngs) for m in schema.modalities])
     self.out_dim = width * len(schema.modalities)
 
   def __call__(self, vectors: list[jax.Array], *, sequence: bool = False, train: bool = False,
@@ -153,7 +153,7 @@ class MultimodalTower(nnx.Module):
     width = self.tokens.out_dim
     self.attention = DinAttention(width, hidden=config.din_hidden, rngs=rngs)
     self.tower = MLP(2 * width, config.make_hidden, activation=config.activation, rngs=rngs)
-    self.logit = nnx.Linear(self.tower.out_dim, 1, rngs=rngs)
+    self.logit = Linear(self.tower.out_dim, 1, rngs=rngs)
     self.out_dim = width + sum(config.make_hidden) + 1
 
   def __call__(self, state, target):

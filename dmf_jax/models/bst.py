@@ -24,6 +24,7 @@ from flax import nnx
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
 from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head
+from dmf_jax.nn.layers import Linear
 from dmf_jax.nn.transformer import HistoryAttention, TransformerLayer
 
 POSITION_INIT_STDDEV = 0.02
@@ -65,7 +66,7 @@ class BST(CTRModel):
     super().__init__(schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
                      content=content)
     d = config.bst_dim
-    self.project = nnx.Linear(self.token_dim, d, rngs=rngs)
+    self.project = Linear(self.token_dim, d, rngs=rngs)
     self.positions = nnx.Param(jax.nn.initializers.normal(POSITION_INIT_STDDEV)(
         rngs.params(), (schema.seq_len + 1, d), jnp.float32))
     self.layers = nnx.List([
@@ -97,6 +98,7 @@ class BST(CTRModel):
     keys = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)  # [B, N, L + 1]
     for layer in self.layers[1:]:
       x = layer(x, keys, train=train, rngs=rngs)
-    weights = valid.astype(x.dtype)[..., None]
-    pooled = (x[:, :, :length] * weights).sum(2) / jnp.maximum(weights.sum(2), 1.0)
+    weights = valid.astype(x.dtype)  # [B, N, L]
+    pooled = (jnp.einsum("bnl,bnld->bnd", weights, x[:, :, :length])
+              / jnp.maximum(weights.sum(2), 1.0)[..., None])
     return self.predict(state, [target, x[:, :, length], pooled], train=train, rngs=rngs)

@@ -23,11 +23,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from dmf_jax.core import checks
 from dmf_jax.core.sharding import NO_SHARDING
 from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head, validate_batch
+from dmf_jax.nn.layers import Linear
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.recurrent import GRU
 
@@ -59,7 +59,7 @@ class DIEN(CTRModel):
                      content=content)
     d = self.token_dim
     self.extractor = GRU(d, d, rngs=rngs)
-    self.attention = nnx.Linear(d, d, use_bias=False, rngs=rngs)  # W of h_t W e_t'
+    self.attention = Linear(d, d, use_bias=False, rngs=rngs)  # W of h_t W e_t'
     self.evolution = GRU(d, d, rngs=rngs)
     self.head = prediction_head(schema.user_dim + 2 * d, config, rngs=rngs)
 

@@ -22,6 +22,7 @@ from dmf_jax.models.base import CTRModel
 from dmf_jax.models.din import DIN, DinConfig
 from dmf_jax.models.dmf import DMF, DmfConfig
 from dmf_jax.nn import lora
+from dmf_jax.nn.layers import Linear
 from dmf_jax.nn.losses import symmetric_info_nce
 from dmf_jax.nn.qformer import FusionQFormer
 from dmf_jax.nn.similarity import l2_normalize
@@ -81,8 +82,8 @@ class ContentEncoder(nnx.Module):
     self.lora_paths = tuple(lora.add_lora(
         self.fusion, rank=config.lora_rank, alpha=config.lora_alpha,
         include=config.lora_layers, rngs=rngs) if config.lora_rank else ())
-    self.content_head = nnx.Linear(config.content_dim, config.contrastive_dim, rngs=rngs)
-    self.id_head = nnx.Linear(schema.item_id_dim, config.contrastive_dim, rngs=rngs)
+    self.content_head = Linear(config.content_dim, config.contrastive_dim, rngs=rngs)
+    self.id_head = Linear(schema.item_id_dim, config.contrastive_dim, rngs=rngs)
     self.out_dim = config.content_dim
 
   def __call__(self, vectors, *, sequence=False, train=False, rngs=None):

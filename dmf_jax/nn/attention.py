@@ -43,6 +43,7 @@ from flax import nnx
 from dmf_jax.core import checks
 from dmf_jax.core.rows import Rows
 from dmf_jax.core.sharding import merge_leading, segment_sum_rows, split_leading, take_rows
+from dmf_jax.nn.layers import Linear, dense
 from dmf_jax.nn.similarity import SimilarityBucketEmbedding, resolve_lookup_mode
 
 _KERNEL_INIT = jax.nn.initializers.lecun_normal()
@@ -139,7 +140,7 @@ def head_major(rows: Rows, kernel: jax.Array, num_heads: int, head_dim: int) -> 
   (row h * R + i of the head-major table), the layout XLA's CPU backend runs fastest.
   """
   if rows.index is None or rows.shards:  # per position, or rows per data shard
-    projected = rows.map(lambda v: v @ kernel).take()  # [B, L, H * d_h]
+    projected = rows.map(lambda v: dense(v, kernel)).take()  # [B, L, H * d_h]
     out = projected.reshape(*projected.shape[:-1], num_heads, head_dim)
     return jnp.swapaxes(out, -3, -2)
   r = rows.values.shape[0]
@@ -224,8 +225,8 @@ class DinAttention(nnx.Module):
     self.dim, self.side_dim = dim, side_dim
     self.normalization = normalization
     dims = (4 * dim, *hidden)
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
-    self.score = nnx.Linear(dims[-1], 1, rngs=rngs)
+    self.hidden = nnx.List([Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+    self.score = Linear(dims[-1], 1, rngs=rngs)
 
   @property
   def out_dim(self) -> int:
@@ -242,7 +243,7 @@ class DinAttention(nnx.Module):
     and, per item row, their part of the first layer."""
     rows = _behaviour_rows("DinAttention", behaviors, mask, self.dim - self.side_dim)
     w_key = self._first_layer()[1][:self.dim - self.side_dim]
-    key_part = rows.map(lambda e: e @ w_key.astype(e.dtype)).take()
+    key_part = rows.map(lambda e: dense(e, w_key.astype(e.dtype))).take()
     return DinUserState(keys=rows.take(), key_part=key_part, mask=mask)
 
   def weights(self, keys: jax.Array, query: jax.Array, mask: jax.Array, key_part: jax.Array
@@ -252,10 +253,11 @@ class DinAttention(nnx.Module):
     term e_j (W_k - W_d) from `encode_user`; the keys' last side_dim entries (per pair) add
     theirs here."""
     w_query, w_key, w_pair = self._first_layer()
-    per_candidate = query @ w_query + self.hidden[0].bias[...]  # [..., h1]
+    per_candidate = dense(query, w_query) + self.hidden[0].bias[...]  # [..., h1]
     if self.side_dim:
-      key_part = key_part + keys[..., self.dim - self.side_dim:] @ w_key[self.dim - self.side_dim:]
-    h = jax.nn.sigmoid((query[..., None, :] * keys) @ w_pair + key_part
+      key_part = key_part + dense(keys[..., self.dim - self.side_dim:],
+                                  w_key[self.dim - self.side_dim:])
+    h = jax.nn.sigmoid(dense(query[..., None, :] * keys, w_pair) + key_part
                        + per_candidate[..., None, :])
     for layer in self.hidden[1:]:
       h = jax.nn.sigmoid(layer(h))
@@ -399,7 +401,8 @@ class FusionAttentionWeights(nnx.Module):
 
   def queries(self, target: jax.Array) -> jax.Array:
     """[..., d] -> [..., H, d_h]."""
-    return (target @ self.query[...]).reshape(*target.shape[:-1], self.num_heads, self.head_dim)
+    q = dense(target, self.query[...])
+    return q.reshape(*target.shape[:-1], self.num_heads, self.head_dim)
 
   def bucket_tables(self, kernel: jax.Array) -> jax.Array:
     """T^k = E_k W^k for all k: kernel [d + K*d_z, H*d_h] -> [K, nb, H, d_h]."""
@@ -480,8 +483,8 @@ class EarlyFusionTargetAttention(_FusionAttention):
     behaviors = jnp.broadcast_to(state.behaviors[:, None], (batch, n, *state.behaviors.shape[1:]))
     tokens = jnp.concatenate([behaviors, w.buckets(buckets)], axis=-1)  # [B, N, L, d + K*d_z]
     shape = (*tokens.shape[:3], w.num_heads, w.head_dim)
-    keys = (tokens @ w.key[...]).reshape(shape)
-    values = (tokens @ w.value[...]).reshape(shape)
+    keys = dense(tokens, w.key[...]).reshape(shape)
+    values = dense(tokens, w.value[...]).reshape(shape)
     scores = jnp.einsum("bnhd,bnlhd->bnhl", w.queries(query), keys) / jnp.sqrt(w.head_dim)
     a = masked_softmax(scores, state.mask[:, None, None])
     return jnp.einsum("bnhl,bnlhd->bnhd", a, values).reshape(batch, n, -1)

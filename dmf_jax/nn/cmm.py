@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmf_jax.nn.layers import Linear
+
 CMM_MODES = ("concat", "weighted", "gate")
 
 
@@ -37,10 +39,10 @@ class CMM(nnx.Module):
       self.out_dim = me_dim + mc_dim
       return
     self.out_dim = dim
-    self.me = nnx.Linear(me_dim, dim, rngs=rngs)
-    self.mc = nnx.Linear(mc_dim, dim, rngs=rngs)
+    self.me = Linear(me_dim, dim, rngs=rngs)
+    self.mc = Linear(mc_dim, dim, rngs=rngs)
     if mode == "gate":
-      self.gate = nnx.Linear(me_dim + mc_dim, dim, rngs=rngs)
+      self.gate = Linear(me_dim + mc_dim, dim, rngs=rngs)
 
   def __call__(self, r_me: jax.Array, r_mc: jax.Array) -> jax.Array:
     if self.mode == "concat":

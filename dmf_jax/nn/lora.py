@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmf_jax.nn.layers import Linear, dense
+
 
 class LoRAParam(nnx.Param):
   """A LoRA adapter weight."""
@@ -41,20 +43,20 @@ class LoRAAdapter(nnx.Module):
     return self.scale * self.a[...] @ self.b[...]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.scale * (x @ self.a[...]) @ self.b[...]
+    return self.scale * dense(dense(x, self.a[...]), self.b[...])
 
 
 class AdaptableLinear(nnx.Module):
   """A dense layer [..., in] -> [..., out] that may carry a LoRA adapter (see module docstring)."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-    self.base = nnx.Linear(in_features, out_features, rngs=rngs)
+    self.base = Linear(in_features, out_features, rngs=rngs)
     self.adapter: LoRAAdapter | None = nnx.data(None)  # a submodule slot, filled by add_lora
 
   def __call__(self, x: jax.Array, *, adapted: bool = False) -> jax.Array:
     if not adapted:
       return self.base(x)
-    y = x @ jax.lax.stop_gradient(self.base.kernel[...])
+    y = dense(x, jax.lax.stop_gradient(self.base.kernel[...]))
     y = y + jax.lax.stop_gradient(self.base.bias[...])
     if self.adapter is not None:
       y = y + self.adapter(x)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmf_jax.nn.layers import Linear
+
 
 class GRU(nnx.Module):
   """A GRU over x [..., L, D_in] with mask bool [..., L] -> hidden states [..., L, H]:
@@ -21,8 +23,8 @@ class GRU(nnx.Module):
 
   def __init__(self, in_dim: int, hidden: int, *, rngs: nnx.Rngs):
     self.hidden = hidden
-    self.inputs = nnx.Linear(in_dim, 3 * hidden, rngs=rngs)  # [W_r, W_u, W_c] and biases
-    self.recurrent = nnx.Linear(hidden, 3 * hidden, use_bias=False, rngs=rngs)  # [U_r, U_u, U_c]
+    self.inputs = Linear(in_dim, 3 * hidden, rngs=rngs)  # [W_r, W_u, W_c] and biases
+    self.recurrent = Linear(hidden, 3 * hidden, use_bias=False, rngs=rngs)  # [U_r, U_u, U_c]
 
   def __call__(self, x: jax.Array, mask: jax.Array, attention: jax.Array | None = None
                ) -> jax.Array:

@@ -22,6 +22,7 @@ from dmf_jax.core import checks
 from dmf_jax.core.catalog import CatalogTables
 from dmf_jax.core.rows import Rows
 from dmf_jax.core.sharding import take_rows
+from dmf_jax.nn.layers import Linear
 
 SIMILARITY_MODES = ("frozen", "projected")
 # 'catalog_range': frozen cosines mapped from the catalog's typical range onto [-1, 1].
@@ -92,7 +93,7 @@ class TargetAwareSimilarity(nnx.Module):
     self.mode = mode
     if mode == "projected":
       self.projections = nnx.List(
-          [nnx.Linear(d, projection_dim, use_bias=False, rngs=rngs) for d in self.modality_dims]
+          [Linear(d, projection_dim, use_bias=False, rngs=rngs) for d in self.modality_dims]
       )
 
   @property

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmf_jax.nn.layers import Linear
+
 MASKED_SCORE = -1e30  # the score of a padded key: exp(MASKED_SCORE - max) is 0
 
 
@@ -60,10 +62,10 @@ class TransformerLayer(nnx.Module):
     if dim % num_heads:
       raise ValueError(f"TransformerLayer: dim {dim} is not a multiple of num_heads {num_heads}")
     self.num_heads = num_heads
-    self.query, self.key, self.value, self.out = (nnx.Linear(dim, dim, rngs=rngs)
+    self.query, self.key, self.value, self.out = (Linear(dim, dim, rngs=rngs)
                                                   for _ in range(4))
-    self.ffn_in = nnx.Linear(dim, ffn_dim, rngs=rngs)
-    self.ffn_out = nnx.Linear(ffn_dim, dim, rngs=rngs)
+    self.ffn_in = Linear(dim, ffn_dim, rngs=rngs)
+    self.ffn_out = Linear(ffn_dim, dim, rngs=rngs)
     self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
     self.ffn_norm = nnx.LayerNorm(dim, rngs=rngs)
     self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
@@ -116,7 +118,8 @@ class TransformerLayer(nnx.Module):
     s_it = self._scaled(jnp.einsum("blhc,bnhc->bnlh", history.query, kt))  # [B, N, L, H]
     top = jnp.maximum(history.max[:, None], jax.lax.stop_gradient(s_it))
     old, new = jnp.exp(history.max[:, None] - top), jnp.exp(s_it - top)
-    from_history = ((old[..., None] * history.sum[:, None] + new[..., None] * vt[:, :, None])
+    from_history = ((old[..., None] * history.sum[:, None]
+                     + jnp.einsum("bnlh,bnhc->bnlhc", new, vt))
                     / (old * history.norm[:, None] + new)[..., None])  # [B, N, L, H, c]
     # the target's query over the history and itself
     s_tj = self._scaled(jnp.einsum("bnhc,blhc->bnhl", qt, history.key))

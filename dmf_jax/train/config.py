@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.embedding_name = ml_collections.config_dict.placeholder(str)
   c.optimizer.embedding_learning_rate = ml_collections.config_dict.placeholder(float)
   c.batch_size = 512
-  c.eval_batch_size = 2048
+  c.eval_batch_size = 0  # examples per evaluation batch; 0: the largest that fits (eval_batch.py)
   c.num_epochs = 3
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.eval_every_steps = 250
@@ -155,8 +155,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     data_size = None
   for field in ("batch_size", "eval_batch_size", "eval_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "log_every_steps"):
-    if not isinstance(config[field], int) or config[field] < 1:
-      problems.append(f"{field}: must be a positive integer, got {config[field]!r}")
+    least = 0 if field == "eval_batch_size" else 1  # eval_batch_size 0: sized per run
+    if not isinstance(config[field], int) or isinstance(config[field], bool) or \
+        config[field] < least:
+      problems.append(f"{field}: must be a {'non-negative' if least == 0 else 'positive'} "
+                      f"integer, got {config[field]!r}")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     problems.append("num_epochs or num_train_steps must be positive")
   if config.patience < 0 or config.worker_count < 0 or config.in_memory_max_records < 0:

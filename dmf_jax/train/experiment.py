@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import grain
 import jax
@@ -21,6 +22,7 @@ from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline
 from dmf_jax.models.registry import build_model
 from dmf_jax.train import config as config_lib
+from dmf_jax.train import eval_batch
 from dmf_jax.train import optimizers
 from dmf_jax.train.partitioner import Partitioner
 from dmf_jax.train.restore import open_dataset, select_modalities
@@ -43,6 +45,7 @@ class Experiment:
   shard: pipeline.ShardInfo
   model_config: object = None
   pretrain_steps: int = 0  # the first steps run the model's 'pretrain' phase (MAKE)
+  eval_sizing: dict | None = None  # how the evaluation batch was chosen (`eval_batch_size`)
 
   def phase(self, step: int) -> str:
     """The training phase of the step after `step` steps."""
@@ -91,6 +94,40 @@ class Experiment:
       return None
     return pipeline.RecordSimilarities(self.dataset.catalog, self.dataset.schema.modality_names,
                                  model.catalog.vector_dtype)
+
+  def eval_batch_size(self, predict) -> int:
+    """The evaluation batch: `config.eval_batch_size`, or when that is 0 the largest whose
+    working set fits the device (`train.eval_batch`), sized once per experiment from the
+    compiled `predict` step (a partitioner's `predict_step`); the figures in `eval_sizing`."""
+    if self.config.eval_batch_size > 0:
+      return self.config.eval_batch_size
+    if self.eval_sizing is None:
+      unit = math.lcm(self.partitioner.data_size, jax.process_count())
+      splits = [s for s in ("validation", "test") if s in self.dataset.sources]
+      largest = max(len(self.records(s)) for s in splits)
+      sample = self._eval_sample(splits[0], unit)
+
+      def working_set(rows: int) -> int | None:
+        batch = {k: jax.ShapeDtypeStruct((rows * v.shape[0] // unit, *v.shape[1:]), v.dtype,
+                                         sharding=v.sharding) for k, v in sample.items()}
+        batch_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values())
+        return eval_batch.working_set_bytes(predict.compile(self.state, batch),
+                                            batch_bytes // self.partitioner.data_size)
+
+      budget, what = eval_batch.device_budget(jax.local_devices()[0])
+      size, figures = eval_batch.largest_fitting(working_set, unit=unit, largest=largest,
+                                                 budget=budget)
+      self.eval_sizing = {"eval_batch_size": eval_batch.agree_across_processes(size),
+                          "budget_is": what, **figures}
+    return self.eval_sizing["eval_batch_size"]
+
+  def _eval_sample(self, split: str, rows: int) -> dict:
+    """The first `rows` examples of `split` as the evaluation step receives them."""
+    local = pipeline.eval_dataset(self.records(split), self.parser, global_batch_size=rows,
+                                  shard=self.shard)[0]
+    if self.record_similarities is not None:
+      local = self.record_similarities.map(local)
+    return self.to_model_batch(local, extra=("group",))
 
   def train_dataset(self, *, seed: int | None = None) -> grain.MapDataset:
     """This process's shuffled training batches (a small split is parsed into memory now)."""

@@ -60,7 +60,7 @@ def evaluate_split(exp: Experiment, predict, state, split: str,
   target item is cold.
   """
   ds = pipeline.eval_dataset(exp.records(split), exp.parser,
-                       global_batch_size=exp.config.eval_batch_size, shard=exp.shard)
+                             global_batch_size=exp.eval_batch_size(predict), shard=exp.shard)
   acc, cold = metrics.EvalAccumulator(), metrics.EvalAccumulator()
   gather = exp.partitioner.gather
   batches = pipeline.to_iterator(ds, prefetch=exp.config.prefetch,
@@ -228,9 +228,15 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
   progress = writers.Progress(exp.total_steps, step, config.batch_size,
                               enabled=is_main and config.progress)
   held = memory.per_device_summary(state)
+  eval_size = exp.eval_batch_size(predict)  # every process: a sized batch is agreed by all
   if is_main:
     log_to_stderr("per device: " + ", ".join(f"{part} {memory.format_bytes(held[part])}"
                                     for part in (*memory.PARTS, "total") if held[part]))
+    if exp.eval_sizing:
+      sizing = exp.eval_sizing
+      log_to_stderr(f"evaluation batch {eval_size}: the largest whose working set (about "
+                    f"{memory.format_bytes(sizing.get('predicted_bytes') or 0)}) fits "
+                    f"{sizing['budget_is']} ({memory.format_bytes(sizing['budget'])})")
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []
   # Logged throughput: training steps only (the window restarts after evaluations, saves and

@@ -157,7 +157,8 @@ class Partitioner:
     return run
 
   def predict_step(self, graphdef, shardings) -> Callable:
-    """predict(state, batch) -> logits [B] split over 'data'."""
+    """predict(state, batch) -> logits [B] split over 'data'; `predict.compile(state, batch)`
+    compiles it ahead of time (abstract arguments accepted), as the calls would."""
     predict = training.make_predict_step(graphdef, jit=False)
     jitted = jax.jit(predict, in_shardings=(shardings, None),
                      out_shardings=self.batch_sharding(1))
@@ -166,4 +167,9 @@ class Partitioner:
       with jax.set_mesh(self.mesh):
         return jitted(state, batch)
 
+    def compile_for(state, batch):
+      with jax.set_mesh(self.mesh):
+        return jitted.lower(state, batch).compile()
+
+    run.compile = compile_for
     return run

@@ -19,7 +19,6 @@ def get_config():
   config.dataset = "generated_ctr"
   config.dataset_config = "content_signal"
   config.batch_size = 512  # as the MovieLens study
-  config.eval_batch_size = 2048
   config.num_epochs = 30  # an upper bound: early stopping ends the runs
   config.eval_every_steps = 64  # about half an epoch (~65,000 training examples / 512)
   config.checkpoint_every_steps = 64

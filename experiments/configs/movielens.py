@@ -18,7 +18,6 @@ def get_config():
   config.dataset = "movielens_100k_mm"
   config.dataset_config = "text_image"
   config.batch_size = 256
-  config.eval_batch_size = 2048
   config.num_epochs = 5
   config.eval_every_steps = 156  # about half an epoch of 80,024 examples
   config.checkpoint_every_steps = 156

@@ -67,7 +67,6 @@ def get_config():
   config.dataset = "movielens_100k_mm"
   config.dataset_config = "text_image"
   config.batch_size = 512
-  config.eval_batch_size = 2048
   config.num_epochs = 30
   config.eval_every_steps = 78  # half an epoch
   config.checkpoint_every_steps = 78

@@ -106,3 +106,46 @@ def test_mlp_dropout_needs_rngs_in_training_and_is_identity_in_eval():
   assert np.any(np.asarray(a) != np.asarray(mlp(x)))
   with pytest.raises(ValueError, match="activation 'gelu' is not one of"):
     MLP(4, (8,), activation="gelu", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5), (2, 3, 4, 5)])
+def test_dense_and_linear_equal_the_plain_product_in_values_and_gradients(shape):
+  """`dense` and `Linear` merge the leading dims into one product: the same function as
+  x @ W (+ b) and nnx.Linear, values and gradients, against float64."""
+  from dmf_jax.nn.layers import Linear, dense
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape)
+  kernel, probe = rng.normal(size=(5, 3)), rng.normal(size=(*shape[:-1], 3))
+  with jax.enable_x64():
+    x64, k64 = jnp.asarray(x), jnp.asarray(kernel)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.tanh(f(x, k)) * probe)
+    got = jax.grad(loss(dense), argnums=(0, 1))(x64, k64)
+    want = jax.grad(loss(lambda x, k: x @ k), argnums=(0, 1))(x64, k64)
+    assert dense(x64, k64).shape == (*shape[:-1], 3)
+    np.testing.assert_allclose(dense(x64, k64), x @ kernel, rtol=1e-12)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+  layer, plain = Linear(5, 3, rngs=nnx.Rngs(1)), nnx.Linear(5, 3, rngs=nnx.Rngs(1))
+  xf = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(layer(xf), plain(xf), rtol=1e-5, atol=1e-6)
+  grads = [nnx.grad(lambda m: jnp.sum(jnp.tanh(m(xf)) * probe))(m) for m in (layer, plain)]
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(getattr(grads[0], name)[...], getattr(grads[1], name)[...],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dense_keeps_the_batch_split_on_a_mesh_and_falls_back_for_other_splits():
+  """On a ('data', 'model') mesh with Explicit axes the merged rows stay split over 'data';
+  an input split on a later leading dim takes the plain product (no merged sharding exists)."""
+  from jax.sharding import PartitionSpec as P
+  from dmf_jax.nn.layers import dense
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(8, 4, 5)).astype(np.float32)
+  kernel = rng.normal(size=(5, 3)).astype(np.float32)
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  with jax.set_mesh(mesh):
+    for spec in (P("data", None, None), P(None, "data", None)):
+      xs = jax.device_put(x, spec)
+      out = jax.jit(dense)(xs, jnp.asarray(kernel))
+      np.testing.assert_allclose(out, x @ kernel, rtol=1e-5, atol=1e-5)
+      assert jax.typeof(out).sharding.spec[:2] == tuple(spec)[:2]

@@ -1,0 +1,76 @@
+"""The evaluation batch (`train.eval_batch`, `Experiment.eval_batch_size`): the largest power
+of two times the data unit whose compiled working set fits the budget, capped at the largest
+split; the same metrics as a fixed batch."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dmf_jax.train import config as config_lib
+from dmf_jax.train import eval_batch, experiment, loop
+from helpers import tiny_train_config
+
+
+def test_largest_fitting_extrapolates_the_two_probes_and_caps_at_the_split():
+  fixed, per_row = 1000, 10
+  calls = []
+
+  def working_set(rows):
+    calls.append(rows)
+    return fixed + per_row * rows
+
+  size, figures = eval_batch.largest_fitting(working_set, unit=8, largest=100_000,
+                                             budget=fixed + per_row * 3000)
+  assert size == 2048 and calls == [512, 1024]  # 4096 rows would need 41,960 bytes
+  assert figures["bytes_per_row"] == pytest.approx(per_row)
+  assert figures["fixed_bytes"] == pytest.approx(fixed)
+  assert eval_batch.largest_fitting(working_set, unit=8, largest=1500, budget=10 ** 9)[0] == 1504
+  assert eval_batch.largest_fitting(working_set, unit=8, largest=100_000, budget=10)[0] == 8
+  size, _ = eval_batch.largest_fitting(lambda rows: None, unit=8, largest=100_000, budget=10 ** 9)
+  assert size == eval_batch.FALLBACK_BATCH  # no memory figures from XLA
+
+
+def test_the_cpu_budget_is_the_largest_cache_listed(tmp_path):
+  for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "32768K")):
+    (tmp_path / index).mkdir()
+    (tmp_path / index / "size").write_text(size + "\n")
+  assert eval_batch.last_level_cache_bytes(str(tmp_path)) == 32 << 20
+  assert eval_batch.last_level_cache_bytes(str(tmp_path / "none")) == eval_batch.CPU_CACHE_FALLBACK
+
+
+def test_an_experiment_sizes_its_evaluation_batch_to_the_budget_with_the_same_metrics(
+    tmp_path, monkeypatch):
+  config = tiny_train_config(tmp_path, eval_batch_size=0)
+  exp = experiment.build_experiment(config)
+  predict = exp.partitioner.predict_step(exp.graphdef, exp.shardings)
+  unit = math.lcm(exp.partitioner.data_size, 1)
+  sample = exp._eval_sample("validation", unit)
+
+  def compiled_bytes(rows):
+    batch = {k: np.zeros((rows * v.shape[0] // unit, *v.shape[1:]), v.dtype)
+             for k, v in sample.items()}
+    batch = exp.partitioner.shard_batch(batch)
+    nbytes = sum(v.nbytes for v in batch.values()) // exp.partitioner.data_size
+    return eval_batch.working_set_bytes(predict.compile(exp.state, batch), nbytes)
+
+  budget = (compiled_bytes(128) + compiled_bytes(256)) // 2  # between 128 and 256 rows
+  monkeypatch.setattr(eval_batch, "device_budget", lambda device: (budget, "a test budget"))
+  size = exp.eval_batch_size(predict)
+  assert size == 128 and size % unit == 0, exp.eval_sizing
+  assert compiled_bytes(size) <= budget < compiled_bytes(2 * size)
+  assert exp.eval_batch_size(predict) == size  # sized once
+
+  fixed = experiment.build_experiment(tiny_train_config(tmp_path, eval_batch_size=64))
+  want = loop.evaluate_split(fixed, predict, fixed.state, "validation")
+  got = loop.evaluate_split(exp, predict, exp.state, "validation")
+  for key in ("auc", "gauc", "logloss"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+
+
+def test_eval_batch_size_zero_is_valid_and_negative_is_refused(tmp_path):
+  config = tiny_train_config(tmp_path, eval_batch_size=0)
+  config_lib.validate(config, num_devices=1)
+  config.eval_batch_size = -8
+  with pytest.raises(config_lib.ConfigError, match="eval_batch_size: must be a non-negative"):
+    config_lib.validate(config, num_devices=1)
