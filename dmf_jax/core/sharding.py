@@ -9,6 +9,7 @@ device or under any replicated setting.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +59,8 @@ NO_SHARDING = ShardingRules()
 
 def leading_axis(x: jax.Array) -> str | tuple | None:
   """The mesh axis the leading dimension of `x` is sharded over (None outside a mesh)."""
-  try:
-    spec = jax.typeof(x).sharding.spec
-  except AttributeError:
-    return None
-  return spec[0] if len(spec) else None
+  spec = _spec(x)
+  return spec[0] if spec else None
 
 
 def take_rows(table: jax.Array, ids: jax.Array, *, force: bool = False) -> jax.Array:
@@ -97,27 +95,23 @@ def segment_sum_rows(data: jax.Array, segment_ids: jax.Array, num_segments: int)
   return out.at[segment_ids].add(data, out_sharding=P(axis, *([None] * (data.ndim - 1))))
 
 
-def to_rows(x: jax.Array) -> jax.Array | None:
-  """x [..., K] -> [E, K], its leading dims merged into one that keeps the mesh split of the
-  first (None when a later leading dim is split: that merge has no single sharding)."""
-  spec = _spec(x)
-  if any(axis is not None for axis in spec[1:x.ndim - 1]):
-    return None
-  if not spec or spec[0] is None:
-    return x.reshape(-1, x.shape[-1])
-  return jax.lax.reshape(x, (x.size // x.shape[-1], x.shape[-1]), out_sharding=P(spec[0], None))
-
-
-def from_rows(y: jax.Array, lead: tuple[int, ...]) -> jax.Array:
-  """y [E, M] -> [*lead, M], the inverse of `to_rows` (the first dim keeps y's split)."""
-  axis = leading_axis(y)
+def over_merged_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """fn(x) for a row-wise fn ([E, K] -> [E, M]) run on x [..., K] with its leading dims merged
+  into one, which keeps the mesh split of the first -> [..., M]. Plain fn(x) for 2-d x, or
+  when a later leading dim is split (that merge has no single sharding)."""
+  spec, lead = _spec(x), x.shape[:-1]
+  if x.ndim <= 2 or any(axis is not None for axis in spec[1:x.ndim - 1]):
+    return fn(x)
+  axis = spec[0] if spec else None
   if axis is None:
+    y = fn(x.reshape(-1, x.shape[-1]))
     return y.reshape(*lead, y.shape[-1])
-  return jax.lax.reshape(y, (*lead, y.shape[-1]),
-                         out_sharding=P(axis, *([None] * len(lead))))
+  y = fn(jax.lax.reshape(x, (x.size // x.shape[-1], x.shape[-1]), out_sharding=P(axis, None)))
+  return jax.lax.reshape(y, (*lead, y.shape[-1]), out_sharding=P(axis, *([None] * len(lead))))
 
 
 def _spec(x: jax.Array) -> tuple:
+  """The partition spec of x's type (() outside a mesh)."""
   try:
     return tuple(jax.typeof(x).sharding.spec)
   except AttributeError:

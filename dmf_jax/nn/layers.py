@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dmf_jax.core.sharding import from_rows, to_rows
+from dmf_jax.core.sharding import over_merged_rows
 
 ACTIVATIONS = ("relu", "dice", "sigmoid")
 
@@ -21,10 +21,7 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
   The same function as `x @ kernel`; XLA's CPU backend runs the 2-D product and, above all,
   its weight gradient (a contraction over E) about 2x faster than over several leading dims
   (a DIN train step: 41 -> 24 ms; BUILD_NOTES, 2026-12-05 fourth session)."""
-  rows = to_rows(x) if x.ndim > 2 else None
-  if rows is None:
-    return x @ kernel
-  return from_rows(rows @ kernel, x.shape[:-1])
+  return over_merged_rows(lambda rows: rows @ kernel, x)
 
 
 class Linear(nnx.Linear):
@@ -32,10 +29,7 @@ class Linear(nnx.Linear):
   leading dims merged into one, as `dense` does: [..., in] -> [..., out]."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    rows = to_rows(x) if x.ndim > 2 else None
-    if rows is None:
-      return super().__call__(x)
-    return from_rows(super().__call__(rows), x.shape[:-1])
+    return over_merged_rows(super().__call__, x)
 
 
 class Dice(nnx.Module):
