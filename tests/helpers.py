@@ -275,3 +275,29 @@ def small_qformer(dims, **kw):
 
   return FusionQFormer(dims, width=16, num_queries=3, num_layers=2, num_heads=2, out_dim=12,
                        rngs=nnx.Rngs(1), **kw)
+
+
+def plain_gru(gru, x, mask, attention=None):
+  """`nn.recurrent.GRU`'s formula as a plain batch-major `lax.scan` (JAX autodiff, no custom
+  backward pass) over x [..., L, D_in], mask bool [..., L], attention [..., L] or None."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  xs = x @ gru.inputs.kernel[...] + gru.inputs.bias[...]
+  u_kernel = gru.recurrent.kernel[...]
+  gate = jnp.ones(mask.shape, xs.dtype) if attention is None else attention
+
+  def step(h, inputs):
+    xt, mt, at = inputs
+    hr, hu, hc = jnp.split(h @ u_kernel, 3, axis=-1)
+    xr, xu, xc = jnp.split(xt, 3, axis=-1)
+    r = jax.nn.sigmoid(xr + hr)
+    u = jax.nn.sigmoid(xu + hu) * at[..., None]
+    c = jnp.tanh(xc + r * hc)
+    new = jnp.where(mt[..., None], (1 - u) * h + u * c, h)
+    return new, new
+
+  time_major = lambda a: jnp.moveaxis(a, mask.ndim - 1, 0)
+  h0 = jnp.zeros((*mask.shape[:-1], gru.hidden), xs.dtype)
+  _, hs = jax.lax.scan(step, h0, (time_major(xs), time_major(mask), time_major(gate)))
+  return jnp.moveaxis(hs, 0, mask.ndim - 1)

@@ -110,6 +110,16 @@ def over_merged_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.
   return jax.lax.reshape(y, (*lead, y.shape[-1]), out_sharding=P(axis, *([None] * len(lead))))
 
 
+def contract_leading(a: jax.Array, b: jax.Array) -> jax.Array:
+  """sum over the leading dims of a[..., i] b[..., j]: a [..., I], b [..., J] -> [I, J]. One
+  [E, I]^T @ [E, J] product over the leading dims merged (as `over_merged_rows`) when none of
+  them is split over a mesh; else the einsum over all of them, summed across the mesh
+  (a replicated result)."""
+  if any(axis is not None for axis in _spec(a)[:-1] + _spec(b)[:-1]):
+    return jnp.einsum("...i,...j->ij", a, b, out_sharding=P(None, None))
+  return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
 def _spec(x: jax.Array) -> tuple:
   """The partition spec of x's type (() outside a mesh)."""
   try:

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from dmf_jax.core import checks
-from dmf_jax.core.sharding import NO_SHARDING
+from dmf_jax.core.rows import Rows
+from dmf_jax.core.sharding import NO_SHARDING, leading_axis
 from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head, validate_batch
 from dmf_jax.nn.layers import Linear
 from dmf_jax.nn.losses import bce_with_logits
@@ -42,12 +43,21 @@ class DienConfig(ModelConfig):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DienState(UserState):
-  """user, mask; the behaviour tokens and interest states [B, L, d]; the AUGRU's input side
-  of the interests [B, L, 3d] (the same for every candidate)."""
+  """user, mask [B, L]; time-major: the behaviour tokens and interest states [L, B, d], and the
+  AUGRU's input side of the interests, one [L, B, d] per gate (the same for every candidate)."""
 
   tokens: jax.Array
   interests: jax.Array
-  evolution_inputs: jax.Array
+  evolution_inputs: tuple[jax.Array, jax.Array, jax.Array]
+
+
+def take_time_major(rows: Rows) -> jax.Array:
+  """Rows over [B, L] positions at their positions, time-major: [L, B, ...]. A shared table is
+  gathered with the index transposed (no transpose of the gathered values); rows per position
+  or per data shard are gathered, then transposed."""
+  if rows.index is not None and not rows.shards and leading_axis(rows.index) is None:
+    return Rows(rows.values, rows.index.T).take()
+  return jnp.swapaxes(rows.take(), 0, 1)
 
 
 class DIEN(CTRModel):
@@ -65,36 +75,41 @@ class DIEN(CTRModel):
 
   def encode_user(self, batch, *, train=False, rngs=None):
     """The users' `DienState`. The extractor's input side (W x_t + b) is computed once per
-    item row, then gathered."""
+    item row, then gathered time-major, one array per gate."""
     mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
-    interests = self.extractor.recur(tokens.map(self.extractor.project).take(), mask)
-    return DienState(user=self.user_embedding(batch), mask=mask, tokens=tokens.take(),
-                     interests=interests, evolution_inputs=self.evolution.project(interests))
+    projected, d = tokens.map(self.extractor.project), self.extractor.hidden
+    gates = tuple(take_time_major(projected.map(lambda v, g=g: v[..., g * d:(g + 1) * d]))
+                  for g in range(3))
+    interests = self.extractor.recur_time_major(gates, mask.T)
+    return DienState(user=self.user_embedding(batch), mask=mask,
+                     tokens=take_time_major(tokens), interests=interests,
+                     evolution_inputs=self.evolution.project_gates(interests))
 
   def score(self, state, candidates, *, train=False, rngs=None):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d]
-    interests, mask = state.interests, state.mask  # [B, L, d], [B, L]
+    interests, mask = state.interests, state.mask  # [L, B, d], [B, L]
     b, n = candidates.shape
-    scores = jnp.einsum("bld,bnd->bnl", interests, self.attention(target))
-    valid = jnp.broadcast_to(mask[:, None], (b, n, mask.shape[1]))
-    weights = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=-1) * valid
-    inputs = state.evolution_inputs
-    evolved = self.evolution.recur(
-        jnp.broadcast_to(inputs[:, None], (b, n, *inputs.shape[1:])), valid, weights)
-    return self.predict(state, [target, evolved[:, :, -1]], train=train, rngs=rngs)
+    steps = mask.shape[1]
+    scores = jnp.einsum("lbd,bnd->lbn", interests, self.attention(target))
+    valid = jnp.broadcast_to(mask.T[:, :, None], (steps, b, n))
+    weights = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=0) * valid  # [L, B, N]
+    evolved = self.evolution.recur_time_major(
+        tuple(jnp.broadcast_to(x[:, :, None], (steps, b, n, x.shape[-1]))
+              for x in state.evolution_inputs), valid, weights)  # [L, B, N, d]
+    return self.predict(state, [target, evolved[-1]], train=train, rngs=rngs)
 
   def auxiliary_loss(self, batch, state, rngs=None, offset=None) -> jax.Array:
     """L_aux (see the module docstring): next-behaviour discrimination by the interests.
     offset: the negatives' id offset in [1, V) (default: drawn from rngs' 'sample' stream)."""
-    ids, mask = batch["hist_item_id"], state.mask
     num_items = self.catalog.num_items
     if offset is None:
       offset = jax.random.randint(rngs.sample(), (), 1, max(num_items, 2))
-    negative_ids = (ids[:, 1:] + offset) % num_items
-    negatives = self.item_tokens(self.item_rows(negative_ids), sequence=True).take()
-    h, positives = state.interests[:, :-1], state.tokens[:, 1:]
-    pairs = (mask[:, :-1] & mask[:, 1:]).astype(h.dtype)
+    negative_ids = (batch["hist_item_id"][:, 1:] + offset) % num_items  # [B, L - 1]
+    negatives = take_time_major(self.item_tokens(self.item_rows(negative_ids), sequence=True))
+    mask = state.mask.T  # time-major, as the states: [L, B]
+    h, positives = state.interests[:-1], state.tokens[1:]
+    pairs = (mask[:-1] & mask[1:]).astype(h.dtype)
     pos = jnp.sum(h * positives, -1)
     neg = jnp.sum(h * negatives, -1)
     per_step = -(jax.nn.log_sigmoid(pos) + jax.nn.log_sigmoid(-neg))

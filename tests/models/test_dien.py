@@ -1,15 +1,16 @@
 """DIEN: the paper's formula, the auxiliary loss against numpy, its negatives, padding, and
 the combined loss."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dmf_jax.models import registry
-from dmf_jax.models.dien import DienState
 from dmf_jax.nn.losses import bce_with_logits
 from helpers import (assert_model_equals_its_formula,
-                     check_sequence_model_reads_the_valid_history_in_order, take, tiny_problem)
+                     check_sequence_model_reads_the_valid_history_in_order, plain_gru, take,
+                     tiny_problem)
 
 
 def dien_and_batch(**overrides):
@@ -22,13 +23,16 @@ def dien_and_batch(**overrides):
 
 
 def plain_dien(model, batch):
-  """The module docstring's formula, the extractor over every position's token."""
+  """The module docstring's formula, batch-major: the extractor over every position's token,
+  both GRUs plain scans (autodiff, `helpers.plain_gru`)."""
   mask = jnp.asarray(batch["hist_mask"])
   tokens = model.item_tokens(model.item_rows(batch["hist_item_id"]), sequence=True).take()
-  interests = model.extractor(tokens, mask)
-  state = DienState(user=model.user_embedding(batch), mask=mask, tokens=tokens,
-                    interests=interests, evolution_inputs=model.evolution.project(interests))
-  return model.score(state, jnp.asarray(batch["item_id"])[:, None])[:, 0]
+  target = model.item_tokens(model.item_rows(batch["item_id"])).take()  # [B, d]
+  interests = plain_gru(model.extractor, tokens, mask)  # [B, L, d]
+  scores = jnp.einsum("bld,bd->bl", interests, model.attention(target))
+  weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1) * mask
+  evolved = plain_gru(model.evolution, interests, mask, weights)[:, -1]
+  return model.head(jnp.concatenate([model.user_embedding(batch), target, evolved], -1))
 
 
 def test_dien_equals_its_formula_in_values_and_gradients():
@@ -45,8 +49,8 @@ def test_auxiliary_loss_matches_numpy():
   state = model.encode_user(jb)
   offset = 7
   got = float(model.auxiliary_loss(jb, state, offset=offset))
-  h = np.asarray(state.interests, np.float64)
-  tokens = np.asarray(state.tokens, np.float64)
+  h = np.swapaxes(np.asarray(state.interests, np.float64), 0, 1)  # time-major -> [B, L, d]
+  tokens = np.swapaxes(np.asarray(state.tokens, np.float64), 0, 1)
   negative_ids = (batch["hist_item_id"][:, 1:] + offset) % schema.num_items
   negatives = np.asarray(model.item_tokens(model.item_rows(jnp.asarray(negative_ids)),
                                            sequence=True).take(), np.float64)

@@ -149,3 +149,21 @@ def test_dense_keeps_the_batch_split_on_a_mesh_and_falls_back_for_other_splits()
       out = jax.jit(dense)(xs, jnp.asarray(kernel))
       np.testing.assert_allclose(out, x @ kernel, rtol=1e-5, atol=1e-5)
       assert jax.typeof(out).sharding.spec[:2] == tuple(spec)[:2]
+
+
+def test_contract_leading_sums_over_every_leading_dim_on_and_off_a_mesh():
+  """`core.sharding.contract_leading`: sum over the leading dims of a[..., i] b[..., j],
+  against float64, unsplit (one merged product) and split over 'data' on any leading dim."""
+  from jax.sharding import PartitionSpec as P
+  from dmf_jax.core.sharding import contract_leading
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(4, 8, 5)), rng.normal(size=(4, 8, 4))
+  want = np.einsum("lbi,lbj->ij", a, b)
+  a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  np.testing.assert_allclose(jax.jit(contract_leading)(a32, b32), want, rtol=1e-5, atol=1e-5)
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  with jax.set_mesh(mesh):
+    for spec in (P(None, "data", None), P("data", None, None)):
+      out = jax.jit(contract_leading)(jax.device_put(a32, spec), jax.device_put(b32, spec))
+      np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+      assert out.shape == (5, 4) and all(s is None for s in jax.typeof(out).sharding.spec)

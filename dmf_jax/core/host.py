@@ -1,0 +1,42 @@
+"""The host process's memory allocator, set for XLA's CPU buffers.
+
+XLA:CPU allocates each execution's buffers with malloc and frees them when it ends. glibc
+serves a large allocation (above its mmap threshold, at most 32 MiB) or one made on another
+thread's arena from freshly mapped pages and unmaps or trims them again on free, so every
+train step writes its temporaries into new pages and takes a page fault per 4 KiB: a DIEN
+step at batch 512 took 44,500 faults (about 180 MB), a BST step 22,800, and the faults cost
+DIEN's step about a third of its time on a 2-core VM (BUILD_NOTES, 2026-12-05 fifth session).
+`reuse_freed_memory` makes glibc keep what is freed for the next allocation: one arena, no
+mapped chunks, no trimming. The price: the process's resident memory stays at its peak.
+
+The binaries (`dmf_jax.cli.run`) call it unless --reuse_freed_memory=false; a program of
+your own calls it first thing, before JAX starts its threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+_SETTINGS = (
+    (_M_ARENA_MAX, 1),  # every thread allocates from the main arena (no per-thread heaps)
+    (_M_MMAP_MAX, 0),  # no chunk is mapped on its own: large ones come from the arena too
+    (_M_TRIM_THRESHOLD, 2**31 - 1),  # freed memory stays in the arena (up to 2 GiB free)
+    (_M_TOP_PAD, 64 << 20),  # the arena grows 64 MiB at a time
+)
+
+
+def reuse_freed_memory() -> bool:
+  """Sets glibc's malloc to reuse freed memory (see the module docstring); True when it did,
+  False where the C library is not glibc (nothing is changed there)."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  return all(mallopt(param, value) == 1 for param, value in _SETTINGS)
