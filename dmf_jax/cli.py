@@ -25,9 +25,10 @@ USER_ERROR_EXIT = 2
 _DEBUG = flags.DEFINE_bool("debug", False,
                            "Show the traceback of user errors (bad flags, configs or files).")
 _REUSE_FREED_MEMORY = flags.DEFINE_bool(
-    "reuse_freed_memory", True,
-    "Keep freed host memory for reuse (glibc malloc; dmf_jax.core.host): XLA:CPU steps stop "
-    "page-faulting on fresh pages, and resident memory stays at its peak.")
+    "reuse_freed_memory", False,
+    "Keep freed host memory for reuse (glibc malloc, one arena; dmf_jax.core.host): XLA:CPU "
+    "steps with large temporaries (BST, DIEN) stop page-faulting on fresh pages; a run whose "
+    "input threads allocate alongside its steps (DMF's) is slower with it.")
 
 
 def fail(message: str) -> None:
@@ -93,8 +94,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main) -> None:
   """`app.run(main)` with user errors as one message and exit status 2; positional arguments
-  are refused, absl logs at WARNING unless --verbosity is given, and freed host memory is
-  kept for reuse unless --reuse_freed_memory=false (`core.host`)."""
+  are refused, absl logs at WARNING unless --verbosity is given, and with
+  --reuse_freed_memory freed host memory is kept for reuse (`core.host`)."""
 
   def wrapped(argv):
     if len(argv) > 1:

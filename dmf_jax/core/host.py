@@ -1,16 +1,19 @@
 """The host process's memory allocator, set for XLA's CPU buffers.
 
 XLA:CPU allocates each execution's buffers with malloc and frees them when it ends. glibc
-serves a large allocation (above its mmap threshold, at most 32 MiB) or one made on another
-thread's arena from freshly mapped pages and unmaps or trims them again on free, so every
-train step writes its temporaries into new pages and takes a page fault per 4 KiB: a DIEN
-step at batch 512 took 44,500 faults (about 180 MB), a BST step 22,800, and the faults cost
-DIEN's step about a third of its time on a 2-core VM (BUILD_NOTES, 2026-12-05 fifth session).
-`reuse_freed_memory` makes glibc keep what is freed for the next allocation: one arena, no
-mapped chunks, no trimming. The price: the process's resident memory stays at its peak.
+serves a large allocation (above its mmap threshold, at most 32 MiB) from freshly mapped
+pages, and unmaps a thread arena's heap once it is all free, so every train step can write its
+temporaries into new pages and take a page fault per 4 KiB: a DIEN step at batch 512 took
+44,500 faults (about 180 MB), a BST step 22,800, at about a third of their step time on a
+2-core VM. `reuse_freed_memory` makes glibc keep what is freed for the next allocation: one
+arena, no mapped chunks, no trimming; those steps then take almost no faults.
 
-The binaries (`dmf_jax.cli.run`) call it unless --reuse_freed_memory=false; a program of
-your own calls it first thing, before JAX starts its threads.
+The price, measured (BUILD_NOTES, 2026-12-05 fifth session): the process's resident memory
+stays at its peak, and every thread allocates under one lock: BST's, DIEN's and DIN's train
+steps ran 1.25-1.5x faster with it, DMF's at 0.86x, and a whole DMF study run (input pipeline
+threads beside the steps) 1.25x slower. So it is opt-in: the binaries' --reuse_freed_memory
+(`dmf_jax.cli.run`), or a call first thing in a program of your own, before JAX starts its
+threads.
 """
 
 from __future__ import annotations
