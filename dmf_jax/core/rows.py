@@ -76,6 +76,14 @@ class Rows:
     out = jnp.take_along_axis(self.values, index, axis=1, mode="promise_in_bounds")
     return _reshape(out, (b, *rest, *self.values.shape[2:]))
 
+  def take_swapped(self) -> jax.Array:
+    """`take()` with the positions' first two dims swapped: [B, L, ...] -> [L, B, ...]. Rows
+    shared by all positions (a table) are gathered with the index transposed, so the gathered
+    values are never transposed; rows per position or per data shard are taken, then swapped."""
+    if self.index is not None and not self.shards and leading_axis(self.index) is None:
+      return Rows(self.values, self.index.T).take()
+    return jnp.swapaxes(self.take(), 0, 1)
+
   def index_bound(self) -> int:
     """The index's exclusive bound: the rows one position may point at (per shard)."""
     return self.values.shape[1] if self.shards else self.values.shape[0]

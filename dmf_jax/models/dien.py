@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dmf_jax.core import checks
-from dmf_jax.core.rows import Rows
-from dmf_jax.core.sharding import NO_SHARDING, leading_axis
+from dmf_jax.core.sharding import NO_SHARDING
 from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head, validate_batch
 from dmf_jax.nn.layers import Linear
 from dmf_jax.nn.losses import bce_with_logits
@@ -51,15 +50,6 @@ class DienState(UserState):
   evolution_inputs: tuple[jax.Array, jax.Array, jax.Array]
 
 
-def take_time_major(rows: Rows) -> jax.Array:
-  """Rows over [B, L] positions at their positions, time-major: [L, B, ...]. A shared table is
-  gathered with the index transposed (no transpose of the gathered values); rows per position
-  or per data shard are gathered, then transposed."""
-  if rows.index is not None and not rows.shards and leading_axis(rows.index) is None:
-    return Rows(rows.values, rows.index.T).take()
-  return jnp.swapaxes(rows.take(), 0, 1)
-
-
 class DIEN(CTRModel):
   """DIEN over the item tokens [e ; content]."""
 
@@ -79,11 +69,11 @@ class DIEN(CTRModel):
     mask, rows = batch["hist_mask"], self.history_rows(batch)
     tokens = self.item_tokens(rows, sequence=True, train=train, rngs=rngs)
     projected, d = tokens.map(self.extractor.project), self.extractor.hidden
-    gates = tuple(take_time_major(projected.map(lambda v, g=g: v[..., g * d:(g + 1) * d]))
+    gates = tuple(projected.map(lambda v, g=g: v[..., g * d:(g + 1) * d]).take_swapped()
                   for g in range(3))
     interests = self.extractor.recur_time_major(gates, mask.T)
     return DienState(user=self.user_embedding(batch), mask=mask,
-                     tokens=take_time_major(tokens), interests=interests,
+                     tokens=tokens.take_swapped(), interests=interests,
                      evolution_inputs=self.evolution.project_gates(interests))
 
   def score(self, state, candidates, *, train=False, rngs=None):
@@ -106,7 +96,7 @@ class DIEN(CTRModel):
     if offset is None:
       offset = jax.random.randint(rngs.sample(), (), 1, max(num_items, 2))
     negative_ids = (batch["hist_item_id"][:, 1:] + offset) % num_items  # [B, L - 1]
-    negatives = take_time_major(self.item_tokens(self.item_rows(negative_ids), sequence=True))
+    negatives = self.item_tokens(self.item_rows(negative_ids), sequence=True).take_swapped()
     mask = state.mask.T  # time-major, as the states: [L, B]
     h, positives = state.interests[:-1], state.tokens[1:]
     pairs = (mask[:-1] & mask[1:]).astype(h.dtype)

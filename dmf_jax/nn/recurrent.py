@@ -81,16 +81,13 @@ class GRU(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_forward(kernels, h, xr, xu, xc, m, a):
-  """One step: the new state and the recurrent products (hr, hu, hc) = h_{t-1} U."""
-  ur, uu, uc = kernels
-  hr, hu, hc = h @ ur, h @ uu, h @ uc
+def _gates(xr, xu, xc, hr, hu, hc, a):
+  """A step's gates from its input sides x_g and recurrent products h_g = U_g h_{t-1}:
+  r, the update gate before the attention z, u' = a z (z for a GRU), and c."""
   r = jax.nn.sigmoid(xr + hr)
-  u = jax.nn.sigmoid(xu + hu)
-  if a is not None:
-    u = u * a[..., None]
-  c = jnp.tanh(xc + r * hc)
-  return jnp.where(m[..., None], (1 - u) * h + u * c, h), (hr, hu, hc)
+  z = jax.nn.sigmoid(xu + hu)
+  u = z if a is None else z * a[..., None]
+  return r, z, u, jnp.tanh(xc + r * hc)
 
 
 def _scan_forward(kernels, gates, mask, attention):
@@ -99,7 +96,9 @@ def _scan_forward(kernels, gates, mask, attention):
 
   def step(h, inputs):
     xr, xu, xc, m, a = inputs
-    new, products = _step_forward(kernels, h, xr, xu, xc, m, a)
+    products = tuple(h @ k for k in kernels)  # hr, hu, hc
+    _, _, u, c = _gates(xr, xu, xc, *products, a)
+    new = jnp.where(m[..., None], (1 - u) * h + u * c, h)
     return new, (new, products)
 
   _, (hs, products) = jax.lax.scan(step, h0, (*gates, mask, attention))
@@ -125,17 +124,13 @@ def _recurrence_bwd(residuals, d_hs):
   and dU_g = sum_t h_{t-1}^T d(U_g h_{t-1}) after the loop."""
   kernels, gates, mask, attention, hs, products = residuals
   ur, uu, uc = kernels
-  steps = hs.shape[0]
   # h_{t-1} for every t: the states shifted by one step, zero first
   prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]], axis=0)
 
   def step(dh, inputs):
     xr, xu, xc, m, a, h, hr, hu, hc, dy = inputs
     dh = dh + dy
-    r = jax.nn.sigmoid(xr + hr)
-    z = jax.nn.sigmoid(xu + hu)
-    u = z if a is None else z * a[..., None]
-    c = jnp.tanh(xc + r * hc)
+    r, z, u, c = _gates(xr, xu, xc, hr, hu, hc, a)
     dn = jnp.where(m[..., None], dh, 0)
     du = dn * (c - h)
     dxc = dn * u * (1 - c * c)
@@ -149,7 +144,7 @@ def _recurrence_bwd(residuals, d_hs):
 
   _, (dxr, dxu, dxc, dhc, da) = jax.lax.scan(
       step, jnp.zeros_like(hs[0]),
-      (*gates, mask, attention, prev, *products, d_hs), length=steps, reverse=True)
+      (*gates, mask, attention, prev, *products, d_hs), reverse=True)
   # dU_g = sum over steps and positions of h_{t-1} (outer) d(h_{t-1} U_g): one product each
   d_kernels = tuple(contract_leading(prev, d).astype(k.dtype)
                     for d, k in zip((dxr, dxu, dhc), kernels))

@@ -87,3 +87,17 @@ def test_sharded_rows_take_and_gradients_equal_the_direct_gather():
   g1 = jax.grad(lambda t: jnp.sum(via_rows(t) * cot))(table)
   g2 = jax.grad(lambda t: jnp.sum(direct(t) * cot))(table)
   np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_take_swapped_equals_take_with_the_first_two_dims_swapped():
+  """`take_swapped()`: a table's rows gathered with the index transposed, rows per position
+  and per data shard taken then swapped; all equal swapaxes(take(), 0, 1)."""
+  rng = np.random.default_rng(4)
+  ids = jnp.asarray(rng.integers(0, 7, (4, 5)), jnp.int32)
+  table = item_rows(ids, num_items=7).map(lambda v: jnp.stack([v, 2 * v], -1).astype(jnp.float32))
+  per_position = Rows(jnp.asarray(rng.normal(size=(4, 5, 2)), jnp.float32))
+  out = batch_unique_rows(rng.integers(0, 30, 8), rng.integers(0, 30, (8, 5)), 4, counts=(16, 64))
+  sharded = Rows(jnp.asarray(out["unique_items"]), jnp.asarray(out["hist_item_row"]), shards=4)
+  for rows in (table, per_position, sharded):
+    np.testing.assert_array_equal(rows.take_swapped(), jnp.swapaxes(rows.take(), 0, 1))
+  assert table.take_swapped().shape == (5, 4, 2)
