@@ -29,6 +29,12 @@ _REUSE_FREED_MEMORY = flags.DEFINE_bool(
     "Keep freed host memory for reuse (glibc malloc, one arena; dmf_jax.core.host): XLA:CPU "
     "steps with large temporaries (BST, DIEN) stop page-faulting on fresh pages; a run whose "
     "input threads allocate alongside its steps (DMF's) is slower with it.")
+flags.DEFINE_bool(
+    "huge_pages", True,
+    "Started as `python -m experiments.<name>`, re-execute once with malloc using transparent "
+    "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; dmf_jax.core.host): XLA:CPU steps with "
+    "large temporaries take about 80x fewer page faults. Read from the command line at start-up, "
+    "before flags are parsed; --nohuge_pages leaves it out.")
 
 
 def fail(message: str) -> None:
