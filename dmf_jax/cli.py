@@ -13,6 +13,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -40,6 +41,14 @@ flags.DEFINE_bool(
 def fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(USER_ERROR_EXIT)
+
+
+def refuse_to_replace(flag: str, path: str | None, force: bool) -> None:
+  """Stops the binary (`fail`) when the output file `path` given by --`flag` exists and
+  --force is not set: earlier figures are never replaced unasked. Call it before the work."""
+  if path and os.path.exists(os.path.expanduser(path)) and not force:
+    fail(f"--{flag}: {path} exists (an earlier run's figures?); give another path or --force "
+         "to replace it")
 
 
 def _short(message: str, lines: int = 4) -> str:

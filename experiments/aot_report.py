@@ -494,9 +494,7 @@ def main(argv):
   bad = sorted(set(_PHASES.value) - {"train", "encode", "score"})
   if bad:
     cli.fail(f"--phases: unknown {bad}; valid: train, encode, score")
-  if _OUTPUT.value and os.path.exists(_OUTPUT.value) and not _FORCE.value:
-    cli.fail(f"--output_json: {_OUTPUT.value} exists (an earlier report?); give another path "
-             "or --force to replace it")
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   rows = []
   for target in targets:
     rows += report(target, names, sizes, _PHASES.value, Settings.from_flags(),

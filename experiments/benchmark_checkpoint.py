@@ -28,9 +28,14 @@ from dmf_jax.core import integrity
 from dmf_jax import cli
 
 _GB = flags.DEFINE_float("gigabytes", 1.0, "Size of the saved state.")
-_DIR = flags.DEFINE_string("directory", "/tmp/dmf_checkpoint_bench", "Scratch folder (replaced).")
+_DIR = flags.DEFINE_string(
+    "directory", "/tmp/dmf_checkpoint_bench",
+    "Scratch folder, made by this benchmark and removed at its end (an existing folder that an "
+    "earlier run of it did not make is refused unless --force).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs of each figure (median).")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Also write the figures here.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json or --directory.")
+_MARK = ".dmf_checkpoint_bench"  # in the scratch folder: made by this benchmark
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -52,9 +57,15 @@ def _sha256_all(folder: pathlib.Path) -> None:
 
 def main(argv):
   del argv
-  root = pathlib.Path(_DIR.value)
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
+  root = pathlib.Path(_DIR.value).expanduser()
   if root.exists():
+    if not (root / _MARK).exists() and not _FORCE.value:
+      cli.fail(f"--directory: {root} exists and is not this benchmark's scratch folder; give a "
+               "new folder or --force to replace it")
     shutil.rmtree(root)
+  root.mkdir(parents=True)
+  (root / _MARK).touch()
   rng = np.random.default_rng(0)
   rows = max(1, int(_GB.value * 2**30 / 4 / 4096))
   state = {"table": jnp.asarray(rng.standard_normal((rows, 4096), np.float32)),

@@ -29,6 +29,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Training batch size.")
 _HEAD = flags.DEFINE_enum("head", "din", ["din", "dmf"], "EM3's ranking head.")
 _STEPS = flags.DEFINE_integer("time_steps", 5, "Steps timed per variant (0: memory only).")
 _OUTPUT = flags.DEFINE_string("output_json", "/tmp/em3_memory.json", "Output file.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 
 
 def measure(cfg, schema, catalog, batch, steps):
@@ -51,6 +52,7 @@ def measure(cfg, schema, catalog, batch, steps):
 
 def main(argv):
   del argv
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   # A catalog with more items than the batch has behaviour positions: the Q-Former runs per
   # position (the path of catalogs too large for a per-step content table).
   base = bench_utils.model_config(movielens.get_config(), "em3")

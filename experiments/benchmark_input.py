@@ -31,10 +31,12 @@ _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker-process counts to me
 _STEPS = flags.DEFINE_integer("train_steps", 30, "Timed train steps.")
 _MODEL = flags.DEFINE_string("model", "dmf", "Model whose train step is measured.")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the records.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 
 
 def main(argv):
   del argv
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   records = []
   for entry in _DATASETS.value:
     name, _, config = entry.partition("/")

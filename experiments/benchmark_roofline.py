@@ -33,6 +33,7 @@ _TRAIN_MODELS = flags.DEFINE_list(
     "train_models", ["dmf", "din", "bst", "dien"],
     "Models whose train step (MovieLens study config, L = 50) gets a roofline line.")
 _OUTPUT = flags.DEFINE_string("output_json", "/tmp/benchmark_roofline.json", "Output file.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 
 
 def cost(fn, *args):
@@ -92,6 +93,7 @@ def train_rooflines(names, batch_size: int, machine: dict, rng) -> dict:
 
 def main(argv):
   del argv
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   out = {"machine": machine_peaks()}
   print(json.dumps(out["machine"]), flush=True)
   cfg = bench_utils.model_config(movielens.get_config(), "dmf")

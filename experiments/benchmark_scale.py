@@ -235,9 +235,7 @@ def main(argv):
     synthetic.zipf_exponent_of(_EXPOSURE.value)
   except ValueError as e:
     cli.fail(f"--exposure: {e}")
-  if epath.Path(_OUTPUT.value).exists() and not _FORCE.value:
-    cli.fail(f"--output_json: {_OUTPUT.value} exists (an earlier run's figures?); give another "
-             "path or --force to replace it")
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   out = {"machine": f"{jax.devices()[0].platform}, {jax.device_count()} device(s)",
          "memory_bandwidth_bytes_per_s": round(bandwidth()), "catalog": []}
   if _BUILD.value:

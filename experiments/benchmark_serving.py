@@ -36,6 +36,7 @@ _CANDIDATES = flags.DEFINE_list("candidates", ["1", "10", "100", "1200", "5000"]
 _SEQ_LEN = flags.DEFINE_list("seq_len", ["50", "200", "1000"], "L values.")
 _SCOPES = flags.DEFINE_list("scopes", ["attention", "model"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output_json", "/tmp/benchmark_serving.json", "Records file.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.5, "Timing budget per measurement.")
 _EF_CHUNK = flags.DEFINE_integer("ef_chunk_elems", 2_000_000, "Early-fusion chunk (N x L).")
 
@@ -131,6 +132,7 @@ def plot(records, path):
 
 def main(argv):
   del argv
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   cfg = bench_utils.model_config(movielens.get_config(), "dmf")
   ns = [int(n) for n in _CANDIDATES.value]
   rng = np.random.default_rng(0)

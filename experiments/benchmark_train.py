@@ -31,11 +31,13 @@ _END_TO_END = flags.DEFINE_list("end_to_end_models", ["dmf"],
                                 "Models also timed in the training loop's steady state "
                                 "(input pipeline + sharded step).")
 _OUTPUT = flags.DEFINE_string("output_json", "/tmp/benchmark_train.json", "Output file.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace an existing --output_json.")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
+  cli.refuse_to_replace("output_json", _OUTPUT.value, _FORCE.value)
   config = _CONFIG.value
   built = data.prepare(config.dataset, config.dataset_config, config.data_dir, config.manual_dir)
   result = {

@@ -139,3 +139,34 @@ def test_new_binaries_refuse_to_replace_earlier_output(tmp_path):
   done = run(["experiments.benchmark_scale", f"--data_dir={tmp_path}", f"--output_json={scale}"])
   assert_user_error(done, f"--output_json: {scale} exists", "--force")
   assert scale.read_text() == "{}"
+
+
+
+@pytest.mark.parametrize("binary", ["benchmark_train", "benchmark_roofline", "benchmark_serving",
+                                    "benchmark_input", "benchmark_em3_memory",
+                                    "benchmark_checkpoint"])
+def test_benchmarks_refuse_to_replace_earlier_figures(tmp_path, binary):
+  """Every benchmark checks its --output_json before any work (`cli.refuse_to_replace`)."""
+  earlier = tmp_path / "figures.json"
+  earlier.write_text("{}")
+  required = [f"--config={TINY}"] if binary == "benchmark_train" else []
+  done = run([f"experiments.{binary}", f"--output_json={earlier}", *required])
+  assert_user_error(done, f"--output_json: {earlier} exists", "--force")
+  assert earlier.read_text() == "{}"
+
+
+def test_benchmark_checkpoint_keeps_a_folder_it_did_not_make(tmp_path):
+  """--directory is a scratch folder that the benchmark removes: a folder of the user's is
+  refused (and kept), one the benchmark made (its mark inside) is replaced."""
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep")
+  done = run(["experiments.benchmark_checkpoint", f"--directory={mine}"])
+  assert_user_error(done, f"--directory: {mine} exists and is not this benchmark's scratch")
+  assert (mine / "notes.txt").read_text() == "keep"
+  scratch = tmp_path / "scratch"
+  done = run(["experiments.benchmark_checkpoint", f"--directory={scratch}", "--gigabytes=0.001",
+              "--repeats=1", f"--output_json={tmp_path / 'ckpt.json'}"])
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads((tmp_path / "ckpt.json").read_text())["bytes_on_disk"] > 0
+  assert not scratch.exists()
