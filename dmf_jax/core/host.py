@@ -38,8 +38,6 @@ from collections.abc import Mapping, Sequence
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
-_NO_HUGE_PAGES = ("--nohuge_pages", "--huge_pages=false", "--huge_pages=False",
-                  "--huge_pages=0", "--huge_pages=f")
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
@@ -85,7 +83,7 @@ def huge_pages_environment(orig_argv: Sequence[str], argv0: str, package: str,
   module, flags = args[args.index("-m") + 1], args[args.index("-m") + 2:]
   if not module.startswith(package + "."):
     return None
-  if any(flag in _NO_HUGE_PAGES for flag in flags):
+  if any(_turns_off_huge_pages(flag) for flag in flags):
     return None
   tunables = environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables or glibc is None or glibc < (2, 35):
@@ -95,6 +93,15 @@ def huge_pages_environment(orig_argv: Sequence[str], argv0: str, package: str,
   env = dict(environ)
   env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
   return env
+
+
+def _turns_off_huge_pages(arg: str) -> bool:
+  """Whether a command-line argument is absl's --nohuge_pages or --huge_pages=<false> (one or
+  two dashes; false, f, 0 in any case)."""
+  name, _, value = arg.lstrip("-").partition("=")
+  if not arg.startswith("-"):
+    return False
+  return name == "nohuge_pages" or (name == "huge_pages" and value.lower() in ("false", "f", "0"))
 
 
 def _glibc_version() -> tuple[int, int] | None:

@@ -76,11 +76,14 @@ def test_a_binary_is_restarted_with_the_tunable_and_its_environment_kept():
   env = decide(environ={"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
   assert decide(glibc=(3, 0)) is not None
+  assert decide(BINARY + ["--huge_pages", "--huge_pages=true", "--x=nohuge_pages"]) is not None
 
 
 @pytest.mark.parametrize("case", [
     dict(orig_argv=BINARY + ["--nohuge_pages"]),
     dict(orig_argv=BINARY + ["--huge_pages=false"]),
+    dict(orig_argv=BINARY + ["-huge_pages=F"]),
+    dict(orig_argv=BINARY + ["-nohuge_pages"]),
     dict(environ={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}),  # the user's own choice
     dict(glibc=(2, 31)),  # no hugetlb tunable before 2.35
     dict(glibc=None),  # another C library
