@@ -46,7 +46,7 @@ def fail(message: str) -> None:
 def refuse_to_replace(flag: str, path: str | None, force: bool) -> None:
   """Stops the binary (`fail`) when the output file `path` given by --`flag` exists and
   --force is not set: earlier figures are never replaced unasked. Call it before the work."""
-  if path and os.path.exists(os.path.expanduser(path)) and not force:
+  if path and os.path.exists(path) and not force:
     fail(f"--{flag}: {path} exists (an earlier run's figures?); give another path or --force "
          "to replace it")
 

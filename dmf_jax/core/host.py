@@ -53,7 +53,7 @@ _SETTINGS = (
 def reuse_freed_memory() -> bool:
   """Sets glibc's malloc to reuse freed memory (see the module docstring); True when it did,
   False where the C library is not glibc (nothing is changed there)."""
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if _glibc_version() is None:
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
@@ -80,7 +80,8 @@ def huge_pages_environment(orig_argv: Sequence[str], argv0: str, package: str,
   args = list(orig_argv)
   if argv0 != "-m" or "-m" not in args[:-1]:
     return None
-  module, flags = args[args.index("-m") + 1], args[args.index("-m") + 2:]
+  at = args.index("-m")
+  module, flags = args[at + 1], args[at + 2:]
   if not module.startswith(package + "."):
     return None
   if any(_turns_off_huge_pages(flag) for flag in flags):
@@ -130,8 +131,11 @@ def start_with_huge_pages(package: str) -> None:
   """Re-executes `python -m <package>.<binary> ...` with HUGE_PAGES_TUNABLE set when
   `huge_pages_environment` says so (call it from the package's `__init__`, which `python -m`
   imports before the binary); otherwise returns and nothing changes."""
-  env = huge_pages_environment(getattr(sys, "orig_argv", ()), sys.argv[0] if sys.argv else "",
-                               package, os.environ, _glibc_version(), _thp_mode())
+  argv0 = sys.argv[0] if sys.argv else ""
+  if argv0 != "-m":  # not `python -m` starting: skip reading the C library and the kernel
+    return
+  env = huge_pages_environment(getattr(sys, "orig_argv", ()), argv0, package, os.environ,
+                               _glibc_version(), _thp_mode())
   if env is None:
     return
   sys.stdout.flush()

@@ -141,7 +141,6 @@ def test_new_binaries_refuse_to_replace_earlier_output(tmp_path):
   assert scale.read_text() == "{}"
 
 
-
 @pytest.mark.parametrize("binary", ["benchmark_train", "benchmark_roofline", "benchmark_serving",
                                     "benchmark_input", "benchmark_em3_memory",
                                     "benchmark_checkpoint"])
@@ -164,7 +163,10 @@ def test_benchmark_checkpoint_keeps_a_folder_it_did_not_make(tmp_path):
   done = run(["experiments.benchmark_checkpoint", f"--directory={mine}"])
   assert_user_error(done, f"--directory: {mine} exists and is not this benchmark's scratch")
   assert (mine / "notes.txt").read_text() == "keep"
-  scratch = tmp_path / "scratch"
+  scratch = tmp_path / "scratch"  # left by an earlier run of the benchmark: its mark inside
+  scratch.mkdir()
+  (scratch / ".dmf_checkpoint_bench").touch()
+  (scratch / "step_0").mkdir()
   done = run(["experiments.benchmark_checkpoint", f"--directory={scratch}", "--gigabytes=0.001",
               "--repeats=1", f"--output_json={tmp_path / 'ckpt.json'}"])
   assert done.returncode == 0, done.stderr[-3000:]
