@@ -20,7 +20,8 @@ groups, as the mesh splits them) the distinct ids of its targets and behaviours,
 static count U from a few sizes (`UNIQUE_ROW_COUNTS`), and each position's row within its
 shard. `Rows` with `shards=S` holds values [S, U, ...] and an index local to each shard, so
 per-item work runs once per distinct item of each device's examples and every gather stays on
-its device.
+its device. With several processes each one's pipeline does this for its own data shards and
+the processes agree on the largest U before a step (`pad_unique_rows`).
 """
 
 from __future__ import annotations
@@ -164,3 +165,14 @@ def batch_unique_rows(item_id: np.ndarray, hist_item_id: np.ndarray, shards: int
   rows = rows.reshape(b, seq_len + 1)
   return {"unique_items": table.astype(np.int32), "item_row": rows[:, 0].copy(),
           "hist_item_row": rows[:, 1:].copy()}
+
+
+def pad_unique_rows(batch: dict, count: int) -> dict:
+  """`batch` with its 'unique_items' [S, U] padded to [S, count] (count >= U; each shard
+  padded with its first id, as `batch_unique_rows` pads): the count all processes agreed on,
+  so that their local batches make one global array. The rows' index is unchanged."""
+  unique = np.asarray(batch["unique_items"])
+  if count < unique.shape[1]:
+    raise ValueError(f"cannot pad {unique.shape[1]} unique rows down to {count}")
+  pad = np.repeat(unique[:, :1], count - unique.shape[1], axis=1)
+  return batch | {"unique_items": np.concatenate([unique, pad], axis=1)}

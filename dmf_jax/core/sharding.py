@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 
@@ -42,6 +43,16 @@ class ShardingRules:
   def on_mesh(self) -> bool:
     """Whether any mesh axis is named (lookups then state their output sharding)."""
     return self.batch_axis is not None or self.table_axis is not None
+
+
+def agree_across_processes(value: int, reduce: Callable = np.min) -> int:
+  """`reduce` (np.min, np.max) of every process's `value`, the same on all processes: a
+  decision each process measured on its own (an evaluation batch, a padded row count) that
+  must give every process the same shapes. One process: `value`."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(reduce(multihost_utils.process_allgather(np.int64(value))))
 
 
 def gather_rows(table: jax.Array, ids: jax.Array, rules: ShardingRules) -> jax.Array:

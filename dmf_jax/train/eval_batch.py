@@ -24,7 +24,6 @@ import math
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from etils import epath
 
 BUDGET_FRACTION = 0.8  # of an accelerator's free memory: room for XLA's own buffers
@@ -96,11 +95,3 @@ def largest_fitting(working_set: Callable[[int], int | None], *, unit: int, larg
   figures.update(bytes_per_row=slope, fixed_bytes=intercept,
                  predicted_bytes=intercept + slope * size)
   return size, figures
-
-
-def agree_across_processes(size: int) -> int:
-  """The smallest `size` of all processes (each measured its own devices' free memory)."""
-  if jax.process_count() == 1:
-    return size
-  from jax.experimental import multihost_utils
-  return int(np.min(multihost_utils.process_allgather(np.int64(size))))

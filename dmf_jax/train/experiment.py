@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmf_jax.core.rows import catalog_exceeds_positions
-from dmf_jax.core.sharding import ShardingRules
+from dmf_jax.core.rows import catalog_exceeds_positions, pad_unique_rows
+from dmf_jax.core.sharding import ShardingRules, agree_across_processes
 from dmf_jax.data import format as data_format
 from dmf_jax.data import pipeline
 from dmf_jax.models.registry import build_model
@@ -74,13 +74,14 @@ class Experiment:
   def unique_row_shards(self) -> int:
     """Data shards whose distinct items each training batch carries (0: none): when the
     catalog has more rows than a shard's item positions, so that per-item work runs once per
-    distinct item instead of once per position, and one process feeds the whole mesh (each
-    process's distinct counts would differ, the arrays' shapes must not)."""
-    if jax.process_count() > 1:
-      return 0
+    distinct item instead of once per position. With several processes, each one's own
+    shards (its share of the 'data' axis); `to_model_batch` agrees on their row count."""
     shards, schema = self.partitioner.data_size, self.dataset.schema
-    return shards if catalog_exceeds_positions(schema.num_items, self.config.batch_size, shards,
-                                               schema.seq_len) else 0
+    processes = jax.process_count()
+    if shards % processes or not catalog_exceeds_positions(
+        schema.num_items, self.config.batch_size, shards, schema.seq_len):
+      return 0
+    return shards // processes
 
   @functools.cached_property
   def record_similarities(self) -> pipeline.RecordSimilarities | None:
@@ -117,7 +118,7 @@ class Experiment:
       budget, what = eval_batch.device_budget(jax.local_devices()[0])
       size, figures = eval_batch.largest_fitting(working_set, unit=unit, largest=largest,
                                                  budget=budget)
-      self.eval_sizing = {"eval_batch_size": eval_batch.agree_across_processes(size),
+      self.eval_sizing = {"eval_batch_size": agree_across_processes(size),  # each measured its own devices
                           "budget_is": what, **figures}
     return self.eval_sizing["eval_batch_size"]
 
@@ -150,6 +151,9 @@ class Experiment:
     keys = self.dataset.schema.batch_keys() + extra + tuple(
         k for k in ("unique_items", "item_row", "hist_item_row", "hist_similarity")
         if k in local)
+    if "unique_items" in local and jax.process_count() > 1:  # one shape for every process
+      local = pad_unique_rows(local, agree_across_processes(local["unique_items"].shape[1],
+                                                            np.max))
     return self.partitioner.shard_batch({k: local[k] for k in keys})
 
 

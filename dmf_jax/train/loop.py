@@ -237,6 +237,10 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
       log_to_stderr(f"evaluation batch {eval_size}: the largest whose working set (about "
                     f"{memory.format_bytes(sizing.get('predicted_bytes') or 0)}) fits "
                     f"{sizing['budget_is']} ({memory.format_bytes(sizing['budget'])})")
+    if exp.unique_row_shards:
+      log_to_stderr(f"training batches carry their distinct items: {exp.unique_row_shards} "
+                    f"data shard(s) per process, the catalog's {exp.dataset.schema.num_items} "
+                    "rows outnumber a shard's item positions")
 
   t0, seconds_before, pending = time.time(), book.train_seconds, []
   # Logged throughput: training steps only (the window restarts after evaluations, saves and

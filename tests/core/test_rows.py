@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmf_jax.core.rows import Rows, batch_unique_rows, item_rows, unique_row_count
+from dmf_jax.core.rows import (Rows, batch_unique_rows, item_rows, pad_unique_rows,
+                               unique_row_count)
 
 
 def test_whole_catalog_when_fewer_items_than_positions():
@@ -101,3 +102,23 @@ def test_take_swapped_equals_take_with_the_first_two_dims_swapped():
   for rows in (table, per_position, sharded):
     np.testing.assert_array_equal(rows.take_swapped(), jnp.swapaxes(rows.take(), 0, 1))
   assert table.take_swapped().shape == (5, 4, 2)
+
+
+def test_unique_rows_padded_to_an_agreed_count_read_the_same_values():
+  """Several processes pad their shards' rows to the largest count any of them needs: each
+  position still reads its own id, the added rows repeat the shard's first id."""
+  rng = np.random.default_rng(5)
+  item_id, hist = rng.integers(0, 40, 6), rng.integers(0, 40, (6, 4))
+  out = batch_unique_rows(item_id, hist, 2, counts=(8, 64))  # 12 and 14 distinct: 15 rows
+  assert out["unique_items"].shape == (2, 15)
+  padded = pad_unique_rows(out | {"other": 1}, 23)
+  assert padded["unique_items"].shape == (2, 23) and padded["other"] == 1
+  np.testing.assert_array_equal(padded["unique_items"][:, :15], out["unique_items"])
+  np.testing.assert_array_equal(padded["unique_items"][:, 15:],
+                                np.repeat(out["unique_items"][:, :1], 8, axis=1))
+  rows = Rows(jnp.asarray(padded["unique_items"]), jnp.asarray(padded["hist_item_row"]), shards=2)
+  np.testing.assert_array_equal(rows.take(), hist)
+  targets = Rows(jnp.asarray(padded["unique_items"]), jnp.asarray(padded["item_row"]), shards=2)
+  np.testing.assert_array_equal(targets.take(), item_id)
+  with pytest.raises(ValueError, match="cannot pad 15 unique rows down to 8"):
+    pad_unique_rows(out, 8)

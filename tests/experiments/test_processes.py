@@ -110,10 +110,15 @@ def train_losses(workdir):
   return [r["loss"] for r in records if r["kind"] == "train"]
 
 
-def test_two_processes_with_gloo_follow_the_single_process_trajectory(data_dir, tmp_path):
+@pytest.mark.parametrize("batch_size", [32, 8])
+def test_two_processes_with_gloo_follow_the_single_process_trajectory(data_dir, tmp_path,
+                                                                      batch_size):
+  """Batch 8: a data shard's 4 x 13 item positions are fewer than the catalog's 121 rows, so
+  each process's batches carry their own distinct items and the processes agree on their
+  count every step; batch 32 takes the catalog path."""
   flags = ("--config.num_train_steps=20", "--config.log_every_steps=1",
-           "--config.eval_every_steps=10")
-  run(train_cmd(tmp_path / "one", data_dir, *flags), env_with_devices(1))
+           "--config.eval_every_steps=10", f"--config.batch_size={batch_size}")
+  single = run(train_cmd(tmp_path / "one", data_dir, *flags), env_with_devices(1))
   port = free_port()
   procs = [
       subprocess.Popen(
@@ -126,6 +131,8 @@ def test_two_processes_with_gloo_follow_the_single_process_trajectory(data_dir, 
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
+  unique = "training batches carry their distinct items: 1 data shard(s) per process"
+  assert (unique in single.stderr) == (unique in outputs[0][1]) == (batch_size == 8)
   one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
   assert len(one) == len(two) == 20
   np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)

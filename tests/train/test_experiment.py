@@ -1,6 +1,7 @@
 """The experiment (`train.experiment`): in-memory and streamed training batches are the same, a
 tuning experiment has no test split, the step count follows the config."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -33,3 +34,27 @@ def test_a_tuning_experiment_has_no_test_split_and_counts_its_steps(tmp_path):
   per_epoch = len(exp.dataset.sources["train"]) // 64
   assert exp.total_steps == experiment.total_train_steps(config, 64 * per_epoch) == 2 * per_epoch
   assert exp.phase(0) == "main" and exp.pretrain_steps == 0
+
+
+def test_processes_pad_their_unique_rows_to_the_count_they_agree_on(tmp_path, monkeypatch):
+  """With several processes each one's batch carries its own shards' distinct items, padded
+  to the largest count of any process (`to_model_batch`): the padded batch trains exactly as
+  the unpadded one. Here one process plays both, the other process needing 9 more rows."""
+  exp = experiment.build_experiment(tiny_train_config(tmp_path))
+  assert exp.unique_row_shards == exp.partitioner.data_size == 8  # 4 x 13 positions < 121 rows
+  local = next(exp.train_iterator())
+  u = local["unique_items"].shape[1]
+  plain = exp.to_model_batch(local)
+  monkeypatch.setattr(experiment.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(experiment, "agree_across_processes",
+                      lambda value, reduce: int(reduce([value, value + 9])))
+  assert exp.unique_row_shards == 4  # each process's share of the 'data' axis
+  padded = exp.to_model_batch(local)
+  monkeypatch.undo()
+  assert plain["unique_items"].shape == (8, u) and padded["unique_items"].shape == (8, u + 9)
+  step = exp.partitioner.train_step(exp.graphdef, exp.tx, exp.shardings, "main")
+  fresh = lambda: jax.tree.map(lambda x: x.copy(), exp.state)  # the step donates its state
+  (state_a, out_a), (state_b, out_b) = step(fresh(), plain), step(fresh(), padded)
+  np.testing.assert_allclose(out_b["loss"], out_a["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
