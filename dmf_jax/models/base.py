@@ -12,6 +12,8 @@ item rows and row indices only.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Mapping
 from typing import Protocol
@@ -238,6 +240,26 @@ def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One forward's item encodings: the same distinct rows are encoded once
+# ---------------------------------------------------------------------------------------------
+
+
+# id(ids [S, U]) -> (ids, tokens [S, U, d]) of the forward in progress (`CTRModel.item_tokens`).
+_ENCODED_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "encoded_item_rows", default=None)
+
+
+@contextlib.contextmanager
+def _encoded_once():
+  """Within the block, `item_tokens` of the same batch-unique rows is computed once."""
+  token = _ENCODED_ROWS.set({})
+  try:
+    yield
+  finally:
+    _ENCODED_ROWS.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
 # The users' state between `encode_user` and `score`
 # ---------------------------------------------------------------------------------------------
 
@@ -360,7 +382,12 @@ class CTRModel(nnx.Module):
 
   def item_tokens(self, rows: Rows, *, sequence: bool = False, train: bool = False,
                   rngs: nnx.Rngs | None = None) -> Rows:
-    """Rows of ids -> Rows of tokens [R, token_dim] = [e ; content] (sequence: behaviour side)."""
+    """Rows of ids -> Rows of tokens [R, token_dim] = [e ; content] (sequence: behaviour side).
+
+    In a training forward over a batch's distinct items the history and the targets name the
+    same rows: without a content tower their tokens are the same function of the ids, so
+    they are encoded once (`_encoded_once`); the encoding's backward pass, and a row-sparse
+    table's update, then see each distinct item once instead of once per side."""
     def encode(ids):
       e = self.items(self.catalog, ids).astype(self.dtype)
       if self.content is None:
@@ -368,7 +395,13 @@ class CTRModel(nnx.Module):
       c = self.content(self.modality_vectors(ids), sequence=sequence, train=train, rngs=rngs)
       return jnp.concatenate([e, c], axis=-1)
 
-    return rows.map(encode)
+    encoded = _ENCODED_ROWS.get()
+    if encoded is None or not rows.shards or self.content is not None:
+      return rows.map(encode)
+    ids, tokens = encoded.get(id(rows.values), (None, None))
+    if ids is not rows.values:  # held, so the id cannot name another array meanwhile
+      ids, tokens = encoded[id(rows.values)] = rows.values, rows.map(encode).values
+    return Rows(tokens, rows.index, rows.shards)
 
   def candidate_rows(self, state: UserState, candidates: jax.Array) -> Rows:
     """Rows of the candidates int [B, N], counting the users' B x L history positions too (in
@@ -432,16 +465,17 @@ class CTRModel(nnx.Module):
                ) -> jax.Array:
     """Logits [B]: each example's user against its own target item."""
     validate_batch(self.schema, batch)
-    state = self.encode_user(batch, train=train, rngs=rngs)
-    record = (self.similarity.record(self.catalog, batch) if self.similarity is not None
-              else None)
-    if record is not None:  # the history side's vector reads are then dead code under jit
-      state = dataclasses.replace(state, similarity=record)
-    targets = self._unique_rows(batch, "item_row")
-    if targets is not None:  # the targets' rows among the batch's distinct items
-      state = dataclasses.replace(
-          state, candidate_rows=Rows(targets.values, targets.index[:, None], targets.shards))
-    return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
+    with _encoded_once():
+      state = self.encode_user(batch, train=train, rngs=rngs)
+      record = (self.similarity.record(self.catalog, batch) if self.similarity is not None
+                else None)
+      if record is not None:  # the history side's vector reads are then dead code under jit
+        state = dataclasses.replace(state, similarity=record)
+      targets = self._unique_rows(batch, "item_row")
+      if targets is not None:  # the targets' rows among the batch's distinct items
+        state = dataclasses.replace(
+            state, candidate_rows=Rows(targets.values, targets.index[:, None], targets.shards))
+      return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
 
   # -- training hooks: the loss of a phase and which parameters it updates. Phases run in
   # order: 'pretrain' for `config.pretrain_epochs` epochs (when > 0), then 'main'.

@@ -96,3 +96,40 @@ def test_the_loop_sends_unique_rows_only_when_the_catalog_exceeds_a_shards_posit
   small = experiment.build_experiment(tiny_train_config(tmp_path, batch_size=80))  # 130 > 121
   assert small.unique_row_shards == 0 and "unique_items" not in small.train_dataset()[0]
 
+
+
+def test_a_row_sparse_step_sees_each_distinct_item_once(monkeypatch):
+  """In a forward over unique rows the history's and the targets' tokens are encoded once
+  (`CTRModel.item_tokens`): the row-sparse update gets one lookup of the item-id table, of
+  the U rows of each shard, instead of one per side, and two steps give the same parameters
+  as with the two sides encoded apart (the same looked-up rows, their gradients summed)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from dmf_jax.models import base  # pylint: disable=g-import-not-at-top
+  from dmf_jax.nn import embedding  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train.optimizers import OptimizerConfig, make_optimizer  # pylint: disable=g-import-not-at-top
+
+  schema, catalog, splits = tiny_problem()
+  lookup, seen = embedding.RowProbes.lookup, []
+  monkeypatch.setattr(embedding.RowProbes, "lookup", lambda self, table, rows: (
+      seen.append((table.name, rows.shape)), lookup(self, table, rows))[1])
+  params = {}
+  for once in (True, False):
+    if not once:
+      monkeypatch.setattr(base, "_encoded_once", contextlib.nullcontext)
+    model = registry.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0),
+                                 catalog=catalog)
+    tx = make_optimizer(OptimizerConfig(learning_rate=3e-3, sparse_min_rows=1), 10)
+    graphdef, state = training.create_train_state(model, tx)
+    step, seen[:] = training.make_train_step(graphdef, tx), []
+    for i in range(2):
+      batch = {k: jnp.asarray(v[i * 8:(i + 1) * 8]) for k, v in splits["train"].items()}
+      batch = with_unique_rows(batch, 2)
+      assert batch["unique_items"].shape[1] < schema.num_items + 1  # the unique path is taken
+      state, _ = step(state, batch)
+    item_lookups = [shape for name, shape in seen if name == "item_id"]
+    traces = sum(name == "user_id" for name, _ in seen)  # one user lookup per trace
+    u = batch["unique_items"].shape[1]
+    assert traces and item_lookups == [(2 * u,)] * (1 if once else 2) * traces, seen
+    params[once] = jax.device_get(state.params)
+  for a, b in zip(jax.tree.leaves(params[False]), jax.tree.leaves(params[True])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
