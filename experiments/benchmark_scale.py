@@ -13,8 +13,11 @@ writes
 Catalog rows: DMF with experiments/configs/movielens.py's model dimensions, MovieLens's
 schema (text 384-d and image 1280-d vectors per item, random; genres, year, user fields),
 batch 512, random batches, Adam; N = 1,000 / 10,000 / 100,000 / 1,000,000 at L = 50, plus one
-row at L = 500 (`--long_seq_items` items). device_bytes: the train state's bytes on the
-device (parameters, optimizer state, catalog). The build runs `python -m data.build` in a
+row at L = 500 (`--long_seq_items` items). All rows are built first, then timed in
+`--rounds` alternating rounds (a slow phase of a shared machine falls on every row alike):
+step_ms_median over all steps, step_ms_by_round, and vs_1000_items_by_round, the median over
+rounds of the 1,000-item row's step time over the row's. device_bytes: the train state's bytes
+on the device (parameters, optimizer state, catalog). The build runs `python -m data.build` in a
 child process (peak RSS: the child's maximum resident set); a data_dir that already holds the
 build reuses the figures recorded when it was made. Defaults take about 30 minutes on 2 CPU
 cores.
@@ -29,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -53,7 +57,10 @@ _SIZES = flags.DEFINE_list("num_items", ["1000", "10000", "100000", "1000000"],
                            "Catalog sizes of the L = 50 rows.")
 _LONG_ITEMS = flags.DEFINE_integer("long_seq_items", 100_000,
                                    "Catalog size of the L = 500 row (0: no such row).")
-_STEPS = flags.DEFINE_integer("steps", 15, "Timed train steps per row.")
+_STEPS = flags.DEFINE_integer("steps", 15, "Timed train steps per row and round.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Rounds of --steps steps per row, the rows alternating (all rows are built "
+    "first and held together: the 1,000,000-item row holds about 7 GB).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Examples per step.")
 _VECTOR_DTYPE = flags.DEFINE_enum("vector_dtype", "float32", ["float32", "bfloat16"],
                                   "How the catalog holds the vectors.")
@@ -84,8 +91,9 @@ _EXPOSURE = flags.DEFINE_string(
 BUILD_RECORD = "benchmark_scale_build.json"  # beside the build: the figures of its making
 
 
-def catalog_row(num_items: int, seq_len: int) -> dict:
-  """Examples/s of the jitted DMF train step over a random catalog of `num_items` items."""
+def catalog_setup(num_items: int, seq_len: int) -> tuple[dict, Callable[[], object]]:
+  """(the row's figures but its timing, one() running the next jitted DMF train step) over a
+  random catalog of `num_items` items, the step compiled and run twice."""
   rng = np.random.default_rng(0)
   schema = bench_utils.movielens_like_schema(seq_len, num_items)
   if _MODALITY_DIM.value:
@@ -130,23 +138,42 @@ def catalog_row(num_items: int, seq_len: int) -> dict:
     return out
 
   start = time.perf_counter()
-  times = bench_utils.time_calls(one, min_seconds=0.0, min_reps=_STEPS.value,
-                                 max_reps=_STEPS.value, warmup=2)
-  step_s = float(np.median(times))
+  for _ in range(2):  # compiles, then the first touch of the state's pages
+    jax.block_until_ready(one())
   row = {"num_items": num_items, "model": "dmf", "seq_len": seq_len,
          "exposure": _EXPOSURE.value, "distinct_items_per_batch": round(distinct, 1),
          "unique_rows": (int(batches[0]["unique_items"].shape[1]) if _UNIQUE.value else None),
-         "train_examples_per_s": round(_BATCH.value / step_s, 1),
          "device_bytes": int(held["total"]),
          "device_bytes_by_part": {k: int(v) for k, v in held.items() if k != "total"},
-         "step_ms_median": round(1e3 * float(np.median(times)), 2),
          "pairwise_matrix": num_items <= config.pairwise_similarity_max_items,
          "record_similarities": bool(record), "host_similarity_ms_per_batch": host_ms,
          "vector_dtype": _VECTOR_DTYPE.value, "sparse_min_rows": _SPARSE.value,
          "seconds_with_compile": round(time.perf_counter() - start, 1),
-         "floor_bytes": int(floor), "floor_ratio": round(step_s / (floor / bandwidth()), 1)}
-  print(json.dumps(row), flush=True)
-  return row
+         "floor_bytes": int(floor)}
+  return row, one
+
+
+def time_rows(setups: list[tuple[dict, Callable[[], object]]], rounds: int, steps: int
+              ) -> list[dict]:
+  """Times the rows' steps in `rounds` alternating rounds of `steps` steps each (every other
+  round in reverse order), so that a slow phase of a shared machine falls on every row alike;
+  each row's figures: the median over all its steps, and per round the median step."""
+  times = [[] for _ in setups]
+  for r in range(rounds):
+    order = range(len(setups)) if r % 2 == 0 else reversed(range(len(setups)))
+    for i in order:
+      times[i].append(bench_utils.time_calls(setups[i][1], min_seconds=0.0, min_reps=steps,
+                                             max_reps=steps, warmup=0))
+  out = []
+  for (row, _), per_round in zip(setups, times):
+    step_s = float(np.median(np.concatenate(per_round)))
+    row = row | {"train_examples_per_s": round(_BATCH.value / step_s, 1),
+                 "step_ms_median": round(1e3 * step_s, 2),
+                 "step_ms_by_round": [round(1e3 * float(np.median(t)), 2) for t in per_round],
+                 "floor_ratio": round(step_s / (row["floor_bytes"] / bandwidth()), 1)}
+    print(json.dumps(row), flush=True)
+    out.append(row)
+  return out
 
 
 def floor_bytes(state, batch, distinct_items: float, no_vectors: bool, schema) -> float:
@@ -240,16 +267,19 @@ def main(argv):
          "memory_bandwidth_bytes_per_s": round(bandwidth()), "catalog": []}
   if _BUILD.value:
     out["build"] = build_row(_DATA_DIR.value, _BUILD.value)
-  for n in (int(s) for s in _SIZES.value):
-    out["catalog"].append(catalog_row(n, 50))
+  setups = [catalog_setup(int(n), 50) for n in _SIZES.value]
   if _LONG_ITEMS.value:
-    out["catalog"].append(catalog_row(_LONG_ITEMS.value, 500))
+    setups.append(catalog_setup(_LONG_ITEMS.value, 500))
+  out["catalog"] = time_rows(setups, _ROUNDS.value, _STEPS.value)
+  del setups
   if _BUILD.value:
     out["pipeline"] = pipeline_row(_DATA_DIR.value, _BUILD.value)
   base = next((r for r in out["catalog"] if r["num_items"] == 1000 and r["seq_len"] == 50), None)
-  if base:
+  if base:  # over all steps, and the median of the rounds' ratios (each round's own rows)
     for r in out["catalog"]:
       r["vs_1000_items"] = round(r["train_examples_per_s"] / base["train_examples_per_s"], 3)
+      r["vs_1000_items_by_round"] = round(float(np.median(
+          np.divide(base["step_ms_by_round"], r["step_ms_by_round"]))), 3)
   epath.Path(_OUTPUT.value).write_text(json.dumps(out, indent=2))
   print(f"wrote {_OUTPUT.value}")
 
