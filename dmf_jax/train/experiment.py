@@ -118,7 +118,8 @@ class Experiment:
       budget, what = eval_batch.device_budget(jax.local_devices()[0])
       size, figures = eval_batch.largest_fitting(working_set, unit=unit, largest=largest,
                                                  budget=budget)
-      self.eval_sizing = {"eval_batch_size": agree_across_processes(size),  # each measured its own devices
+      # each process measured its own devices: all take the smallest size
+      self.eval_sizing = {"eval_batch_size": agree_across_processes(size),
                           "budget_is": what, **figures}
     return self.eval_sizing["eval_batch_size"]
 

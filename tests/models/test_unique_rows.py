@@ -106,7 +106,7 @@ def test_a_row_sparse_step_sees_each_distinct_item_once(monkeypatch):
   import contextlib  # pylint: disable=g-import-not-at-top
   from dmf_jax.models import base  # pylint: disable=g-import-not-at-top
   from dmf_jax.nn import embedding  # pylint: disable=g-import-not-at-top
-  from dmf_jax.train.optimizers import OptimizerConfig, make_optimizer  # pylint: disable=g-import-not-at-top
+  from dmf_jax.train import optimizers  # pylint: disable=g-import-not-at-top
 
   schema, catalog, splits = tiny_problem()
   lookup, seen = embedding.RowProbes.lookup, []
@@ -118,7 +118,8 @@ def test_a_row_sparse_step_sees_each_distinct_item_once(monkeypatch):
       monkeypatch.setattr(base, "_encoded_once", contextlib.nullcontext)
     model = registry.build_model({"name": "dmf", **SMALL}, schema, rngs=nnx.Rngs(0),
                                  catalog=catalog)
-    tx = make_optimizer(OptimizerConfig(learning_rate=3e-3, sparse_min_rows=1), 10)
+    tx = optimizers.make_optimizer(
+        optimizers.OptimizerConfig(learning_rate=3e-3, sparse_min_rows=1), 10)
     graphdef, state = training.create_train_state(model, tx)
     step, seen[:] = training.make_train_step(graphdef, tx), []
     for i in range(2):
