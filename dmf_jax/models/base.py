@@ -464,6 +464,13 @@ class CTRModel(nnx.Module):
   def __call__(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
                ) -> jax.Array:
     """Logits [B]: each example's user against its own target item."""
+    return self.forward(batch, train=train, rngs=rngs)[1]
+
+  def forward(self, batch: Batch, *, train: bool = False, rngs: nnx.Rngs | None = None
+              ) -> tuple[UserState, jax.Array]:
+    """(the users' state, logits [B]) of a training or evaluation batch: `encode_user`, then
+    `score` of each example's own target, with what the input pipeline sent (the records'
+    similarities, the targets' rows among the batch's distinct items: each encoded once)."""
     validate_batch(self.schema, batch)
     with _encoded_once():
       state = self.encode_user(batch, train=train, rngs=rngs)
@@ -475,7 +482,7 @@ class CTRModel(nnx.Module):
       if targets is not None:  # the targets' rows among the batch's distinct items
         state = dataclasses.replace(
             state, candidate_rows=Rows(targets.values, targets.index[:, None], targets.shards))
-      return self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
+      return state, self.score(state, batch["item_id"][:, None], train=train, rngs=rngs)[:, 0]
 
   # -- training hooks: the loss of a phase and which parameters it updates. Phases run in
   # order: 'pretrain' for `config.pretrain_epochs` epochs (when > 0), then 'main'.

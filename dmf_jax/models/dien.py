@@ -14,7 +14,9 @@ evolves the interests towards the target.
 The negative k^-_{t+1} is the item (id_{t+1} + o) mod V with one offset o uniform in [1, V)
 per batch (a 'sample' stream draw): every negative differs from its positive, each is uniform
 over the other items, and the ids keep the batch's sharding (no replicated random array
-inside a sharded step).
+inside a sharded step). Over a batch's distinct items (`core.rows.batch_unique_rows`) the
+negatives' distinct items are those items shifted by o (a bijection of the ids), so they are
+encoded once per distinct item too, not once per position.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from dmf_jax.core import checks
+from dmf_jax.core.rows import Rows
 from dmf_jax.core.sharding import NO_SHARDING
-from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head, validate_batch
+from dmf_jax.models.base import CTRModel, ModelConfig, UserState, prediction_head
 from dmf_jax.nn.layers import Linear
 from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.nn.recurrent import GRU
@@ -95,8 +98,13 @@ class DIEN(CTRModel):
     num_items = self.catalog.num_items
     if offset is None:
       offset = jax.random.randint(rngs.sample(), (), 1, max(num_items, 2))
-    negative_ids = (batch["hist_item_id"][:, 1:] + offset) % num_items  # [B, L - 1]
-    negatives = self.item_tokens(self.item_rows(negative_ids), sequence=True).take_swapped()
+    shifted = lambda ids: (ids + offset) % num_items
+    unique = self._unique_rows(batch, "hist_item_row")
+    if unique is not None:  # the batch's distinct items shifted: the negatives' distinct items
+      rows = Rows(shifted(unique.values), unique.index[:, 1:], unique.shards)
+    else:
+      rows = self.item_rows(shifted(batch["hist_item_id"][:, 1:]))  # [B, L - 1]
+    negatives = self.item_tokens(rows, sequence=True).take_swapped()
     mask = state.mask.T  # time-major, as the states: [L, B]
     h, positives = state.interests[:-1], state.tokens[1:]
     pairs = (mask[:-1] & mask[1:]).astype(h.dtype)
@@ -108,9 +116,7 @@ class DIEN(CTRModel):
   def training_loss(self, batch, *, phase="main", rngs=None):
     """BCE of the logits plus dien_aux_weight x L_aux, from one pass of the extractor."""
     del phase
-    validate_batch(self.schema, batch)
-    state = self.encode_user(batch, train=True, rngs=rngs)
-    logits = self.score(state, batch["item_id"][:, None], train=True, rngs=rngs)[:, 0]
+    state, logits = self.forward(batch, train=True, rngs=rngs)
     ctr = bce_with_logits(logits, batch["label"], batch.get("weight"))
     if not self.config.dien_aux_weight:
       return ctr, {}
