@@ -175,19 +175,22 @@ def snapshot(directory):
           for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def assert_same_loss_and_gradients(model, batch, other):
-  """The jitted BCE loss of `model` and its gradient w.r.t. every parameter are the same on
-  two forms of one batch (e.g. with and without what the input pipeline adds); returns
-  (loss function of (params, batch), params, the loss)."""
+def assert_same_loss_and_gradients(model, batch, other, objective=None):
+  """The jitted loss of `model` (`objective(model, batch)`, default the BCE of its logits) and
+  its gradient w.r.t. every parameter are the same on two forms of one batch (e.g. with and
+  without what the input pipeline adds); returns (loss function of (params, batch), params,
+  the loss)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dmf_jax.nn.losses import bce_with_logits  # pylint: disable=g-import-not-at-top
   from dmf_jax.train import steps as training  # pylint: disable=g-import-not-at-top
 
   graphdef, params, rest = training.split_model(model)
+  if objective is None:
+    objective = lambda m, b: bce_with_logits(m(b), b["label"])
 
   def loss(p, b):
-    return bce_with_logits(nnx.merge(graphdef, p, rest)(b), b["label"])
+    return objective(nnx.merge(graphdef, p, rest), b)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss))
   (want, g_want), (got, g_got) = value_and_grad(params, batch), value_and_grad(params, other)

@@ -136,7 +136,7 @@ def test_a_row_sparse_step_sees_each_distinct_item_once(monkeypatch):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def test_dien_auxiliary_loss_over_unique_rows_equals_the_per_position_one():
+def test_dien_auxiliary_loss_over_unique_rows_equals_the_per_position_one(monkeypatch):
   """DIEN's negatives over unique rows: the distinct items shifted by the batch's offset,
   encoded once each; the auxiliary loss, the whole training loss (BCE + auxiliary, targets
   among the unique rows) and their gradients equal the per-position path's."""
@@ -146,34 +146,16 @@ def test_dien_auxiliary_loss_over_unique_rows_equals_the_per_position_one():
   assert unique["unique_items"].shape[1] < schema.num_items + 1
   model = registry.build_model({"name": "dien", **SMALL}, schema, rngs=nnx.Rngs(0),
                                catalog=catalog)
-  graphdef, params, rest = training.split_model(model)
-
-  def aux(p, b):
-    m = nnx.merge(graphdef, p, rest)
-    return m.auxiliary_loss(b, m.encode_user(b), offset=jnp.int32(37))
-
-  value_and_grad = jax.jit(jax.value_and_grad(aux))
-  (want, g_want), (got, g_got) = value_and_grad(params, batch), value_and_grad(params, unique)
+  aux, params, want = assert_same_loss_and_gradients(
+      model, batch, unique,
+      lambda m, b: m.auxiliary_loss(b, m.encode_user(b), offset=jnp.int32(37)))
   assert float(want) > 0
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(g_want), nnx.to_flat_state(g_got)):
-    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-7,
-                               err_msg=str(path))
-  def full_loss(p, b):  # BCE + the weighted auxiliary loss, the offset drawn from one seed
-    return nnx.merge(graphdef, p, rest).training_loss(b, rngs=nnx.Rngs(sample=3))[0]
-
-  (want, g_want), (got, g_got) = [jax.jit(jax.value_and_grad(full_loss))(params, b)
-                                  for b in (batch, unique)]
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(g_want), nnx.to_flat_state(g_got)):
-    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-7,
-                               err_msg=str(path))
+  # BCE + the weighted auxiliary loss, the offset drawn from one seed
+  assert_same_loss_and_gradients(
+      model, batch, unique, lambda m, b: m.training_loss(b, rngs=nnx.Rngs(sample=3))[0])
   negatives = []  # the unique path encodes [S, U] shifted rows, not B x (L - 1) positions
   orig = type(model).item_tokens
-  try:
-    type(model).item_tokens = lambda self, rows, **kw: (negatives.append(rows), orig(
-        self, rows, **kw))[1]
-    jax.eval_shape(aux, params, unique)
-  finally:
-    type(model).item_tokens = orig
+  monkeypatch.setattr(type(model), "item_tokens", lambda self, rows, **kw: (
+      negatives.append(rows), orig(self, rows, **kw))[1])
+  jax.eval_shape(aux, params, unique)
   assert negatives[-1].values.shape == unique["unique_items"].shape
