@@ -15,6 +15,14 @@ example its own user), serving with B = 1 (one user, N candidates): the same two
 batched convenience `attention(target [B, d], behaviours [B, L, d], [side,] mask)` is
 `attend(encode_user(...), target[:, None], side[:, None])[:, 0]`.
 
+The multi-head attentions' keys and values W^T x_j are projected once per row when the rows
+are a shared table's (a small catalog: R < B L). When there is about one row per position
+(large catalogs: rows per position or per data shard) projecting every row costs L d H d_h per
+user, so `encode_user` keeps the tokens and `attend` either folds the kernels into its queries,
+q_h . (W_h^T x_j) = (W_h q_h) . x_j and sum_j a_j W_h^T x_j = W_h^T sum_j a_j x_j, or projects
+the L tokens, whichever takes fewer multiply-adds for its N (`fold_into_queries`: a training
+step folds, serving thousands of candidates projects). Both are the same function.
+
 Early fusion (the DMF paper's target attention with similarity side information) gives each
 behaviour token the candidate-dependent side information z_tj^k = E_k[b_tj^k]:
 x_tj = [e_j ; z_tj^1 ; ... ; z_tj^K], then
@@ -174,6 +182,98 @@ def head_mix(a: jax.Array, values: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-head keys and values of the behaviours: projected, or folded into the queries
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeadsUserState:
+  """Per-head keys and values [B, H, L, d_h] (head-major) and mask [B, L]; for DTA the ID
+  parts W^id e_j only."""
+
+  key_id: jax.Array
+  value_id: jax.Array
+  mask: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokensUserState:
+  """The behaviour tokens [B, L, d] and mask [B, L]: early fusion's user part, and the keys'
+  and values' user part when they are not projected per row (`encode_heads`)."""
+
+  behaviors: jax.Array
+  mask: jax.Array
+
+
+def encode_heads(rows: Rows, key_kernel: jax.Array, value_kernel: jax.Array, num_heads: int,
+                 head_dim: int, mask: jax.Array) -> HeadsUserState | TokensUserState:
+  """The user part of keys K_j = W_K^T x_j and values V_j = W_V^T x_j (kernels [d, H*d_h]).
+
+  Rows of a shared table (the catalog: fewer rows than positions) are projected once per row
+  and gathered head-major (`HeadsUserState`). Rows per position or per data shard (large
+  catalogs: about one row per position) keep the tokens x_j [B, L, d] (`TokensUserState`):
+  `attend` then folds the kernels into its N queries per user or projects the L tokens,
+  whichever costs less (`fold_into_queries`); a training step (N = 1) folds, and no
+  per-row projection, its gradients or its head-major copies are made at all.
+  """
+  if rows.index is not None and not rows.shards:
+    return HeadsUserState(head_major(rows, key_kernel, num_heads, head_dim),
+                          head_major(rows, value_kernel, num_heads, head_dim), mask)
+  return TokensUserState(rows.take(), mask)
+
+
+def fold_into_queries(n: int, seq_len: int, dim: int, head_dim: int) -> bool:
+  """Whether scoring N candidates per user over L tokens of width d folds the kernels into the
+  queries, N (d d_h + L d) multiply-adds per head and user, rather than projects the tokens,
+  L d d_h + N L d_h (keys and values alike)."""
+  return n * (dim * head_dim + seq_len * dim) < seq_len * dim * head_dim + n * seq_len * head_dim
+
+
+def heads_for(state: HeadsUserState | TokensUserState, n: int, key_kernel: jax.Array,
+              value_kernel: jax.Array, num_heads: int, head_dim: int
+              ) -> HeadsUserState | TokensUserState:
+  """The user part `attend` works from for N candidates per user: tokens stay tokens when
+  `fold_into_queries`, else they are projected (L rows per user) into `HeadsUserState`."""
+  if isinstance(state, HeadsUserState):
+    return state
+  _, seq_len, dim = state.behaviors.shape
+  if fold_into_queries(n, seq_len, dim, head_dim):
+    return state
+  tokens = Rows(state.behaviors)
+  return HeadsUserState(head_major(tokens, key_kernel, num_heads, head_dim),
+                        head_major(tokens, value_kernel, num_heads, head_dim), state.mask)
+
+
+def id_scores(state: HeadsUserState | TokensUserState, q: jax.Array, key_kernel: jax.Array
+              ) -> jax.Array:
+  """q [B, N, H, d_h] . K_j -> [B, N, H, L]; over tokens q_h . (W_h^T x_j) = (W_h q_h) . x_j,
+  the kernel [d, H*d_h] folded into the queries."""
+  if isinstance(state, HeadsUserState):
+    return head_scores(q, state.key_id)
+  _, n, h, dh = q.shape
+  folded = jnp.einsum("bnhc,dhc->bnhd", q, key_kernel.reshape(-1, h, dh))  # [B, N, H, d]
+  if n == 1:
+    return jnp.einsum("bhd,bld->bhl", folded[:, 0], state.behaviors)[:, None]
+  return jnp.einsum("bnhd,bld->bnhl", folded, state.behaviors)
+
+
+def id_mix(state: HeadsUserState | TokensUserState, a: jax.Array, value_kernel: jax.Array
+           ) -> jax.Array:
+  """Attention weights a [B, N, H, L] over V_j -> [B, N, H, d_h]; over tokens
+  sum_j a_j W_h^T x_j = W_h^T (sum_j a_j x_j), the tokens pooled first."""
+  if isinstance(state, HeadsUserState):
+    return head_mix(a, state.value_id)
+  _, n, h, _ = a.shape
+  if n == 1:
+    pooled = jnp.einsum("bhl,bld->bhd", a[:, 0], state.behaviors)[:, None]
+  else:
+    pooled = jnp.einsum("bnhl,bld->bnhd", a, state.behaviors)  # [B, N, H, d]
+  return jnp.einsum("bnhd,dhc->bnhc", pooled, value_kernel.reshape(pooled.shape[-1], h, -1))
+
+
+# ---------------------------------------------------------------------------------------------
 # DIN
 # ---------------------------------------------------------------------------------------------
 
@@ -299,17 +399,6 @@ class DinAttention(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class HeadsUserState:
-  """Per-head keys and values [B, H, L, d_h] (head-major) and mask [B, L]; for DTA the ID
-  parts W^id e_j only."""
-
-  key_id: jax.Array
-  value_id: jax.Array
-  mask: jax.Array
-
-
 class MultiHeadTargetAttention(nnx.Module):
   """ID-only multi-head scaled dot-product target attention.
 
@@ -327,23 +416,26 @@ class MultiHeadTargetAttention(nnx.Module):
   def out_dim(self) -> int:
     return self.num_heads * self.head_dim
 
-  def encode_user(self, behaviors: Rows | jax.Array, mask: jax.Array) -> HeadsUserState:
-    """Behaviour tokens (Rows of [R, d]), mask [B, L] -> keys and values [B, H, L, d_h]."""
+  def encode_user(self, behaviors: Rows | jax.Array, mask: jax.Array
+                  ) -> HeadsUserState | TokensUserState:
+    """Behaviour tokens (Rows of [R, d]), mask [B, L] -> keys and values [B, H, L, d_h], or
+    the tokens [B, L, d] themselves (`encode_heads`)."""
     rows = _behaviour_rows("MultiHeadTargetAttention", behaviors, mask, self.id_dim)
-    h, dh = self.num_heads, self.head_dim
-    return HeadsUserState(head_major(rows, self.key[...], h, dh),
-                          head_major(rows, self.value[...], h, dh), mask)
+    return encode_heads(rows, self.key[...], self.value[...], self.num_heads, self.head_dim,
+                        mask)
 
-  def attend(self, state: HeadsUserState, query: jax.Array, side: jax.Array | None = None
-             ) -> jax.Array:
+  def attend(self, state: HeadsUserState | TokensUserState, query: jax.Array,
+             side: jax.Array | None = None) -> jax.Array:
     """query [B, N, d] -> [B, N, H * d_h] (no side information)."""
     del side
     _check_query("MultiHeadTargetAttention", query, state.mask.shape[0], self.id_dim)
     h, dh = self.num_heads, self.head_dim
+    state = heads_for(state, query.shape[1], self.key[...], self.value[...], h, dh)
     q = split_leading((merge_leading(query) @ self.query[...]).reshape(-1, h, dh),
                       *query.shape[:2])
-    a = masked_softmax(head_scores(q, state.key_id) / jnp.sqrt(dh), state.mask[:, None, None])
-    out = merge_leading(head_mix(a, state.value_id))  # [B * N, H, d_h]
+    a = masked_softmax(id_scores(state, q, self.key[...]) / jnp.sqrt(dh),
+                       state.mask[:, None, None])
+    out = merge_leading(id_mix(state, a, self.value[...]))  # [B * N, H, d_h]
     return split_leading(out.reshape(out.shape[0], h * dh), *query.shape[:2])
 
   def __call__(self, target: jax.Array, behaviors: jax.Array, mask: jax.Array) -> jax.Array:
@@ -448,15 +540,6 @@ class _FusionAttention(nnx.Module):
     return self.attend(state, target_id_emb[:, None], bucket_ids[:, None])[:, 0]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TokensUserState:
-  """Early fusion's user part: the behaviour tokens [B, L, d] and mask [B, L]."""
-
-  behaviors: jax.Array
-  mask: jax.Array
-
-
 class EarlyFusionTargetAttention(_FusionAttention):
   """Target attention over behaviour tokens carrying the similarity-bucket embeddings.
 
@@ -499,28 +582,36 @@ class DecoupledTargetAttention(_FusionAttention):
     """A DTA sharing `ef`'s weights (the same Params: training one trains the other)."""
     return cls(**ef.weights.config(), weights=ef.weights, lookup_mode=lookup_mode)
 
-  def encode_user(self, behaviors: Rows | jax.Array, mask: jax.Array) -> HeadsUserState:
-    """Target-agnostic part: W^id e_j for keys and values, [B, H, L, d_h] (on the R rows)."""
+  def encode_user(self, behaviors: Rows | jax.Array, mask: jax.Array
+                  ) -> HeadsUserState | TokensUserState:
+    """Target-agnostic part: W^id e_j for keys and values, [B, H, L, d_h] (on the R rows), or
+    the tokens e_j [B, L, d] themselves when the rows are per position or per data shard
+    (`encode_heads`)."""
     w = self.weights
     rows = _behaviour_rows(type(self).__name__, behaviors, mask, w.id_dim)
-    return HeadsUserState(
-        key_id=head_major(rows, w.key[...][: w.id_dim], w.num_heads, w.head_dim),
-        value_id=head_major(rows, w.value[...][: w.id_dim], w.num_heads, w.head_dim),
-        mask=mask,
-    )
+    return encode_heads(rows, *self._id_kernels(), w.num_heads, w.head_dim, mask)
 
-  def attend(self, state: HeadsUserState, query: jax.Array, side: jax.Array | None = None
-             ) -> jax.Array:
+  def _id_kernels(self) -> tuple[jax.Array, jax.Array]:
+    """W_K^id and W_V^id [d, H*d_h]: the key's and value's rows acting on the ID token."""
+    w = self.weights
+    return w.key[...][: w.id_dim], w.value[...][: w.id_dim]
+
+  def attend(self, state: HeadsUserState | TokensUserState, query: jax.Array,
+             side: jax.Array | None = None) -> jax.Array:
     """query [B, N, d], side = bucket_ids int [B, N, L, K] -> [B, N, H*d_h].
 
     scores = q . K^id_j + sum_k (q . T_K^k)[b_k]   (q . T_K^k for all nb buckets: a GEMM)
     out    = sum_j a_j V^id_j + sum_k sum_b A_b^k T_V^k[b]
-    with A_b^k the attention mass whose bucket for modality k is b (a segment sum).
+    with A_b^k the attention mass whose bucket for modality k is b (a segment sum). Over
+    tokens (`TokensUserState`) q . K^id_j = (W_K^id q) . e_j and sum_j a_j V^id_j =
+    W_V^id^T sum_j a_j e_j (`id_scores`, `id_mix`).
     """
     w = self.weights
     batch, seq_len = state.mask.shape
     self._check_attend(query, side, batch, seq_len)
     n, k, nb, h, dh = query.shape[1], w.num_modalities, w.num_buckets, w.num_heads, w.head_dim
+    key_id, value_id = self._id_kernels()
+    state = heads_for(state, n, key_id, value_id, h, dh)
     e = batch * n  # (user, candidate) pairs, flattened: the per-pair work below is 3-D
     q = w.queries(merge_leading(query))  # [E, H, d_h]
     buckets = merge_leading(jnp.clip(side, 0, nb - 1))  # [E, L, K]
@@ -531,8 +622,8 @@ class DecoupledTargetAttention(_FusionAttention):
     else:
       index = jnp.transpose(buckets, (0, 2, 1))[:, :, None, :]  # [E, K, 1, L]
       side_scores = jnp.take_along_axis(q_side, index, axis=3).sum(axis=1)  # [E, H, L]
-    id_scores = merge_leading(head_scores(split_leading(q, batch, n), state.key_id))
-    scores = (id_scores + side_scores) / jnp.sqrt(dh)
+    scores = (merge_leading(id_scores(state, split_leading(q, batch, n), key_id))
+              + side_scores) / jnp.sqrt(dh)
     mask = merge_leading(jnp.broadcast_to(state.mask[:, None], (batch, n, seq_len)))
     a = masked_softmax(scores, mask[:, None, :])  # [E, H, L]
     if self.lookup_mode == "one_hot":
@@ -543,6 +634,6 @@ class DecoupledTargetAttention(_FusionAttention):
       segment = (jnp.arange(e)[:, None, None] * k + jnp.arange(k)[None, None, :]) * nb + buckets
       mass = segment_sum_rows(per_token.reshape(-1, h), segment.reshape(-1), e * k * nb)
       mass = mass.reshape(e, k, nb, h)  # [E, K, nb, H]
-    id_part = merge_leading(head_mix(split_leading(a, batch, n), state.value_id))
+    id_part = merge_leading(id_mix(state, split_leading(a, batch, n), value_id))
     out = id_part + jnp.einsum("ekmh,kmhd->ehd", mass, w.bucket_tables(w.value[...]))
     return split_leading(out.reshape(e, h * dh), batch, n)

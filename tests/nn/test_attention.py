@@ -8,11 +8,14 @@ from flax import nnx
 
 import reference
 from dmf_jax.core.rows import Rows
+from dmf_jax.nn import attention
 from dmf_jax.nn.attention import (
     DecoupledTargetAttention,
     DinAttention,
     EarlyFusionTargetAttention,
+    HeadsUserState,
     MultiHeadTargetAttention,
+    TokensUserState,
     masked_softmax,
 )
 
@@ -119,7 +122,8 @@ def test_dta_serving_split_equals_batched_call():
                 jnp.asarray(b), jnp.broadcast_to(user_m, (n, seq_len)))
   # The same two calls with one user (B = 1) and N candidates.
   state = dta.encode_user(jnp.asarray(user_e)[None], jnp.asarray(user_m)[None])
-  assert state.key_id.shape == (1, 2, seq_len, 4)  # head-major [B, H, L, d_h]
+  assert isinstance(state, TokensUserState)  # per-position tokens: projected in attend
+  assert not attention.fold_into_queries(n, seq_len, ID_DIM, 4)
   served = dta.attend(state, jnp.asarray(t)[None], jnp.asarray(b)[None])[0]
   np.testing.assert_allclose(np.asarray(served), np.asarray(batched), rtol=1e-5, atol=1e-6)
   ef_state = ef.encode_user(jnp.asarray(user_e)[None], jnp.asarray(user_m)[None])
@@ -143,7 +147,10 @@ def test_dta_from_item_rows_equals_gathered_behaviours():
   def gathered(table, target):
     return dta(target, table[rows], b, m)
 
-  state, want = dta.encode_user(Rows(table, rows), m), dta.encode_user(table[rows], m)
+  state = dta.encode_user(Rows(table, rows), m)  # a table's rows: projected, then gathered
+  want = attention.heads_for(dta.encode_user(table[rows], m), 100, *dta._id_kernels(), 3, 4)
+  assert isinstance(state, HeadsUserState) and isinstance(want, HeadsUserState)
+  assert state.key_id.shape == (6, 3, 9, 4)  # head-major [B, H, L, d_h]
   np.testing.assert_allclose(state.key_id, want.key_id, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.value_id, want.value_id, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(from_table(table, t), gathered(table, t), rtol=1e-5, atol=1e-6)
@@ -155,6 +162,64 @@ def test_dta_from_item_rows_equals_gathered_behaviours():
     dta.encode_user(Rows(table, rows.at[2, 3].set(17)), m)
   with pytest.raises(ValueError, match=r"item rows: expected shape \('\?', 12\)"):
     dta.encode_user(Rows(table[:, :5], rows), m)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("fold", [True, False])
+def test_tokens_folded_into_queries_or_projected_equal_early_fusion(monkeypatch, fold, n):
+  """Behaviour tokens per position (`TokensUserState`): DTA and the ID-only attention with
+  the kernels folded into the queries, or the tokens projected, equal early fusion's plain
+  projection of every token (float64, values and gradients), for one and several candidates
+  per user, with padding and an all-masked user."""
+  monkeypatch.setattr(attention, "fold_into_queries", lambda *a: fold)
+  rng = np.random.default_rng(31 + n)
+  seq_len, k = 9, 2
+  ef = make_ef(k, 3, head_dim=5, seed=n)
+  dta = DecoupledTargetAttention.from_early_fusion(ef)
+  mha = MultiHeadTargetAttention(id_dim=ID_DIM, num_heads=3, head_dim=5, rngs=nnx.Rngs(n))
+  _, e, _, m = make_inputs(rng, 4, seq_len, k)
+  t = rng.normal(size=(4, n, ID_DIM))
+  b = rng.integers(0, NUM_BUCKETS, size=(4, n, seq_len, k)).astype(np.int32)
+  cot = rng.normal(size=(4, n, 15))
+
+  def objective(module, split):
+    graphdef, params = nnx.split(module)
+
+    def f(params, target, behaviors):
+      mod = nnx.merge(graphdef, params)
+      if split:
+        state = mod.encode_user(behaviors, jnp.asarray(m))
+        assert isinstance(state, TokensUserState)
+        out = mod.attend(state, target, jnp.asarray(b))
+      elif isinstance(mod, MultiHeadTargetAttention):  # the plain form: every token projected
+        state = attention.HeadsUserState(*(jnp.swapaxes(
+            (behaviors @ w[...]).reshape(4, seq_len, 3, 5), 1, 2) for w in (mod.key, mod.value)),
+            jnp.asarray(m))
+        out = mod.attend(state, target)
+      else:
+        out = mod.attend(mod.encode_user(behaviors, jnp.asarray(m)), target, jnp.asarray(b))
+      return jnp.sum(out * cot)
+
+    with jax.enable_x64(True):
+      params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+      value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(
+          params, jnp.asarray(t, jnp.float64), jnp.asarray(e, jnp.float64))
+      return value, jax.tree.map(np.asarray, grads)
+
+  for got_module, want_module in ((dta, ef), (mha, mha)):
+    got, got_grads = objective(got_module, True)
+    want, want_grads = objective(want_module, False)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)
+    assert all(np.abs(c).max() > 1e-3 for c in jax.tree.leaves(want_grads))
+    assert np.all(got_grads[2][0] == 0.0)  # the all-masked user's behaviours: no gradient
+
+
+def test_fold_into_queries_for_training_not_for_serving():
+  """One candidate per user (training) folds; thousands per user (serving) project."""
+  assert attention.fold_into_queries(1, 50, 56, 32)
+  assert not attention.fold_into_queries(1000, 50, 56, 32)
 
 
 def test_dta_under_jit_matches_eager():
