@@ -13,10 +13,11 @@ writes
 Catalog rows: DMF with experiments/configs/movielens.py's model dimensions, MovieLens's
 schema (text 384-d and image 1280-d vectors per item, random; genres, year, user fields),
 batch 512, random batches, Adam; N = 1,000 / 10,000 / 100,000 / 1,000,000 at L = 50, plus one
-row at L = 500 (`--long_seq_items` items). All rows are built first, then timed in
-`--rounds` alternating rounds (a slow phase of a shared machine falls on every row alike):
-step_ms_median over all steps, step_ms_by_round, and vs_1000_items_by_round, the median over
-rounds of the 1,000-item row's step time over the row's. device_bytes: the train state's bytes
+row at L = 500 (`--long_seq_items` items). Each row is timed in `--rounds` rounds alternating
+with the 1,000-item row (a slow phase of a shared machine falls on both alike), built just
+before and released after, so that two catalogs at most are held at once: step_ms_median over
+all steps, step_ms_by_round, and vs_1000_items_by_round, the median over rounds of the
+1,000-item row's step time over the row's. device_bytes: the train state's bytes
 on the device (parameters, optimizer state, catalog). The build runs `python -m data.build` in a
 child process (peak RSS: the child's maximum resident set); a data_dir that already holds the
 build reuses the figures recorded when it was made. Defaults take about 30 minutes on 2 CPU
@@ -153,27 +154,62 @@ def catalog_setup(num_items: int, seq_len: int) -> tuple[dict, Callable[[], obje
   return row, one
 
 
-def time_rows(setups: list[tuple[dict, Callable[[], object]]], rounds: int, steps: int
-              ) -> list[dict]:
-  """Times the rows' steps in `rounds` alternating rounds of `steps` steps each (every other
-  round in reverse order), so that a slow phase of a shared machine falls on every row alike;
-  each row's figures: the median over all its steps, and per round the median step."""
+def timed_rounds(setups: list[tuple[dict, Callable[[], object]]], rounds: int, steps: int
+                 ) -> list[list[np.ndarray]]:
+  """Per setup, per round, its `steps` step times (s): `rounds` alternating rounds (every other
+  round in reverse order), so that a slow phase of a shared machine falls on every row alike."""
   times = [[] for _ in setups]
   for r in range(rounds):
     order = range(len(setups)) if r % 2 == 0 else reversed(range(len(setups)))
     for i in order:
       times[i].append(bench_utils.time_calls(setups[i][1], min_seconds=0.0, min_reps=steps,
                                              max_reps=steps, warmup=0))
-  out = []
-  for (row, _), per_round in zip(setups, times):
-    step_s = float(np.median(np.concatenate(per_round)))
-    row = row | {"train_examples_per_s": round(_BATCH.value / step_s, 1),
-                 "step_ms_median": round(1e3 * step_s, 2),
-                 "step_ms_by_round": [round(1e3 * float(np.median(t)), 2) for t in per_round],
-                 "floor_ratio": round(step_s / (row["floor_bytes"] / bandwidth()), 1)}
+  return times
+
+
+def with_times(row: dict, per_round: list[np.ndarray]) -> dict:
+  """The row with its timing figures: the median over all its steps, per round the median
+  step, and the step's ratio to the floor."""
+  step_s = float(np.median(np.concatenate(per_round)))
+  return row | {"train_examples_per_s": round(_BATCH.value / step_s, 1),
+                "step_ms_median": round(1e3 * step_s, 2),
+                "step_ms_by_round": [round(1e3 * float(np.median(t)), 3) for t in per_round],
+                "floor_ratio": round(step_s / (row["floor_bytes"] / bandwidth()), 1)}
+
+
+def catalog_rows(specs: list[tuple[int, int]], rounds: int, steps: int) -> list[dict]:
+  """The catalog rows of (num_items, seq_len) `specs`, in their order.
+
+  The 1,000-item L = 50 row (the base) is built first and kept; every other row is built in
+  turn, timed in rounds alternating with the base, and released, so that at most two catalogs
+  are held at once (a 1,000,000-item catalog with MovieLens's vectors takes 6.7 GB). A row's
+  vs_1000_items is the base's examples/s over the row's in those rounds, and
+  vs_1000_items_by_round the median of the rounds' ratios; the base row's figures cover all
+  its rounds."""
+  base_spec = (1000, 50) if (1000, 50) in specs else None
+  base = catalog_setup(*base_spec) if base_spec else None
+  rows, base_rounds = {}, []
+  for spec in specs:
+    if spec == base_spec:
+      continue
+    setup = catalog_setup(*spec)
+    times = timed_rounds([setup] if base is None else [base, setup], rounds, steps)
+    row = with_times(setup[0], times[-1])
+    del setup
+    if base is not None:
+      base_rounds += times[0]
+      step_ratio = lambda a, b: round(float(np.median(a)) / float(np.median(b)), 3)
+      row["vs_1000_items"] = step_ratio(np.concatenate(times[0]), np.concatenate(times[1]))
+      row["vs_1000_items_by_round"] = round(float(np.median(
+          [np.median(a) / np.median(b) for a, b in zip(*times)])), 3)
     print(json.dumps(row), flush=True)
-    out.append(row)
-  return out
+    rows[spec] = row
+  if base is not None:
+    base_rounds = base_rounds or timed_rounds([base], rounds, steps)[0]
+    rows[base_spec] = with_times(base[0], base_rounds) | {"vs_1000_items": 1.0,
+                                                          "vs_1000_items_by_round": 1.0}
+    print(json.dumps(rows[base_spec]), flush=True)
+  return [rows[spec] for spec in specs]
 
 
 def floor_bytes(state, batch, distinct_items: float, no_vectors: bool, schema) -> float:
@@ -267,19 +303,12 @@ def main(argv):
          "memory_bandwidth_bytes_per_s": round(bandwidth()), "catalog": []}
   if _BUILD.value:
     out["build"] = build_row(_DATA_DIR.value, _BUILD.value)
-  setups = [catalog_setup(int(n), 50) for n in _SIZES.value]
+  specs = [(int(n), 50) for n in _SIZES.value]
   if _LONG_ITEMS.value:
-    setups.append(catalog_setup(_LONG_ITEMS.value, 500))
-  out["catalog"] = time_rows(setups, _ROUNDS.value, _STEPS.value)
-  del setups
+    specs.append((_LONG_ITEMS.value, 500))
+  out["catalog"] = catalog_rows(specs, _ROUNDS.value, _STEPS.value)
   if _BUILD.value:
     out["pipeline"] = pipeline_row(_DATA_DIR.value, _BUILD.value)
-  base = next((r for r in out["catalog"] if r["num_items"] == 1000 and r["seq_len"] == 50), None)
-  if base:  # over all steps, and the median of the rounds' ratios (each round's own rows)
-    for r in out["catalog"]:
-      r["vs_1000_items"] = round(r["train_examples_per_s"] / base["train_examples_per_s"], 3)
-      r["vs_1000_items_by_round"] = round(float(np.median(
-          np.divide(base["step_ms_by_round"], r["step_ms_by_round"]))), 3)
   epath.Path(_OUTPUT.value).write_text(json.dumps(out, indent=2))
   print(f"wrote {_OUTPUT.value}")
 

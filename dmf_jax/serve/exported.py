@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmf_jax.serve.request import RequestLayout, check_candidate_sizes, check_user_state, chunks
+from dmf_jax.serve.request import (RequestLayout, check_candidate_sizes, check_user_state,
+                                   score_distinct)
 
 FORMAT_VERSION = 2
 
@@ -88,6 +89,6 @@ class ExportedScorer:
   def score(self, user_state: list, item_ids) -> np.ndarray:
     check_user_state(user_state)
     ids = self.layout.item_ids("item_ids", item_ids)
-    out = [np.asarray(self._score[len(padded)].call(self.weights, user_state, padded))[:n]
-           for padded, n in chunks(ids, self.candidate_sizes)]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    return score_distinct(
+        ids, lambda padded: self._score[len(padded)].call(self.weights, user_state, padded),
+        self.candidate_sizes)

@@ -14,13 +14,14 @@ the same way in both places:
 Ids may be given as ints or as floats with integral values; anything else (fractional or
 non-finite floats, strings, bools, a wrong rank or shape, an out-of-range id) raises a
 `ValueError` naming the field. Candidates are scored in a few static candidate sizes: `chunks`
-pads them to the smallest size that holds them (the largest size in chunks).
+pads them to the smallest size that holds them (the largest size in chunks); a candidate
+repeated in a request is scored once (`score_distinct`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -184,6 +185,20 @@ def check_candidate_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
   if not sizes or any(int(n) != n or n < 1 for n in sizes):
     raise ValueError(f"candidate sizes must be positive integers, got {list(sizes)}")
   return tuple(sorted(int(n) for n in sizes))
+
+
+def score_distinct(ids: np.ndarray, score_padded: Callable[[np.ndarray], np.ndarray],
+                   sizes: Sequence[int]) -> np.ndarray:
+  """Logits [N] of candidate ids [N], each distinct id scored once: a request's candidates may
+  repeat (merged from several retrieval sources), and a candidate's logit does not depend on
+  the others. `score_padded(padded ids)` scores one chunk of `chunks`; the logits come back in
+  the request's order. Without repeats the ids are scored as given."""
+  distinct, position = np.unique(ids, return_inverse=True)
+  if len(distinct) == len(ids):
+    distinct, position = ids, None
+  out = [np.asarray(score_padded(padded))[:n] for padded, n in chunks(distinct, sizes)]
+  logits = np.concatenate(out) if out else np.zeros(0, np.float32)
+  return logits if position is None else logits[position.reshape(-1)]
 
 
 def chunks(ids: np.ndarray, sizes: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:

@@ -25,7 +25,7 @@ from dmf_jax.core import hashing
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.nn import precision
 from dmf_jax.serve.request import (DEFAULT_CANDIDATE_SIZES, RequestLayout, check_candidate_sizes,
-                                   check_user_state, chunks)
+                                   check_user_state, score_distinct)
 from dmf_jax.train import restore
 
 
@@ -56,8 +56,9 @@ class Server:
   `encode_user(user)` takes user/<field> values, the behaviour item ids (any length: the last
   `seq_len` are kept, most recent last) and returns the user state; `score(user_state, ids)`
   returns float32 logits [N], with N padded to the smallest candidate size >= N (requests larger
-  than the largest size run in chunks of it). N = 0 gives an empty array; an empty history is
-  valid (the attention and SimTier parts are zero). Requests are checked by
+  than the largest size run in chunks of it; a repeated id is scored once). N = 0 gives an
+  empty array; an empty history is valid (the attention and SimTier parts are zero). Requests
+  are checked by
   `serve.request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
   fractional or wrongly shaped ids raise a ValueError naming the field.
   """
@@ -172,7 +173,7 @@ class Server:
     return self.score_ids(user_state, self.layout.item_ids("item_ids", item_ids))
 
   def score_ids(self, user_state, ids: np.ndarray) -> np.ndarray:
-    """Logits of already checked ids (`layout.item_ids`), in chunks of the candidate sizes."""
-    out = [np.asarray(self.score_fn(self.params, user_state, padded))[:n]
-           for padded, n in chunks(ids, self.candidate_sizes)]
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    """Logits of already checked ids (`layout.item_ids`): each distinct id scored once, in
+    chunks of the candidate sizes (`score_distinct`)."""
+    return score_distinct(ids, lambda padded: self.score_fn(self.params, user_state, padded),
+                          self.candidate_sizes)

@@ -4,7 +4,7 @@ requests with the same message naming the field; candidates padded to the compil
 import numpy as np
 import pytest
 
-from dmf_jax.serve.request import check_candidate_sizes, chunks
+from dmf_jax.serve.request import check_candidate_sizes, chunks, score_distinct
 
 
 BAD_REQUESTS = [
@@ -76,3 +76,36 @@ def test_candidates_are_padded_to_the_smallest_size_and_chunked_past_the_largest
   for bad in ([], [0, 8], [2.5]):
     with pytest.raises(ValueError, match="candidate sizes must be positive integers"):
       check_candidate_sizes(bad)
+
+
+def test_repeated_candidates_are_scored_once_and_given_back_in_order():
+  scored = []
+
+  def score_padded(padded):
+    scored.append(padded.copy())
+    return padded * 10.0 + 1.0
+
+  ids = np.array([5, 3, 5, 9, 3, 3, 7])
+  got = score_distinct(ids, score_padded, (4, 8))
+  np.testing.assert_array_equal(got, ids * 10.0 + 1.0)
+  assert [list(p) for p in scored] == [[3, 5, 7, 9]]  # the 4 distinct ids, one size-4 chunk
+  scored.clear()
+  ids = np.array([4, 1, 2])  # no repeats: scored as given, in order
+  np.testing.assert_array_equal(score_distinct(ids, score_padded, (4, 8)), ids * 10.0 + 1.0)
+  assert [list(p) for p in scored] == [[4, 1, 2, 0]]
+  assert score_distinct(np.zeros(0, np.int64), score_padded, (4,)).shape == (0,)
+
+
+def test_server_and_exported_scorer_score_a_repeated_candidate_as_its_single_request(exported):
+  from dmf_jax.serve.exported import ExportedScorer  # pylint: disable=g-import-not-at-top
+
+  path, server = exported
+  scorer = ExportedScorer(str(path))
+  user = {"user/user_id": 7, "user/group": 2, "hist_item_id": [3, 50, 17]}
+  ids = [11, 4, 11, 30, 4, 11]
+  for impl in (server, scorer):
+    state = impl.encode_user(user)
+    single = np.concatenate([impl.score(state, [i]) for i in ids])
+    got = impl.score(state, ids)
+    assert got.shape == (6,) and got[0] == got[2] == got[5] and got[1] == got[4]
+    np.testing.assert_allclose(got, single, rtol=1e-5, atol=1e-6)
