@@ -196,10 +196,10 @@ def catalog_rows(specs: list[tuple[int, int]], rounds: int, steps: int) -> list[
     times = timed_rounds([setup] if base is None else [base, setup], rounds, steps)
     row = with_times(setup[0], times[-1])
     del setup
-    if base is not None:
+    if base is not None:  # the base's step time over the row's: all steps, and per round
       base_rounds += times[0]
-      step_ratio = lambda a, b: round(float(np.median(a)) / float(np.median(b)), 3)
-      row["vs_1000_items"] = step_ratio(np.concatenate(times[0]), np.concatenate(times[1]))
+      row["vs_1000_items"] = round(float(
+          np.median(np.concatenate(times[0])) / np.median(np.concatenate(times[1]))), 3)
       row["vs_1000_items_by_round"] = round(float(np.median(
           [np.median(a) / np.median(b) for a, b in zip(*times)])), 3)
     print(json.dumps(row), flush=True)
