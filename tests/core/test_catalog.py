@@ -46,6 +46,29 @@ def test_the_cosine_range_of_random_pairs():
   assert list(catalog_lib.cosine_range(same)) == [-1.0, 1.0]  # no spread
 
 
+def test_the_cosine_range_copies_only_the_drawn_items():
+  """The same draw and values as normalising every non-zero vector first (the plain form), with
+  zero vectors among them; and the memory it takes is a fraction of the vectors' (the plain
+  form's normalised copy alone is their size)."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(4)
+  v = rng.standard_normal((200_000, 64), dtype=np.float32) + 0.3
+  v[rng.integers(0, len(v), 5_000)] = 0.0
+  norms = np.linalg.norm(v, axis=1)
+  plain = v[norms > 0] / norms[norms > 0, None]
+  plain = plain[np.random.default_rng(0).choice(len(plain), 1000, replace=False)]
+  cos = (plain @ plain.T)[~np.eye(1000, dtype=bool)]
+  want = np.percentile(cos, (0.5, 99.5)).astype(np.float32)
+  del plain, cos
+  tracemalloc.start()
+  got = catalog_lib.cosine_range(v)
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  np.testing.assert_array_equal(got, want)
+  assert peak < v.nbytes / 2, (peak, v.nbytes)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_record_cosines_match_float64_in_any_chunking(chunk):
   v = vectors()
