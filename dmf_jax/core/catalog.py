@@ -128,14 +128,16 @@ class ItemCatalog:
 
 
 NORM_EPS = 1e-8  # as dmf_jax.nn.similarity.l2_normalize
+_CHUNK_ROWS = 65536  # rows per host-side pass over a catalog's vectors (bounded temporaries)
 
 
 def inverse_norms(vectors: np.ndarray) -> np.ndarray:
   """1 / max(|v|, eps) per row: [V, D] -> float32 [V] (computed in chunks, float64)."""
   out = np.empty(len(vectors), np.float32)
-  for start in range(0, len(vectors), 65536):
-    chunk = np.asarray(vectors[start:start + 65536], np.float64)
-    out[start:start + 65536] = 1.0 / np.maximum(np.sqrt(np.sum(chunk * chunk, axis=1)), NORM_EPS)
+  for start in range(0, len(vectors), _CHUNK_ROWS):
+    chunk = np.asarray(vectors[start:start + _CHUNK_ROWS], np.float64)
+    norms = np.sqrt(np.sum(chunk * chunk, axis=1))
+    out[start:start + _CHUNK_ROWS] = 1.0 / np.maximum(norms, NORM_EPS)
   return out
 
 
@@ -171,11 +173,11 @@ def cosine_range(vectors: np.ndarray, *, quantiles=(0.5, 99.5), max_items: int =
   undefined (fewer than two such items, or no spread).
 
   Only the drawn items' vectors are copied: the norms are computed in chunks of rows and the
-  draw picks rows first (a catalog of 1,000,000 x 1,280 floats is 5 GB; a normalised copy of
-  it, as this once made, doubled the memory a model's construction needed)."""
+  draw picks rows first (1,000,000 x 1,280 floats are 5 GB: a normalised copy of every vector
+  would double the memory a model's construction needs)."""
   v = np.asarray(vectors, np.float32)
-  norms = np.concatenate([np.linalg.norm(v[start:start + 65536], axis=1)
-                          for start in range(0, len(v), 65536)] or [np.zeros(0, np.float32)])
+  norms = np.concatenate([np.linalg.norm(v[start:start + _CHUNK_ROWS], axis=1)
+                          for start in range(0, len(v), _CHUNK_ROWS)] or [np.zeros(0, np.float32)])
   present = np.flatnonzero(norms > 0)
   if len(present) > max_items:
     present = present[np.random.default_rng(seed).choice(len(present), max_items, replace=False)]
