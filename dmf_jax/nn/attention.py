@@ -219,9 +219,15 @@ def encode_heads(rows: Rows, key_kernel: jax.Array, value_kernel: jax.Array, num
   per-row projection, its gradients or its head-major copies are made at all.
   """
   if rows.index is not None and not rows.shards:
-    return HeadsUserState(head_major(rows, key_kernel, num_heads, head_dim),
-                          head_major(rows, value_kernel, num_heads, head_dim), mask)
+    return _projected(rows, key_kernel, value_kernel, num_heads, head_dim, mask)
   return TokensUserState(rows.take(), mask)
+
+
+def _projected(rows: Rows, key_kernel: jax.Array, value_kernel: jax.Array, num_heads: int,
+               head_dim: int, mask: jax.Array) -> HeadsUserState:
+  """Keys and values of `rows`, projected (`head_major`)."""
+  return HeadsUserState(head_major(rows, key_kernel, num_heads, head_dim),
+                        head_major(rows, value_kernel, num_heads, head_dim), mask)
 
 
 def fold_into_queries(n: int, seq_len: int, dim: int, head_dim: int) -> bool:
@@ -241,9 +247,8 @@ def heads_for(state: HeadsUserState | TokensUserState, n: int, key_kernel: jax.A
   _, seq_len, dim = state.behaviors.shape
   if fold_into_queries(n, seq_len, dim, head_dim):
     return state
-  tokens = Rows(state.behaviors)
-  return HeadsUserState(head_major(tokens, key_kernel, num_heads, head_dim),
-                        head_major(tokens, value_kernel, num_heads, head_dim), state.mask)
+  return _projected(Rows(state.behaviors), key_kernel, value_kernel, num_heads, head_dim,
+                    state.mask)
 
 
 def id_scores(state: HeadsUserState | TokensUserState, q: jax.Array, key_kernel: jax.Array

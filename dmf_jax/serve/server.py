@@ -58,9 +58,8 @@ class Server:
   returns float32 logits [N], with N padded to the smallest candidate size >= N (requests larger
   than the largest size run in chunks of it; a repeated id is scored once). N = 0 gives an
   empty array; an empty history is valid (the attention and SimTier parts are zero). Requests
-  are checked by
-  `serve.request.RequestLayout` (the same checks as `ExportedScorer`): out-of-range,
-  fractional or wrongly shaped ids raise a ValueError naming the field.
+  are checked by `serve.request.RequestLayout` (the same checks as `ExportedScorer`):
+  out-of-range, fractional or wrongly shaped ids raise a ValueError naming the field.
   """
 
   def __init__(self, model: nnx.Module,
