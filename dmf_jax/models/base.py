@@ -203,8 +203,10 @@ class UserEncoder(nnx.Module):
 class ContentTower(Protocol):
   """An item-content tower appended to the ID tokens (EM3's Q-Former, the Vector baseline's
   projections): K modality vectors [R, D_k] -> [R, out_dim]; `sequence` marks the behaviour
-  side. It may add training losses with `loss_terms(model, batch, rngs)` -> {name: (weight,
-  loss)}."""
+  side. It may add training losses with `loss_terms(model, batch, rngs, targets)` -> {name:
+  (weight, loss)}, where targets [B, out_dim] is its output for the batch's target items as
+  the training forward computed it (so a loss over the targets' content does not encode them
+  again)."""
 
   out_dim: int
 
@@ -257,6 +259,23 @@ def _encoded_once():
     yield
   finally:
     _ENCODED_ROWS.reset(token)
+
+
+# {'tokens': the candidates' tokens [B, N, d]} of the training forward in progress
+# (`CTRModel.training_loss`: a content tower's loss terms read the targets' content there).
+_CANDIDATE_TOKENS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "candidate_tokens", default=None)
+
+
+@contextlib.contextmanager
+def _candidate_tokens_kept():
+  """Within the block, `candidate_tokens` keeps its output in the yielded dict."""
+  kept = {}
+  token = _CANDIDATE_TOKENS.set(kept)
+  try:
+    yield kept
+  finally:
+    _CANDIDATE_TOKENS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +433,11 @@ class CTRModel(nnx.Module):
                        rngs: nnx.Rngs | None = None) -> jax.Array:
     """Candidate ids int [B, N] -> their tokens [B, N, token_dim]."""
     rows = self.candidate_rows(state, candidates)
-    return self.item_tokens(rows, train=train, rngs=rngs).take()
+    tokens = self.item_tokens(rows, train=train, rngs=rngs).take()
+    kept = _CANDIDATE_TOKENS.get()
+    if kept is not None:
+      kept["tokens"] = tokens
+    return tokens
 
   def user_embedding(self, batch: Batch) -> jax.Array:
     """[B, user_dim] from the batch's user/<field> arrays (compute dtype)."""
@@ -490,14 +513,17 @@ class CTRModel(nnx.Module):
   def training_loss(self, batch: Batch, *, phase: str = "main", rngs: nnx.Rngs | None = None
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, extra scalar metrics) of one training batch: the CTR loss plus the
-    content tower's weighted terms, if it has any."""
-    logits = self(batch, train=True, rngs=rngs)
+    content tower's weighted terms, if it has any (given the tower's output for the targets
+    from the forward's target tokens [e ; c], not computed again)."""
+    with _candidate_tokens_kept() as kept:
+      logits = self(batch, train=True, rngs=rngs)
     ctr = bce_with_logits(logits, batch["label"], batch.get("weight"))
     terms = getattr(self.content, "loss_terms", None)
     if terms is None:
       return ctr, {}
     loss, extras = ctr, {"ctr_loss": ctr}
-    for name, (weight, value) in terms(self, batch, rngs).items():
+    targets = kept["tokens"][:, 0, self.schema.item_dim:]  # [B, content out_dim]
+    for name, (weight, value) in terms(self, batch, rngs, targets).items():
       loss, extras[name] = loss + weight * value, value
     return loss, extras
 

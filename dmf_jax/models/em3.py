@@ -91,16 +91,20 @@ class ContentEncoder(nnx.Module):
     adapted = sequence and self.config.lora_rank > 0
     return self.fusion(vectors, adapted=adapted, train=train, rngs=rngs)
 
-  def contrastive_loss(self, model: CTRModel, item_ids, *, train=False, rngs=None) -> jax.Array:
-    """Symmetric Content-ID InfoNCE over the items item_ids [B] (scalar)."""
+  def contrastive_loss(self, model: CTRModel, item_ids, *, content=None, train=False,
+                       rngs=None) -> jax.Array:
+    """Symmetric Content-ID InfoNCE over the items item_ids [B] (scalar); content [B,
+    content_dim]: their content c if already computed (the training forward's), else the
+    tower runs on them here."""
     cfg = self.config
 
-    def embeddings(ids):
-      content = self(model.modality_vectors(ids), train=train, rngs=rngs)
+    def embeddings(ids, content=None):
+      if content is None:
+        content = self(model.modality_vectors(ids), train=train, rngs=rngs)
       return (l2_normalize(self.content_head(content)),
               l2_normalize(self.id_head(model.items.id_embedding(model.catalog, ids))))
 
-    content, ids = embeddings(item_ids)
+    content, ids = embeddings(item_ids, content)
     if cfg.contrastive_negatives == "in_batch":
       return symmetric_info_nce(content, ids, item_ids, cfg.contrastive_temperature)
     if rngs is None:
@@ -111,11 +115,13 @@ class ContentEncoder(nnx.Module):
     return symmetric_info_nce(content, ids, item_ids, cfg.contrastive_temperature,
                               neg_content, neg_ids, negatives)
 
-  def loss_terms(self, model: CTRModel, batch, rngs) -> dict:
-    """{'contrastive_loss': (weight, loss)} (none when the weight is 0)."""
+  def loss_terms(self, model: CTRModel, batch, rngs, targets) -> dict:
+    """{'contrastive_loss': (weight, loss)} (none when the weight is 0); targets [B,
+    content_dim]: the content of the batch's targets, as the ranker's forward computed it."""
     if self.config.contrastive_weight == 0:
       return {}
-    loss = self.contrastive_loss(model, batch["item_id"], train=True, rngs=rngs)
+    loss = self.contrastive_loss(model, batch["item_id"], content=targets, train=True,
+                                 rngs=rngs)
     return {"contrastive_loss": (self.config.contrastive_weight, loss)}
 
 

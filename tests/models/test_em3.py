@@ -9,6 +9,7 @@ from flax import nnx
 
 from helpers import jitted, take, tiny_problem, train_steps
 from dmf_jax.nn import lora
+from dmf_jax.nn.losses import bce_with_logits
 from dmf_jax.core.rows import Rows
 from dmf_jax.models import base as model_base
 from dmf_jax.models import registry
@@ -119,3 +120,36 @@ def test_content_table_equals_per_position_content_and_gradients(monkeypatch):
   np.testing.assert_allclose(a, b, rtol=1e-5)
   for key in ga:
     np.testing.assert_allclose(ga[key], gb[key], rtol=2e-3, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("head,negatives", [("din", "in_batch"), ("dmf", "sampled")])
+def test_contrastive_term_reads_the_forwards_target_content(head, negatives):
+  """training_loss's Content-ID term takes the targets' content from the ranker's forward: the
+  same loss and gradients as running the tower on the targets again (float64)."""
+  _, _, splits = tiny_problem()
+  batch = take(splits["train"], np.arange(24))
+  model = build_em3(em3_head=head, contrastive_negatives=negatives, contrastive_weight=0.5)
+  for layer in lora.adaptable_layers(model.content.fusion).values():
+    if layer.adapter is not None:  # non-zero adapters: the two sides differ
+      layer.adapter.b[...] = jnp.full(layer.adapter.b.shape, 0.05)
+  graphdef, params, rest = training.split_model(model)
+
+  def reused(p):  # the model's own training loss
+    return nnx.merge(graphdef, p, rest).training_loss(batch, rngs=nnx.Rngs(sample=1))[0]
+
+  def recomputed(p):  # the contrastive term with the tower run on the targets again
+    m = nnx.merge(graphdef, p, rest)
+    ctr = bce_with_logits(m(batch, train=True), batch["label"], batch.get("weight"))
+    contrastive = m.content.contrastive_loss(m, batch["item_id"], train=True,
+                                             rngs=nnx.Rngs(sample=1))
+    return ctr + 0.5 * contrastive
+
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(f))(p64) for f in (reused, recomputed))
+    flat = lambda g: {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(g)}
+    assert a.dtype == jnp.float64 and abs(float(a) - float(b)) < 1e-12 * max(1.0, abs(float(b)))
+    ga, gb = flat(ga), flat(gb)
+  assert set(ga) == set(gb) and any(np.any(g != 0) for g in ga.values())
+  for key in ga:
+    np.testing.assert_allclose(ga[key], gb[key], rtol=1e-9, atol=1e-12, err_msg=key)
