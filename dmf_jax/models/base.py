@@ -206,7 +206,7 @@ class ContentTower(Protocol):
   side. It may add training losses with `loss_terms(model, batch, rngs, targets)` -> {name:
   (weight, loss)}, where targets [B, out_dim] is its output for the batch's target items as
   the training forward computed it (so a loss over the targets' content does not encode them
-  again)."""
+  again; None if the forward did not)."""
 
   out_dim: int
 
@@ -522,7 +522,8 @@ class CTRModel(nnx.Module):
     if terms is None:
       return ctr, {}
     loss, extras = ctr, {"ctr_loss": ctr}
-    targets = kept["tokens"][:, 0, self.schema.item_dim:]  # [B, content out_dim]
+    # [B, content out_dim]; None where the family's score did not read candidate tokens
+    targets = kept["tokens"][:, 0, self.schema.item_dim:] if "tokens" in kept else None
     for name, (weight, value) in terms(self, batch, rngs, targets).items():
       loss, extras[name] = loss + weight * value, value
     return loss, extras

@@ -6,7 +6,8 @@ becomes [e ; c]. The target side runs the Q-Former fully trained; the behaviour 
 (sequence=True) the same weights frozen plus LoRA adapters (`lora_rank` 0: fully trained there
 too). Training adds a symmetric Content-ID InfoNCE between c and the item-id embedding of the
 batch's target items (separate linear heads, L2-normalized; in-batch negatives, or
-`contrastive_num_negatives` items sampled from the table as well).
+`contrastive_num_negatives` items sampled from the table as well); the targets' c is the one
+the ranker's forward computed (`CTRModel.training_loss`), so the Q-Former runs on them once.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class ContentEncoder(nnx.Module):
 
   def loss_terms(self, model: CTRModel, batch, rngs, targets) -> dict:
     """{'contrastive_loss': (weight, loss)} (none when the weight is 0); targets [B,
-    content_dim]: the content of the batch's targets, as the ranker's forward computed it."""
+    content_dim]: the content of the batch's targets, as the ranker's forward computed it
+    (None: computed here)."""
     if self.config.contrastive_weight == 0:
       return {}
     loss = self.contrastive_loss(model, batch["item_id"], content=targets, train=True,
