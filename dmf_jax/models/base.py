@@ -250,17 +250,6 @@ def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
 _ENCODED_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "encoded_item_rows", default=None)
 
-
-@contextlib.contextmanager
-def _encoded_once():
-  """Within the block, `item_tokens` of the same batch-unique rows is computed once."""
-  token = _ENCODED_ROWS.set({})
-  try:
-    yield
-  finally:
-    _ENCODED_ROWS.reset(token)
-
-
 # {'tokens': the candidates' tokens [B, N, d]} of the training forward in progress
 # (`CTRModel.training_loss`: a content tower's loss terms read the targets' content there).
 _CANDIDATE_TOKENS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -268,14 +257,24 @@ _CANDIDATE_TOKENS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
+def _fresh_dict(var: contextvars.ContextVar[dict | None]):
+  """Within the block, `var` holds a new empty dict (yielded)."""
+  held = {}
+  token = var.set(held)
+  try:
+    yield held
+  finally:
+    var.reset(token)
+
+
+def _encoded_once():
+  """Within the block, `item_tokens` of the same batch-unique rows is computed once."""
+  return _fresh_dict(_ENCODED_ROWS)
+
+
 def _candidate_tokens_kept():
   """Within the block, `candidate_tokens` keeps its output in the yielded dict."""
-  kept = {}
-  token = _CANDIDATE_TOKENS.set(kept)
-  try:
-    yield kept
-  finally:
-    _CANDIDATE_TOKENS.reset(token)
+  return _fresh_dict(_CANDIDATE_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------
