@@ -5,7 +5,7 @@ r"""Validation-only hyperparameter search for one model (the test split is never
       --method=halving --min_epochs=1 --config.num_epochs=9 --output_dir=/tmp/tune_dmf
 
 Writes DIR/trials.jsonl (one line per trial and rung; DIR/trials.md as a table), DIR/best.json (the chosen values, as a
-`per_model` entry to paste into a study config) and each trial's workdir under DIR/trials/.
+`per_model` entry to paste into a study config, or for a variant the values to merge into it) and each trial's workdir under DIR/trials/.
 Re-running the command resumes the search. See `dmf_jax.train.tuning`.
 """
 
@@ -20,7 +20,8 @@ from dmf_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_MODEL = flags.DEFINE_string("model", None, "The model to tune.")
+_MODEL = flags.DEFINE_string("model", None, "The model to tune: a registered model or a "
+                             "variant of the config (tuned from its own values).")
 _TRIALS = flags.DEFINE_integer("trials", 8, "Settings tried; trial 0 is the config's own values.", lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "random", ["random", "halving"], "Search method.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled settings.")

@@ -57,13 +57,15 @@ class EM3Config(DmfConfig, DinConfig):
 
   @classmethod
   def search_space(cls) -> dict[str, list]:
-    """The ranker's knobs, then the content tower's and the contrastive loss's."""
+    """The ranker's knobs, then the content tower's and the contrastive loss's, then the
+    content tower's own learning rate (an optimizer field: `OptimizerConfig`)."""
     return {**super().search_space(),
             "content_dim": [16, 32, 64], "qformer_width": [16, 32, 64],
             "qformer_queries": [1, 2, 4], "qformer_layers": [1, 2],
             "qformer_dropout": [0.0, 0.1, 0.2], "modality_dropout": [0.0, 0.1, 0.2],
             "contrastive_weight": [0.0, 0.01, 0.03, 0.1],
-            "contrastive_temperature": [0.05, 0.1, 0.2]}
+            "contrastive_temperature": [0.05, 0.1, 0.2],
+            "optimizer.content_learning_rate": [5e-4, 1e-3, 4e-3, 8e-3, 1.6e-2]}
 
 
 class ContentEncoder(nnx.Module):

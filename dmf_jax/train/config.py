@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
   c.optimizer.embedding_name = ml_collections.config_dict.placeholder(str)
   c.optimizer.embedding_learning_rate = ml_collections.config_dict.placeholder(float)
+  c.optimizer.content_learning_rate = ml_collections.config_dict.placeholder(float)
   c.batch_size = 512
   c.eval_batch_size = 0  # examples per evaluation batch; 0: the largest that fits (eval_batch.py)
   c.num_epochs = 3

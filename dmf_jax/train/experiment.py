@@ -195,6 +195,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True,
 
   graphdef, state, shardings = partitioner.init(
       factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
+  if validated.optimizer.content_learning_rate is not None and not any(
+      path[0] == optimizers.CONTENT_TOWER for path, _ in nnx.to_flat_state(state.params)):
+    raise config_lib.ConfigError(
+        f"invalid config:\n  - optimizer.content_learning_rate is set, but model "
+        f"{config.model!r} has no item-content tower for it to apply to")
   return Experiment(config, dataset, partitioner, graphdef, state, shardings, tx, total,
                     pipeline.ShardInfo.from_jax(), validated.model, pretrain)
 

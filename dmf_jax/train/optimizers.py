@@ -1,15 +1,18 @@
 """Optax optimizers from a config: Adam by default, schedules, clipping, embedding-table groups.
 
 Config fields (all in `OptimizerConfig`): name, learning_rate, schedule ('constant', 'cosine',
-'warmup_cosine'), warmup_steps, weight_decay (AdamW when > 0), grad_clip_norm (0 = off), and an
+'warmup_cosine'), warmup_steps, weight_decay (AdamW when > 0), grad_clip_norm (0 = off), an
 optional separate optimizer for embedding tables (embedding_name, embedding_learning_rate),
-applied through `optax.multi_transform` to every `EmbeddingTable`'s rows, and row-sparse
+applied through `optax.multi_transform` to every `EmbeddingTable`'s rows, an optional learning
+rate of its own for the item-content tower (content_learning_rate: the Params under the
+model's `content` attribute, e.g. EM3's Q-Former and its contrastive heads), and row-sparse
 updates of the tables of at least `sparse_min_rows` rows (`dmf_jax.train.sparse`; 0 = off).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -33,6 +36,9 @@ class OptimizerConfig:
   grad_clip_norm: float = 0.0
   embedding_name: str | None = None
   embedding_learning_rate: float | None = None
+  # The content tower's Params (`CTRModel.content`) at this rate, same optimizer; None: the
+  # dense rate (and no group of its own, so the optimizer state is as before).
+  content_learning_rate: float | None = None
   # Tables of at least this many rows get lazy row-sparse updates with the embedding optimizer
   # (dmf_jax.train.sparse): O(rows looked up) per step instead of O(rows). 0: off.
   sparse_min_rows: int = 0
@@ -49,6 +55,9 @@ class OptimizerConfig:
       problems.append(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
     if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
       problems.append("optimizer.embedding_learning_rate must be > 0")
+    if self.content_learning_rate is not None and not self.content_learning_rate > 0:
+      problems.append(f"optimizer.content_learning_rate must be > 0, got "
+                      f"{self.content_learning_rate}")
     if isinstance(self.sparse_min_rows, bool) or not isinstance(self.sparse_min_rows, int) or (
         self.sparse_min_rows < 0):
       problems.append(f"optimizer.sparse_min_rows must be an integer >= 0, got "
@@ -88,11 +97,18 @@ def is_embedding_table(path: tuple) -> bool:
   return bool(path) and path[-1] == "embedding"
 
 
-def param_labels(params: nnx.State) -> nnx.State:
-  """'embedding' or 'dense' for every Param (the groups of `multi_transform`)."""
+CONTENT_TOWER = "content"  # the attribute of `CTRModel` that holds its item-content tower
+
+
+def param_labels(params: nnx.State, content: bool = False) -> nnx.State:
+  """'embedding', 'dense' or, with `content`, 'content' (a Param under the content tower that
+  is not an embedding table) for every Param: the groups of `multi_transform`."""
 
   def label(path, _):
-    return "embedding" if is_embedding_table(sparse.path_names(path)) else "dense"
+    names = sparse.path_names(path)
+    if is_embedding_table(names):
+      return "embedding"
+    return "content" if content and names[:1] == (CONTENT_TOWER,) else "dense"
 
   return jax.tree_util.tree_map_with_path(
       label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -108,9 +124,13 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   groups = {"dense": dense}
   if config.embedding_name is not None or config.embedding_learning_rate is not None:
     groups["embedding"] = _base(emb_name, emb_lr, 0.0)
+  if config.content_learning_rate is not None:
+    groups["content"] = _base(config.name, schedule(config, config.content_learning_rate,
+                                                    total_steps), config.weight_decay)
   if len(groups) > 1:
     groups.setdefault("embedding", dense)
-    tx = optax.multi_transform(groups, param_labels)
+    tx = optax.multi_transform(
+        groups, functools.partial(param_labels, content="content" in groups))
   else:
     tx = dense
   if config.grad_clip_norm > 0:

@@ -1,6 +1,7 @@
 """Validation-only hyperparameter search: random search or successive halving, resumable.
 
-`tune(base, model, trials, output_dir)` samples `trials` settings from the model's search
+`tune(base, model, trials, output_dir)` (model: a registered model, or a variant of the base
+config, which is tuned from its own values) samples `trials` settings from the model's search
 space (`search_space`: the optimizer's learning rates and weight decay, and the knobs its
 family's config class lists, `ModelConfig.search_space`; trial 0 is the base config's own
 values, `base_values`, so the starting point competes), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
@@ -10,7 +11,7 @@ validation AUC. Successive halving (`method='halving'`) trains all trials for
 the config's num_epochs (a trial's workdir resumes: num_epochs may grow on resume).
 
 DIR/trials.jsonl holds one line per finished (trial, rung); DIR/best.json the chosen values,
-as a `per_model` entry for a study config; DIR/trials.md the trials as a table. A re-run
+as a `per_model` entry for a study config (for a variant, its `variants` entry); DIR/trials.md the trials as a table. A re-run
 reads what is there and trains only what is missing; a different search (model, seed,
 trials, method) in the same DIR is refused.
 """
@@ -57,7 +58,9 @@ def search_space(model: str, knobs: Sequence[str] | None = None
       "optimizer.weight_decay": _choice([0.0, 1e-5, 1e-4, 1e-3]),
   }
   for name in sorted(family, key=lambda name: order.get(name, len(order))):
-    space[f"model_config.{name}"] = _choice(family[name])
+    # A family's knob is a model_config field, or a dotted path (e.g. EM3's
+    # optimizer.content_learning_rate).
+    space[name if "." in name else f"model_config.{name}"] = _choice(family[name])
   if knobs is None:
     return space
   paths = [k if k in space else f"model_config.{k}" for k in knobs]
@@ -75,14 +78,23 @@ def sample(model: str, trials: int, seed: int, knobs: Sequence[str] | None = Non
   return [{path: sampler(rng) for path, sampler in space.items()} for _ in range(trials)]
 
 
+def registered_model(base: ml_collections.ConfigDict, model: str) -> str:
+  """The registered model that `model` names: itself, or the model a variant of the base
+  config varies (`variants.<model>.model`, e.g. a study's `em3_dmf_tuned` -> em3)."""
+  variants = base.get("variants")
+  if variants is not None and model in variants and model not in registry.MODELS:
+    return variants[model].get("model")
+  return model
+
+
 def base_values(base: ml_collections.ConfigDict, model: str,
                 knobs: Sequence[str] | None = None) -> dict:
-  """{path: value} of the search space's paths in `base` for `model` (its study values
-  applied); a path the config leaves unset (None, e.g. no separate embedding rate) is left out,
+  """{path: value} of the search space's paths in `base` for `model` (a registered model or
+  a variant of the config; its study values applied); a path the config leaves unset (None, e.g. no separate embedding rate) is left out,
   so the trial trains exactly the base config."""
   config = trial_config(base, model, {}, base.num_epochs)
   values = {}
-  for path in search_space(model, knobs):
+  for path in search_space(registered_model(base, model), knobs):
     node = config
     for name in path.split("."):
       node = node[name]
@@ -169,13 +181,15 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
   tuned values."""
   if method not in METHODS:
     raise ConfigError(f"method: {method!r} is not one of {METHODS}")
-  if model not in registry.MODELS:
+  family = registered_model(base, model)
+  if family not in registry.MODELS:
+    variants = ", ".join(base.get("variants") or {}) or "none"
     raise ConfigError(f"model: unknown model {model!r}; valid models: "
-                      f"{', '.join(registry.model_names())}")
+                      f"{', '.join(registry.model_names())}; variants of this config: {variants}")
   if trials < 1 or eta < 2 or min_epochs < 1:
     raise ConfigError("trials must be >= 1, eta >= 2 and min_epochs >= 1")
   knobs = list(knobs) if knobs else None
-  search_space(model, knobs)  # an unknown knob is refused before anything is written
+  search_space(family, knobs)  # an unknown knob is refused before anything is written
   output_dir = epath.Path(output_dir).expanduser()
   output_dir.mkdir(parents=True, exist_ok=True)
   search = {"model": model, "trials": trials, "method": method, "seed": seed,
@@ -187,7 +201,7 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
     raise ConfigError(f"{output_dir} holds another search ({search_file}); use a new "
                       f"--output_dir")
   search_file.write_text(json.dumps(search, indent=2))
-  settings = [base_values(base, model, knobs)] + sample(model, trials - 1, seed, knobs)
+  settings = [base_values(base, model, knobs)] + sample(family, trials - 1, seed, knobs)
   for values in settings:  # every trial's config is checked before anything trains
     config_lib.validate(trial_config(base, model, values, base.num_epochs),
                         num_devices=jax.device_count(), num_processes=jax.process_count())
@@ -217,8 +231,10 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
     alive = sorted(alive, key=lambda k: -scores[k])[:keep]
   best_trial = alive[0]
   best = done[(best_trial, max(e for (k, e) in done if k == best_trial))]
+  # For a study config: a model's `per_model` entry, or the values to merge into a variant.
+  entry = "per_model" if family == model else "variants"
   record = {"model": model, "trial": best_trial, "val_auc": best["val_auc"],
-            "values": best["values"], "per_model": {model: _nested(best["values"])},
+            "values": best["values"], entry: {model: _nested(best["values"])},
             "search": search}
   jsonio.write_json(output_dir / "best.json", record)
   (output_dir / "trials.md").write_text(trials_table(list(done.values())))

@@ -3,6 +3,7 @@
 import pytest
 
 from dmf_jax.train import config as config_lib
+from dmf_jax.train.optimizers import OptimizerConfig
 from helpers import tiny_train_config
 
 
@@ -50,9 +51,16 @@ def test_every_variant_and_model_value_of_the_study_config_is_a_valid_model_conf
     resolved = config_lib.with_model_values(_named(base.copy_and_resolve_references(), name))
     model = registry.model_config({**resolved.model_config.to_dict(), "name": resolved.model})
     assert model.name == resolved.model
+    OptimizerConfig.from_mapping(resolved.optimizer.to_dict())
   tuned = config_lib.with_model_values(_named(movielens_study.get_config(), "em3_dmf_tuned"))
   assert (tuned.model, tuned.model_config.em3_head, tuned.model_config.lora_rank) == (
       "em3", "dmf", 0)
+  # The content tower's tuned rates, and the component rungs at the shared one (em3's
+  # per-model rate does not move them).
+  content_rate = lambda name: config_lib.with_model_values(
+      _named(movielens_study.get_config(), name)).optimizer.content_learning_rate
+  assert (content_rate("em3"), content_rate("em3_dmf_tuned")) == (4e-3, 1e-3)
+  assert content_rate("em3_cl003") is None and content_rate("em3_dmf_tower") is None
 
 
 def _named(config, model):

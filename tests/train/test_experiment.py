@@ -1,5 +1,6 @@
 """The experiment (`train.experiment`): in-memory and streamed training batches are the same, a
-tuning experiment has no test split, the step count follows the config."""
+tuning experiment has no test split, the step count follows the config, a content tower's
+learning rate needs a content tower."""
 
 import jax
 import numpy as np
@@ -58,3 +59,14 @@ def test_processes_pad_their_unique_rows_to_the_count_they_agree_on(tmp_path, mo
   np.testing.assert_allclose(out_b["loss"], out_a["loss"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_a_content_learning_rate_needs_a_model_with_a_content_tower(tmp_path):
+  config = tiny_train_config(tmp_path, model="em3")
+  config.optimizer.content_learning_rate = 4e-3
+  exp = experiment.build_experiment(config)
+  assert "content" in exp.state.opt_state.inner_states  # its own optax group
+  config = tiny_train_config(tmp_path, model="dmf")
+  config.optimizer.content_learning_rate = 4e-3
+  with pytest.raises(config_lib.ConfigError, match="model 'dmf' has no item-content tower"):
+    experiment.build_experiment(config)

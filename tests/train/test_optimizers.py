@@ -1,4 +1,5 @@
-"""Optimizer factory: embedding-table group, clipping, schedules, config errors."""
+"""Optimizer factory: embedding-table and content-tower groups, clipping, schedules, config
+errors."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 from dmf_jax.models import registry
 from dmf_jax.train import steps as training
 from dmf_jax.train.optimizers import OptimizerConfig, make_optimizer, param_labels
-from helpers import tiny_problem
+from helpers import small_model, tiny_problem
 
 
 def params_and_grads():
@@ -37,6 +38,31 @@ def test_embedding_tables_get_their_own_optimizer():
     expected = -1.0 if path.endswith("embedding") else -0.1  # sgd, first step, unit gradient
     np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=path)
   assert any(p.endswith("item_id/table/embedding") for p in flat(updates))
+
+
+def test_the_content_tower_gets_its_own_learning_rate():
+  """EM3's Q-Former and contrastive heads (`model.content`) step at content_learning_rate,
+  the embedding tables and the ranker at theirs; unset, the state is the plain optimizer's."""
+  _, params, _ = training.split_model(small_model("em3"))
+  grads = jax.tree.map(jnp.ones_like, params)
+  labels = flat(param_labels(params, content=True))
+  assert {v.item() for v in labels.values()} == {"embedding", "content", "dense"}
+  assert all(v.item() == "content" for p, v in labels.items() if p.startswith("content/"))
+  assert {v.item() for v in flat(param_labels(params)).values()} == {"embedding", "dense"}
+  for embedding_rate in (None, 1.0):
+    tx = make_optimizer(OptimizerConfig(name="sgd", learning_rate=0.1, content_learning_rate=0.5,
+                                        embedding_learning_rate=embedding_rate), total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for path, update in flat(updates).items():
+      expected = (-0.5 if path.startswith("content/") else
+                  -(embedding_rate or 0.1) if path.endswith("embedding") else -0.1)
+      np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=path)
+  plain = make_optimizer(OptimizerConfig(name="adam"), 10).init(params)
+  assert isinstance(plain[0], optax.ScaleByAdamState)  # one group: optax.adam's own state
+  grouped = make_optimizer(OptimizerConfig(name="adam", content_learning_rate=0.5), 10)
+  assert isinstance(grouped.init(params), optax.MultiTransformState)
+  with pytest.raises(ValueError, match="content_learning_rate must be > 0, got -1"):
+    OptimizerConfig(content_learning_rate=-1.0)
 
 
 def test_clipping_and_schedules():

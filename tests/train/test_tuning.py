@@ -79,6 +79,26 @@ def test_knobs_restrict_the_search_and_an_unknown_one_is_refused_before_any_writ
   assert not (tmp_path / "out").exists()
 
 
+def test_a_variant_of_the_config_is_tuned_from_its_own_values(tmp_path, no_test_split):
+  """`--model=<variant>` searches the registered model's space from the variant's values,
+  and best.json gives the values to merge into the variant."""
+  base = tiny_train_config(tmp_path / "tfds", model="dmf", num_epochs=1)
+  with base.unlocked():
+    base.variants = {"em3_small": {"model": "em3", "model_config": {"content_dim": 16}}}
+  assert tuning.registered_model(base, "em3_small") == "em3"
+  assert tuning.registered_model(base, "din") == "din"
+  knobs = ["content_dim", "optimizer.content_learning_rate"]
+  assert tuning.base_values(base, "em3_small", knobs) == {"model_config.content_dim": 16}
+  trial = tuning.trial_config(base, "em3_small", {"optimizer.content_learning_rate": 4e-3}, 1)
+  assert (trial.model, trial.model_config.content_dim) == ("em3", 16)
+  assert trial.optimizer.content_learning_rate == 4e-3
+  best = tuning.tune(base, "em3_small", 1, tmp_path / "out", knobs=knobs, log=lambda m: None)
+  assert best["variants"] == {"em3_small": {"model_config": {"content_dim": 16}}}
+  assert "per_model" not in best
+  with pytest.raises(ConfigError, match="variants of this config: em3_small"):
+    tuning.tune(base, "em4", 2, tmp_path / "t")
+
+
 def test_halving_tunes_on_validation_only_and_resumes(tmp_path, no_test_split):
   base = tiny_train_config(tmp_path / "tfds", model="din", num_epochs=2)
   out = tmp_path / "tune"
