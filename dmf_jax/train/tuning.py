@@ -4,16 +4,17 @@
 config, which is tuned from its own values) samples `trials` settings from the model's search
 space (`search_space`: the optimizer's learning rates and weight decay, and the knobs its
 family's config class lists, `ModelConfig.search_space`; trial 0 is the base config's own
-values, `base_values`, so the starting point competes), trains each in DIR/trials/trial_<k>/ with the test split left out of the dataset
+values, `base_values`, so the starting point competes), trains each in
+DIR/trials/trial_<k>/ with the test split left out of the dataset
 (`loop.train_and_evaluate(..., test=False)`: nothing can read it), and ranks them by best
 validation AUC. Successive halving (`method='halving'`) trains all trials for
 `min_epochs`, keeps the best 1/eta, resumes those for eta times the epochs, and so on up to
 the config's num_epochs (a trial's workdir resumes: num_epochs may grow on resume).
 
 DIR/trials.jsonl holds one line per finished (trial, rung); DIR/best.json the chosen values,
-as a `per_model` entry for a study config (for a variant, its `variants` entry); DIR/trials.md the trials as a table. A re-run
-reads what is there and trains only what is missing; a different search (model, seed,
-trials, method) in the same DIR is refused.
+as a `per_model` entry for a study config (for a variant, its `variants` entry);
+DIR/trials.md the trials as a table. A re-run reads what is there and trains only what is
+missing; a different search (model, seed, trials, method) in the same DIR is refused.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def registered_model(base: ml_collections.ConfigDict, model: str) -> str:
 def base_values(base: ml_collections.ConfigDict, model: str,
                 knobs: Sequence[str] | None = None) -> dict:
   """{path: value} of the search space's paths in `base` for `model` (a registered model or
-  a variant of the config; its study values applied); a path the config leaves unset (None, e.g. no separate embedding rate) is left out,
-  so the trial trains exactly the base config."""
+  a variant of the config; its study values applied); a path the config leaves unset (None,
+  e.g. no separate embedding rate) is left out, so the trial trains exactly the base config."""
   config = trial_config(base, model, {}, base.num_epochs)
   values = {}
   for path in search_space(registered_model(base, model), knobs):
@@ -185,7 +186,8 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
   if family not in registry.MODELS:
     variants = ", ".join(base.get("variants") or {}) or "none"
     raise ConfigError(f"model: unknown model {model!r}; valid models: "
-                      f"{', '.join(registry.model_names())}; variants of this config: {variants}")
+                      f"{', '.join(registry.model_names())}; variants of this config: "
+                      f"{variants}")
   if trials < 1 or eta < 2 or min_epochs < 1:
     raise ConfigError("trials must be >= 1, eta >= 2 and min_epochs >= 1")
   knobs = list(knobs) if knobs else None
