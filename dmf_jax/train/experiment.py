@@ -196,7 +196,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True,
   graphdef, state, shardings = partitioner.init(
       factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
   if validated.optimizer.content_learning_rate is not None and not any(
-      path[0] == optimizers.CONTENT_TOWER for path, _ in nnx.to_flat_state(state.params)):
+      optimizers.in_content_tower(path) for path, _ in nnx.to_flat_state(state.params)):
     raise config_lib.ConfigError(
         f"invalid config:\n  - optimizer.content_learning_rate is set, but model "
         f"{config.model!r} has no item-content tower for it to apply to")

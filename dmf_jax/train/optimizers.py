@@ -100,6 +100,11 @@ def is_embedding_table(path: tuple) -> bool:
 CONTENT_TOWER = "content"  # the attribute of `CTRModel` that holds its item-content tower
 
 
+def in_content_tower(path: tuple) -> bool:
+  """A Param of the model's item-content tower (its path starts at `CTRModel.content`)."""
+  return tuple(path[:1]) == (CONTENT_TOWER,)
+
+
 def param_labels(params: nnx.State, content: bool = False) -> nnx.State:
   """'embedding', 'dense' or, with `content`, 'content' (a Param under the content tower that
   is not an embedding table) for every Param: the groups of `multi_transform`."""
@@ -108,7 +113,7 @@ def param_labels(params: nnx.State, content: bool = False) -> nnx.State:
     names = sparse.path_names(path)
     if is_embedding_table(names):
       return "embedding"
-    return "content" if content and names[:1] == (CONTENT_TOWER,) else "dense"
+    return "content" if content and in_content_tower(names) else "dense"
 
   return jax.tree_util.tree_map_with_path(
       label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))

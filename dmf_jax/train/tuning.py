@@ -81,11 +81,12 @@ def sample(model: str, trials: int, seed: int, knobs: Sequence[str] | None = Non
 
 def registered_model(base: ml_collections.ConfigDict, model: str) -> str:
   """The registered model that `model` names: itself, or the model a variant of the base
-  config varies (`variants.<model>.model`, e.g. a study's `em3_dmf_tuned` -> em3)."""
-  variants = base.get("variants")
-  if variants is not None and model in variants and model not in registry.MODELS:
-    return variants[model].get("model")
-  return model
+  config varies (e.g. a study's `em3_dmf_tuned` -> em3), as `config.with_model_values`
+  resolves it (a name that is neither raises there, listing both)."""
+  config = copy.deepcopy(base)
+  with config.unlocked():
+    config.model = model
+  return config_lib.with_model_values(config).model
 
 
 def base_values(base: ml_collections.ConfigDict, model: str,
@@ -184,10 +185,8 @@ def tune(base: ml_collections.ConfigDict, model: str, trials: int, output_dir: e
     raise ConfigError(f"method: {method!r} is not one of {METHODS}")
   family = registered_model(base, model)
   if family not in registry.MODELS:
-    variants = ", ".join(base.get("variants") or {}) or "none"
     raise ConfigError(f"model: unknown model {model!r}; valid models: "
-                      f"{', '.join(registry.model_names())}; variants of this config: "
-                      f"{variants}")
+                      f"{', '.join(registry.model_names())}")
   if trials < 1 or eta < 2 or min_epochs < 1:
     raise ConfigError("trials must be >= 1, eta >= 2 and min_epochs >= 1")
   knobs = list(knobs) if knobs else None
