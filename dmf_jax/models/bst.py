@@ -92,13 +92,17 @@ class BST(CTRModel):
     target = self.candidate_tokens(state, candidates, train=train, rngs=rngs)  # [B, N, d_tok]
     mask = state.mask
     (b, n), length = candidates.shape, mask.shape[1]
-    x = self.layers[0].with_target(state.history, self.project(target) + self.positions[length],
-                                   train=train, rngs=rngs)  # [B, N, L + 1, bst_dim]
-    valid = jnp.broadcast_to(mask[:, None], (b, n, length))
-    keys = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)  # [B, N, L + 1]
+    one = n == 1  # training: one candidate per user, the sequence without a unit N axis
+    query = self.project(target[:, 0] if one else target) + self.positions[length]
+    x = self.layers[0].with_target(state.history, query, train=train, rngs=rngs)
+    valid = mask if one else jnp.broadcast_to(mask[:, None], (b, n, length))  # [B, (N,) L]
+    keys = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)  # [B, (N,) L + 1]
     for layer in self.layers[1:]:
-      x = layer(x, keys, train=train, rngs=rngs)
-    weights = valid.astype(x.dtype)  # [B, N, L]
-    pooled = (jnp.einsum("bnl,bnld->bnd", weights, x[:, :, :length])
-              / jnp.maximum(weights.sum(2), 1.0)[..., None])
-    return self.predict(state, [target, x[:, :, length], pooled], train=train, rngs=rngs)
+      x = layer(x, keys, train=train, rngs=rngs)  # [B, (N,) L + 1, bst_dim]
+    weights = valid.astype(x.dtype)
+    pooled = (jnp.einsum("b...l,b...ld->b...d", weights, x[..., :length, :])
+              / jnp.maximum(weights.sum(-1), 1.0)[..., None])
+    last = x[..., length, :]
+    if one:
+      last, pooled = last[:, None], pooled[:, None]
+    return self.predict(state, [target, last, pooled], train=train, rngs=rngs)

@@ -109,28 +109,31 @@ class TransformerLayer(nnx.Module):
 
   def with_target(self, history: HistoryAttention, target: jax.Array, *, train: bool = False,
                   rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The layer over [history ; target] for each of N targets [B, N, D] -> [B, N, L + 1, D]
-    (`self(concat(history.x, target), mask with the target valid)`, per target)."""
-    b, n, d = target.shape
+    """The layer over [history ; target] for each target [B, ..., D] -> [B, ..., L + 1, D]
+    (`self(concat(history.x, target), mask with the target valid)`, per target). The middle
+    axes are the candidates: [B, N, D] for N per user, or none, [B, D] for one each (as
+    training has it: XLA:CPU runs BST's step faster without a unit N axis, BUILD_NOTES)."""
     length = history.x.shape[1]
+    lead = target.shape[:-1]  # [B, ...]
+    per_target = lambda a: a.reshape(a.shape[0], *(1,) * (len(lead) - 1), *a.shape[1:])
     qt, kt, vt = (self.heads(f(target)) for f in (self.query, self.key, self.value))
     # history queries: the per-user sums merged with the target's key
-    s_it = self._scaled(jnp.einsum("blhc,bnhc->bnlh", history.query, kt))  # [B, N, L, H]
-    top = jnp.maximum(history.max[:, None], jax.lax.stop_gradient(s_it))
-    old, new = jnp.exp(history.max[:, None] - top), jnp.exp(s_it - top)
-    from_history = ((old[..., None] * history.sum[:, None]
-                     + jnp.einsum("bnlh,bnhc->bnlhc", new, vt))
-                    / (old * history.norm[:, None] + new)[..., None])  # [B, N, L, H, c]
+    s_it = self._scaled(jnp.einsum("blhc,b...hc->b...lh", history.query, kt))  # [B, ..., L, H]
+    top = jnp.maximum(per_target(history.max), jax.lax.stop_gradient(s_it))
+    old, new = jnp.exp(per_target(history.max) - top), jnp.exp(s_it - top)
+    from_history = ((old[..., None] * per_target(history.sum)
+                     + jnp.einsum("b...lh,b...hc->b...lhc", new, vt))
+                    / (old * per_target(history.norm) + new)[..., None])  # [B, ..., L, H, c]
     # the target's query over the history and itself
-    s_tj = self._scaled(jnp.einsum("bnhc,blhc->bnhl", qt, history.key))
-    s_tj = jnp.where(history.mask[:, None, None, :], s_tj, MASKED_SCORE)
-    s_tt = self._scaled(jnp.sum(qt * kt, -1, keepdims=True))  # [B, N, H, 1]
+    s_tj = self._scaled(jnp.einsum("b...hc,blhc->b...hl", qt, history.key))
+    s_tj = jnp.where(per_target(history.mask[:, None, :]), s_tj, MASKED_SCORE)
+    s_tt = self._scaled(jnp.sum(qt * kt, -1, keepdims=True))  # [B, ..., H, 1]
     p = jax.nn.softmax(jnp.concatenate([s_tj, s_tt], -1), -1)
-    from_target = (jnp.einsum("bnhl,blhc->bnhc", p[..., :length], history.value)
-                   + p[..., length:] * vt)  # [B, N, H, c]
-    attended = jnp.concatenate([from_history, from_target[:, :, None]], axis=2)
-    x = jnp.concatenate([jnp.broadcast_to(history.x[:, None], (b, n, length, d)),
-                         target[:, :, None]], axis=2)
+    from_target = (jnp.einsum("b...hl,blhc->b...hc", p[..., :length], history.value)
+                   + p[..., length:] * vt)  # [B, ..., H, c]
+    attended = jnp.concatenate([from_history, from_target[..., None, :, :]], axis=-3)
+    x = jnp.concatenate([jnp.broadcast_to(per_target(history.x), (*lead, *history.x.shape[1:])),
+                         target[..., None, :]], axis=-2)
     return self._finish(x, attended, train, rngs)
 
   def _drop(self, x, train, rngs):

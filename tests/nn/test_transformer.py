@@ -125,3 +125,31 @@ def test_history_then_target_equals_the_whole_sequence_in_values_and_gradients()
   # every gradient non-trivial but the key bias's (softmax is shift-invariant: exactly 0)
   assert sum(np.abs(w).max() < 1e-9 for w in jax.tree.leaves(want_grads)) == 1
   assert np.isfinite(np.asarray(got)).all()
+
+
+def test_one_target_per_user_without_a_candidate_axis_equals_the_candidate_form():
+  """`with_target` over targets [B, D] (training's form) is the [B, 1, D] form without its
+  unit axis, in values and in the gradients of every parameter, the history and the targets."""
+  layer, _ = layer_and_params()
+  rng = np.random.default_rng(5)
+  b, length = 3, 4
+  history = jnp.asarray(rng.normal(size=(b, length, D)), jnp.float32)
+  targets = jnp.asarray(rng.normal(size=(b, D)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
+  weights = jnp.asarray(rng.normal(size=(b, length + 1, D)), jnp.float32)
+  graphdef, params = nnx.split(layer)
+
+  def run(params, history, targets, axis):
+    layer = nnx.merge(graphdef, params)
+    state = layer.encode_history(history, mask)
+    out = (layer.with_target(state, targets[:, None])[:, 0] if axis
+           else layer.with_target(state, targets))
+    return jnp.sum(out * weights), out
+
+  grad = jax.value_and_grad(run, argnums=(0, 1, 2), has_aux=True)
+  (_, got), got_grads = grad(params, history, targets, False)
+  (_, want), want_grads = grad(params, history, targets, True)
+  assert got.shape == (b, length + 1, D)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  for a, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-5, atol=1e-6)

@@ -39,6 +39,14 @@ def test_the_cpu_budget_is_the_largest_cache_listed(tmp_path):
   assert eval_batch.last_level_cache_bytes(str(tmp_path / "none")) == eval_batch.CPU_CACHE_FALLBACK
 
 
+def test_the_cpu_budget_is_capped_by_the_processors_that_share_the_cache():
+  per_cpu = eval_batch.CPU_CACHE_PER_CPU
+  assert eval_batch.cpu_cache_budget(32 << 20, 16) == (32 << 20, "the CPU's last-level cache")
+  budget, what = eval_batch.cpu_cache_budget(480 << 20, 2)  # a 2-core VM listing its host's L3
+  assert budget == 2 * per_cpu and "of the 480 MiB listed" in what
+  assert eval_batch.cpu_cache_budget(480 << 20, 0)[0] == per_cpu
+
+
 def test_an_experiment_sizes_its_evaluation_batch_to_the_budget_with_the_same_metrics(
     tmp_path, monkeypatch):
   config = tiny_train_config(tmp_path, eval_batch_size=0)
