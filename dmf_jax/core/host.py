@@ -50,6 +50,15 @@ _SETTINGS = (
 )
 
 
+def usable_cpus() -> int:
+  """The processors this process may run on (its affinity set where the OS has one, else
+  the machine's count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS, Windows: no affinity call
+    return os.cpu_count() or 1
+
+
 def reuse_freed_memory() -> bool:
   """Sets glibc's malloc to reuse freed memory (see the module docstring); True when it did,
   False where the C library is not glibc (nothing is changed there)."""

@@ -87,14 +87,14 @@ class DIEN(CTRModel):
     scores = jnp.einsum("lbd,bnd->lbn", interests, self.attention(target))
     valid = jnp.broadcast_to(mask.T[:, :, None], (steps, b, n))
     weights = jax.nn.softmax(jnp.where(valid, scores, -1e30), axis=0) * valid  # [L, B, N]
-    if n == 1:  # training: the recurrence over [L, B, d], no candidate axis
-      last = self.evolution.recur_time_major(
-          state.evolution_inputs, valid[..., 0], weights[..., 0])[-1][:, None]
+    inputs = state.evolution_inputs  # 3 x [L, B, d]
+    if n == 1:  # training: the recurrence over [L, B, d], no unit candidate axis
+      valid, weights = valid[..., 0], weights[..., 0]
     else:
-      last = self.evolution.recur_time_major(
-          tuple(jnp.broadcast_to(x[:, :, None], (steps, b, n, x.shape[-1]))
-                for x in state.evolution_inputs), valid, weights)[-1]  # [B, N, d]
-    return self.predict(state, [target, last], train=train, rngs=rngs)
+      inputs = tuple(jnp.broadcast_to(x[:, :, None], (steps, b, n, x.shape[-1])) for x in inputs)
+    last = self.evolution.recur_time_major(inputs, valid, weights)[-1]  # [B, (N,) d]
+    return self.predict(state, [target, last[:, None] if n == 1 else last], train=train,
+                        rngs=rngs)
 
   def auxiliary_loss(self, batch, state, rngs=None, offset=None) -> jax.Array:
     """L_aux (see the module docstring): next-behaviour discrimination by the interests.

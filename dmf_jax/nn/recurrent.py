@@ -81,11 +81,10 @@ class GRU(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _gates(xr, xu, xc, products, a):
-  """A step's gates from its input sides x_g and its recurrent products [..., 3H] =
-  [U_r h ; U_u h ; U_c h] (h = h_{t-1}): r, the update gate before the attention z,
-  u' = a z (z for a GRU), and c."""
-  hr, hu, hc = jnp.split(products, 3, axis=-1)
+def _gates(xr, xu, xc, hr, hu, hc, a):
+  """A step's gates from its input sides x_g and its recurrent products h_g = U_g h_{t-1}
+  (the three thirds of h_{t-1} U): r, the update gate before the attention z, u' = a z (z for
+  a GRU), and c."""
   r = jax.nn.sigmoid(xr + hr)
   z = jax.nn.sigmoid(xu + hu)
   u = z if a is None else z * a[..., None]
@@ -99,7 +98,7 @@ def _scan_forward(kernel, gates, mask, attention):
   def step(h, inputs):
     xr, xu, xc, m, a = inputs
     products = h @ kernel  # [..., 3H]
-    _, _, u, c = _gates(xr, xu, xc, products, a)
+    _, _, u, c = _gates(xr, xu, xc, *jnp.split(products, 3, axis=-1), a)
     new = jnp.where(m[..., None], (1 - u) * h + u * c, h)
     return new, (new, products)
 
@@ -131,11 +130,12 @@ def _recurrence_bwd(residuals, d_hs):
   def step(dh, inputs):
     xr, xu, xc, m, a, h, p, dy = inputs
     dh = dh + dy
-    r, z, u, c = _gates(xr, xu, xc, p, a)
+    hr, hu, hc = jnp.split(p, 3, axis=-1)
+    r, z, u, c = _gates(xr, xu, xc, hr, hu, hc, a)
     dn = jnp.where(m[..., None], dh, 0)
     du = dn * (c - h)
     dxc = dn * u * (1 - c * c)
-    dxr = dxc * jnp.split(p, 3, axis=-1)[2] * r * (1 - r)
+    dxr = dxc * hc * r * (1 - r)
     dz = du if a is None else du * a[..., None]
     dxu = dz * z * (1 - z)
     da = None if a is None else jnp.sum(du * z, axis=-1)

@@ -25,11 +25,12 @@ A positive `eval_batch_size` is used as it is.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import jax
 from etils import epath
+
+from dmf_jax.core import host
 
 BUDGET_FRACTION = 0.8  # of an accelerator's free memory: room for XLA's own buffers
 CPU_CACHE_FALLBACK = 32 << 20  # bytes, when the last-level cache size cannot be read
@@ -66,7 +67,7 @@ def cpu_cache_budget(cache_bytes: int, cpus: int) -> tuple[int, str]:
 def device_budget(device: jax.Device) -> tuple[int, str]:
   """(bytes an evaluation batch's working set may use on `device`, what they are)."""
   if device.platform == "cpu":
-    return cpu_cache_budget(last_level_cache_bytes(), len(os.sched_getaffinity(0)))
+    return cpu_cache_budget(last_level_cache_bytes(), host.usable_cpus())
   stats = device.memory_stats() or {}
   if "bytes_limit" not in stats:
     return 0, f"{device.platform} memory (unknown)"

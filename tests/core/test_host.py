@@ -122,3 +122,9 @@ def test_a_binary_started_with_python_m_runs_with_the_tunable(tmp_path):
   assert run("--nohuge_pages") == "None ['--nohuge_pages']"
   assert run(tunables="glibc.malloc.arena_max=4") == (
       "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1 []")
+
+
+def test_usable_cpus_is_the_affinity_set_or_the_machine_count(monkeypatch):
+  assert 1 <= host.usable_cpus() <= (os.cpu_count() or 1)
+  monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS
+  assert host.usable_cpus() == (os.cpu_count() or 1)
