@@ -18,6 +18,17 @@ the compiled predict step, so every model gets its own size and evaluates in one
   size           = the largest unit x 2^k with working set(size) <= budget (unit: the data
                    axis times the processes, so every device and process gets whole rows),
                    capped at the largest evaluated split (more would be padding only).
+  check          = a size beyond the probes is compiled and measured before it is used: the
+                   working set is not always linear at the probes' size. A fixed peak (EM3's
+                   content tower over the whole catalog, 14 MiB) can hide the per-row growth
+                   there (its probes at 64 and 128 rows both measured 14.4 MiB, so the line
+                   said 9,988 rows fit in 19 MiB; 4,096 rows need 205 MiB). A size that does
+                   not fit is replaced by the line through the largest size measured to fit
+                   and the least measured not to (a chord: above a convex curve between them,
+                   so it does not overshoot), and that size is measured in turn, at most
+                   MAX_CHECKS compiles in all; the largest size measured to fit is used. The
+                   measuring compile is the one the run then uses (`Partitioner.predict_step`
+                   keeps it): a line that was right costs no extra compile.
 
 A positive `eval_batch_size` is used as it is.
 """
@@ -36,6 +47,7 @@ BUDGET_FRACTION = 0.8  # of an accelerator's free memory: room for XLA's own buf
 CPU_CACHE_FALLBACK = 32 << 20  # bytes, when the last-level cache size cannot be read
 CPU_CACHE_PER_CPU = 16 << 20  # bytes of cache counted per usable processor, at most
 PROBE_ROWS = 64  # the probe compiles run at PROBE_ROWS and 2 x PROBE_ROWS units (or the split)
+MAX_CHECKS = 4  # compiles that check a size beyond the probes, at most
 FALLBACK_BATCH = 2048  # when XLA reports no memory figures
 
 
@@ -90,7 +102,9 @@ def working_set_bytes(compiled, batch_bytes: int) -> int | None:
 def largest_fitting(working_set: Callable[[int], int | None], *, unit: int, largest: int,
                     budget: int) -> tuple[int, dict]:
   """The largest unit x 2^k (>= unit, <= largest rounded up to unit) whose working set fits
-  `budget`, extrapolated from two probes; and the figures it was chosen from.
+  `budget`, extrapolated from two probes and measured when beyond them (module docstring);
+  and the figures it was chosen from ('checked': the [rows, bytes] measured beyond them;
+  'working_set_bytes': the size's, measured or else predicted).
 
   working_set(b): the working-set bytes of the step compiled for b rows (None: unknown).
   """
@@ -103,11 +117,38 @@ def largest_fitting(working_set: Callable[[int], int | None], *, unit: int, larg
   figures = {"probe_rows": [small, large], "probe_bytes": [a_bytes, b_bytes], "budget": budget}
   if a_bytes is None or b_bytes is None or budget <= 0:
     return min(cap, -(-FALLBACK_BATCH // unit) * unit), figures
-  slope = max((b_bytes - a_bytes) / max(large - small, 1), 1.0)
-  intercept = a_bytes - slope * small
-  rows = (budget - intercept) / slope
-  size = unit * 2 ** max(0, math.floor(math.log2(max(rows / unit, 1.0))))
-  size = cap if size >= cap else size
+  slope, intercept = _line((small, a_bytes), (large, b_bytes))
+  size = _fitting_size(slope, intercept, unit=unit, cap=cap, budget=budget)
   figures.update(bytes_per_row=slope, fixed_bytes=intercept,
                  predicted_bytes=intercept + slope * size)
+  checked, fits, over = [], (large, b_bytes), None  # the largest that fits, the least not
+  while size > fits[0] and len(checked) < MAX_CHECKS:
+    measured = working_set(size)
+    checked.append([size, measured])
+    if measured is None or measured <= budget:
+      fits = (size, measured)
+      if over is None or measured is None:
+        break
+    else:
+      over = (size, measured)
+    size = _fitting_size(*_line(fits, over), unit=unit, cap=cap, budget=budget)
+  if checked:
+    figures["checked"] = checked
+    size, measured = fits
+    if measured is not None:
+      figures["working_set_bytes"] = measured
+  figures.setdefault("working_set_bytes", figures["predicted_bytes"])
   return size, figures
+
+
+def _line(a: tuple[int, int], b: tuple[int, int]) -> tuple[float, float]:
+  """(slope >= 1 byte per row, intercept) of the line through two (rows, bytes) points."""
+  slope = max((b[1] - a[1]) / max(b[0] - a[0], 1), 1.0)
+  return slope, a[1] - slope * a[0]
+
+
+def _fitting_size(slope: float, intercept: float, *, unit: int, cap: int, budget: int) -> int:
+  """The largest unit x 2^k (at least unit) the line puts within `budget`, `cap` beyond it."""
+  rows = (budget - intercept) / slope
+  size = unit * 2 ** max(0, math.floor(math.log2(max(rows / unit, 1.0))))
+  return cap if size >= cap else size

@@ -235,7 +235,7 @@ def _train(exp: Experiment, config: ml_collections.ConfigDict, workdir: epath.Pa
     if exp.eval_sizing:
       sizing = exp.eval_sizing
       log_to_stderr(f"evaluation batch {eval_size}: the largest whose working set (about "
-                    f"{memory.format_bytes(sizing.get('predicted_bytes') or 0)}) fits "
+                    f"{memory.format_bytes(sizing.get('working_set_bytes') or 0)}) fits "
                     f"{sizing['budget_is']} ({memory.format_bytes(sizing['budget'])})")
     if exp.unique_row_shards:
       log_to_stderr(f"training batches carry their distinct items: {exp.unique_row_shards} "

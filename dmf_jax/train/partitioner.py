@@ -158,18 +158,27 @@ class Partitioner:
 
   def predict_step(self, graphdef, shardings) -> Callable:
     """predict(state, batch) -> logits [B] split over 'data'; `predict.compile(state, batch)`
-    compiles it ahead of time (abstract arguments accepted), as the calls would."""
+    compiles it ahead of time (abstract arguments accepted), as the calls would, and keeps
+    the program: a later call with a batch of the same shapes, dtypes and shardings runs it
+    (the evaluation batch's sizing compiles the size it picks, `train.eval_batch`)."""
     predict = training.make_predict_step(graphdef, jit=False)
     jitted = jax.jit(predict, in_shardings=(shardings, None),
                      out_shardings=self.batch_sharding(1))
+    compiled = {}
+    signature = lambda batch: tuple(sorted(
+        (k, tuple(v.shape), str(v.dtype), str(getattr(v, "sharding", None)))
+        for k, v in batch.items()))
 
     def run(state, batch):
       with jax.set_mesh(self.mesh):
-        return jitted(state, batch)
+        program = compiled.get(signature(batch))
+        return (program or jitted)(state, batch)
 
     def compile_for(state, batch):
       with jax.set_mesh(self.mesh):
-        return jitted.lower(state, batch).compile()
+        program = jitted.lower(state, batch).compile()
+      compiled[signature(batch)] = program
+      return program
 
     run.compile = compile_for
     return run

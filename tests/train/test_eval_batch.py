@@ -22,13 +22,44 @@ def test_largest_fitting_extrapolates_the_two_probes_and_caps_at_the_split():
 
   size, figures = eval_batch.largest_fitting(working_set, unit=8, largest=100_000,
                                              budget=fixed + per_row * 3000)
-  assert size == 2048 and calls == [512, 1024]  # 4096 rows would need 41,960 bytes
+  assert size == 2048 and calls == [512, 1024, 2048]  # 4096 rows would need 41,960 bytes
   assert figures["bytes_per_row"] == pytest.approx(per_row)
   assert figures["fixed_bytes"] == pytest.approx(fixed)
   assert eval_batch.largest_fitting(working_set, unit=8, largest=1500, budget=10 ** 9)[0] == 1504
   assert eval_batch.largest_fitting(working_set, unit=8, largest=100_000, budget=10)[0] == 8
   size, _ = eval_batch.largest_fitting(lambda rows: None, unit=8, largest=100_000, budget=10 ** 9)
   assert size == eval_batch.FALLBACK_BATCH  # no memory figures from XLA
+
+
+def test_a_size_beyond_the_probes_is_measured_and_refitted_until_it_fits():
+  """A fixed peak larger than the per-row part at the probes' size (EM3's content tower over
+  the whole catalog) makes both probes measure the same bytes: the line says everything fits.
+  The size chosen is compiled and measured, and refitted from that measurement."""
+  fixed, per_row, budget = 14 << 20, 50_000, 32 << 20
+  calls = []
+
+  def working_set(rows):
+    calls.append(rows)
+    return max(fixed, (1 << 20) + per_row * rows)
+
+  size, figures = eval_batch.largest_fitting(working_set, unit=1, largest=9988, budget=budget)
+  assert calls == [64, 128, 9988, 256, 512]  # the probes, the split the line allowed, refits
+  assert size == 512 and working_set(512) <= budget < working_set(1024)  # the largest 2^k
+  assert figures["checked"] == [[r, max(fixed, (1 << 20) + per_row * r)] for r in (9988, 256, 512)]
+  # A linear working set: one check of the size the line chose, which fits.
+  calls.clear()
+  size, figures = eval_batch.largest_fitting(lambda rows: calls.append(rows) or 1000 + 10 * rows,
+                                             unit=8, largest=100_000, budget=1000 + 10 * 3000)
+  assert size == 2048 and calls == [512, 1024, 2048] and figures["checked"] == [[2048, 21480]]
+  # Nothing beyond the probes fits: the largest probe.
+  size, figures = eval_batch.largest_fitting(
+      lambda rows: 10 if rows <= 128 else 10 ** 9 * rows, unit=1, largest=10 ** 6, budget=10 ** 4)
+  assert size == 128 and figures["checked"] == [[8192, 8192 * 10 ** 9]]
+  # A steeper part beyond a flat one: refitted from the size that fits up to the true largest.
+  calls.clear()
+  steep = lambda rows: calls.append(rows) or (10 if rows <= 1000 else 10 + 1000 * (rows - 1000))
+  size, figures = eval_batch.largest_fitting(steep, unit=1, largest=10 ** 6, budget=3 * 10 ** 6)
+  assert size == 2048 and calls == [64, 128, 10 ** 6, 2048]  # 4,096 rows: 3,096,010 bytes
 
 
 def test_the_cpu_budget_is_the_largest_cache_listed(tmp_path):
