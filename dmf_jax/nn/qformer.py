@@ -31,6 +31,12 @@ from dmf_jax.nn import lora
 from dmf_jax.nn.lora import AdaptableLinear
 
 
+def with_query_keys(mask: jax.Array, num_queries: int) -> jax.Array:
+  """The key mask of [queries ; tokens]: the tokens' mask [..., K] after num_queries Trues
+  (queries are always keys) -> [..., num_queries + K] (built from the mask: its sharding)."""
+  return jnp.concatenate([jnp.repeat(jnp.ones_like(mask[..., :1]), num_queries, -1), mask], -1)
+
+
 class SelfAttentionLayer(nnx.Module):
   """Pre-LN transformer layer: tokens [..., T, w], key mask [..., T] -> [..., T, w]."""
 
@@ -75,8 +81,7 @@ class SelfAttentionLayer(nnx.Module):
     hq, ht = self.norm1(queries), self.norm1(tokens)
     k, v = (self._heads(jnp.concatenate([per_row(f(hq, adapted=adapted)), f(ht, adapted=adapted)],
                                         axis=-2)) for f in (self.key, self.value))
-    keys = jnp.concatenate([jnp.repeat(jnp.ones_like(mask[..., :1]), queries.shape[-2], -1),
-                            mask], -1)
+    keys = with_query_keys(mask, queries.shape[-2])
     run = lambda x, h: self._attend_and_mlp(x, h, k, v, keys, adapted=adapted, train=train,
                                             rngs=rngs)
     return run(queries, hq), (run(tokens, ht) if tokens_out else None)
@@ -166,8 +171,7 @@ class FusionQFormer(nnx.Module):
     """`fuse_tokens` as defined: every layer over all Q + K tokens (a reference, no dropout)."""
     queries = self.queries[...] + jnp.zeros_like(tokens[..., :1, :])  # [..., Q, width]
     x = jnp.concatenate([queries, tokens], axis=-2)
-    keys = jnp.concatenate([jnp.repeat(jnp.ones_like(mask[..., :1]), queries.shape[-2], -1),
-                            mask], -1)
+    keys = with_query_keys(mask, queries.shape[-2])
     for layer in self.layers:
       x = layer(x, keys, adapted=adapted)
     out = self.norm(x[..., :queries.shape[-2], :]).reshape(*mask.shape[:-1], -1)

@@ -172,7 +172,7 @@ class Partitioner:
     def run(state, batch):
       with jax.set_mesh(self.mesh):
         program = compiled.get(signature(batch))
-        return (program or jitted)(state, batch)
+        return (jitted if program is None else program)(state, batch)
 
     def compile_for(state, batch):
       with jax.set_mesh(self.mesh):
