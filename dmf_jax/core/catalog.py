@@ -141,6 +141,14 @@ def inverse_norms(vectors: np.ndarray) -> np.ndarray:
   return out
 
 
+def present_rows(vectors: np.ndarray) -> np.ndarray:
+  """Whether each row is not all zero (the catalog's missing marker): [V, D] -> bool [V]."""
+  out = np.empty(len(vectors), bool)
+  for start in range(0, len(vectors), _CHUNK_ROWS):
+    out[start:start + _CHUNK_ROWS] = np.any(vectors[start:start + _CHUNK_ROWS] != 0, axis=1)
+  return out
+
+
 def record_cosines(vectors: np.ndarray, inv_norms: np.ndarray, item_id: np.ndarray,
                    hist_item_id: np.ndarray, chunk: int = 64) -> np.ndarray:
   """Each record's frozen cosines on the host, as the model computes them from its tables:
@@ -247,6 +255,10 @@ class CatalogTables(nnx.Module):
     # is then one product of stored vectors, with no normalised copy per position.
     self.inv_norms = nnx.Dict({k[9:]: self._variable(v, float32=True) for k, v in tables.items()
                                if k.startswith("inv_norm/")})
+    # Whether an item has the modality (its vector is not all zero: the missing marker), so a
+    # Q-Former's key mask is one gather instead of a pass over the vectors.
+    self.present = nnx.Dict({k[8:]: self._variable(v) for k, v in tables.items()
+                             if k.startswith("present/")})
     if self.hashed_ids:
       self.item_id_rows = self._variable(tables["id_rows"])
     self.numeric = nnx.Dict({k[8:]: self._variable(v, float32=True) for k, v in tables.items()
@@ -261,7 +273,7 @@ class CatalogTables(nnx.Module):
 
   def _tables(self, schema: FeatureSchema, catalog: ItemCatalog) -> dict[str, np.ndarray]:
     """The stored per-item tables by key (side/<field> with hashed fields as rows,
-    modality/<name>, inv_norm/<name>, id_rows, numeric/<field>), unpadded."""
+    modality/<name>, inv_norm/<name>, present/<name>, id_rows, numeric/<field>), unpadded."""
     tables = {}
     for spec in schema.item_features:
       value = np.asarray(catalog.side[spec.name])
@@ -269,6 +281,7 @@ class CatalogTables(nnx.Module):
     for name, value in self._modalities(catalog):
       tables[f"modality/{name}"] = np.asarray(value, np.float32)
       tables[f"inv_norm/{name}"] = inverse_norms(value)
+      tables[f"present/{name}"] = present_rows(value)
     if self.hashed_ids:
       tables["id_rows"] = schema.item_id_spec.rows(catalog.raw_ids)
     for name, value in catalog.numeric.items():
@@ -276,10 +289,13 @@ class CatalogTables(nnx.Module):
     return tables
 
   def _variable(self, value: np.ndarray, float32: bool = False) -> CatalogTable:
-    """A padded, row-sharded variable; float arrays in `vector_dtype` unless `float32`."""
+    """A padded, row-sharded variable; float arrays in `vector_dtype` unless `float32`, bool
+    arrays bool, any other int32."""
     value = self._padded(value)
-    dtype = jnp.int32 if value.dtype != np.float32 else (
-        jnp.float32 if float32 else VECTOR_DTYPES[self.vector_dtype])
+    if value.dtype == np.float32:
+      dtype = jnp.float32 if float32 else VECTOR_DTYPES[self.vector_dtype]
+    else:
+      dtype = jnp.bool_ if value.dtype == np.bool_ else jnp.int32
     value = jnp.asarray(value, dtype)
     if self.sharding.table_axis is None:
       return CatalogTable(value)
@@ -293,10 +309,10 @@ class CatalogTables(nnx.Module):
     return np.pad(value, [(0, extra)] + [(0, 0)] * (value.ndim - 1))
 
   def _stored(self, key: str) -> CatalogTable:
-    """The variable of a `_tables` key: side/<field>, modality/<name> or id_rows."""
+    """The variable of a `_tables` key (side/<field>, modality/<name>, ..., id_rows)."""
     kind, _, name = key.partition("/")
     return {"side": self.side, "modality": self.modalities, "inv_norm": self.inv_norms,
-            "numeric": self.numeric}[kind][
+            "present": self.present, "numeric": self.numeric}[kind][
         name] if name else self.item_id_rows
 
   def load(self, schema: FeatureSchema, catalog: ItemCatalog) -> None:
@@ -377,6 +393,28 @@ class CatalogTables(nnx.Module):
     """1 / max(|m|, eps) of the items' vectors: int [...] -> float32 [...]."""
     return self._rows(self.inv_norms[name][...], item_ids)
 
+  def has_vectors(self, name: str, item_ids: jax.Array) -> jax.Array:
+    """Whether the items have modality `name` (a vector not all zero): int [...] -> bool [...]."""
+    return self._rows(self.present[name][...], item_ids)
+
+  @property
+  def readable_whole(self) -> bool:
+    """Whether `all_vectors` / `all_present` can read the tables whole (not row-sharded)."""
+    return self.sharding.table_axis is None
+
+  def all_vectors(self, name: str) -> jax.Array:
+    """Every item's vectors, the stored table itself (no gather): float32 [V, D_k]. Only for
+    tables that are not row-sharded (`readable_whole`)."""
+    if not self.readable_whole:
+      raise ValueError("all_vectors: the catalog's tables are row-sharded; gather by id instead")
+    return self.modalities[name][...][:self.num_items].astype(jnp.float32)
+
+  def all_present(self, name: str) -> jax.Array:
+    """`has_vectors` of every item: bool [V] (`readable_whole` tables only)."""
+    if not self.readable_whole:
+      raise ValueError("all_present: the catalog's tables are row-sharded; gather by id instead")
+    return self.present[name][...][:self.num_items]
+
   def calibrate(self, name: str, similarity: jax.Array) -> jax.Array:
     """Maps the catalog's typical cosine range [low, high] (random pairs, 0.5-99.5 percentiles)
     linearly onto [-1, 1], clipped: uniform buckets then resolve the populated range."""
@@ -403,6 +441,7 @@ def without_vectors(tables: Mapping, name: str, missing: np.ndarray,
   missing: bool [num_items]; those items lose modality `name`:
     modalities[name][i] = 0            (an all-zero vector: the catalog's missing marker, so
                                         every cosine with item i is 0 and a Q-Former masks it)
+    present[name][i] = False           (the marker as a table)
     pairwise[name][i, :] = [:, i] = 0  (the precomputed cosines agree)
     side[flag_field][i] = 1            (a '<name>_missing' flag field, where the data has one)
   Everything else is kept, the cosine range (the trained calibration) included: the model
@@ -430,6 +469,8 @@ def without_vectors(tables: Mapping, name: str, missing: np.ndarray,
     vectors = tables["modalities"][name]
     drop = rows(vectors.shape[0])
     out["modalities"][name] = replaced(vectors, jnp.where(drop[:, None], 0, vectors[...]))
+    present = tables["present"][name]
+    out["present"][name] = replaced(present, present[...] & ~rows(present.shape[0]))
   if name in tables.get("pairwise", {}):
     pair = tables["pairwise"][name]
     drop = rows(pair.shape[0])

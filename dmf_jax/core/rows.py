@@ -44,11 +44,14 @@ class Rows:
   """Per-item `values` [R, ...] and the row `index` int32 [...] of each position (or None).
 
   shards = S > 0: values [S, U, ...] grouped by data shard, index [B, ...] with the B
-  positions' leading dim split into S equal groups, each indexing its own shard's U rows."""
+  positions' leading dim split into S equal groups, each indexing its own shard's U rows.
+  catalog = True: the rows are the whole catalog, V + 1 of them (`item_rows`): row i < V is
+  item i, row V the out-of-range ids' (so per-item work may read the catalog's tables whole)."""
 
   values: jax.Array
   index: jax.Array | None = None
   shards: int = dataclasses.field(default=0, metadata=dict(static=True))
+  catalog: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def positions(self) -> tuple[int, ...]:
@@ -60,7 +63,7 @@ class Rows:
   def map(self, fn: Callable[[jax.Array], jax.Array]) -> "Rows":
     """`fn` applied to the rows (row-wise `fn`: [R, ...] -> [R, ...]); the index is kept."""
     if not self.shards:
-      return Rows(fn(self.values), self.index)
+      return Rows(fn(self.values), self.index, catalog=self.catalog)
     s, u = self.values.shape[:2]
     out = fn(_reshape(self.values, (s * u, *self.values.shape[2:])))
     return Rows(_reshape(out, (s, u, *out.shape[1:])), self.index, self.shards)
@@ -103,7 +106,7 @@ def item_rows(item_ids: jax.Array, num_items: int, positions: int | None = None)
   if (item_ids.size if positions is None else positions) <= num_items + 1:
     return Rows(item_ids)
   safe = jnp.where((item_ids >= 0) & (item_ids < num_items), item_ids, num_items)
-  return Rows(jnp.arange(num_items + 1, dtype=jnp.int32), safe)
+  return Rows(jnp.arange(num_items + 1, dtype=jnp.int32), safe, catalog=True)
 
 
 def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import jax
@@ -202,16 +202,19 @@ class UserEncoder(nnx.Module):
 
 class ContentTower(Protocol):
   """An item-content tower appended to the ID tokens (EM3's Q-Former, the Vector baseline's
-  projections): K modality vectors [R, D_k] -> [R, out_dim]; `sequence` marks the behaviour
-  side. It may add training losses with `loss_terms(model, batch, rngs, targets)` -> {name:
-  (weight, loss)}, where targets [B, out_dim] is its output for the batch's target items as
-  the training forward computed it (so a loss over the targets' content does not encode them
-  again; None if the forward did not)."""
+  projections): K modality vectors [R, D_k] and whether each item has each (present bool
+  [R, K]) -> [R, out_dim]; `sequence` marks the behaviour side. Optional members:
+  `sides_differ` (True: the behaviour side is another function of the item, e.g. EM3's LoRA,
+  so the candidates' content is computed for their own rows, not read off the history's), and
+  training losses `loss_terms(model, batch, rngs, targets)` -> {name: (weight, loss)}, where
+  targets [B, out_dim] is its output for the batch's target items as the training forward
+  computed it (so a loss over the targets' content does not encode them again; None if the
+  forward did not)."""
 
   out_dim: int
 
-  def __call__(self, vectors: list[jax.Array], *, sequence: bool = False, train: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array: ...
+  def __call__(self, vectors: list[jax.Array], present: jax.Array, *, sequence: bool = False,
+               train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array: ...
 
 
 def validate_batch(schema: FeatureSchema, batch: Batch) -> None:
@@ -398,6 +401,29 @@ class CTRModel(nnx.Module):
     return [self.catalog.vectors(name, item_ids).astype(self.dtype)
             for name in self.schema.modality_names]
 
+  def modality_present(self, item_ids: jax.Array) -> jax.Array:
+    """Whether each item has each modality (a vector not all zero): bool [..., K]."""
+    return jnp.stack([self.catalog.has_vectors(name, item_ids)
+                      for name in self.schema.modality_names], axis=-1)
+
+  def item_content(self, rows: Rows, *, sequence: bool = False, train: bool = False,
+                   rngs: nnx.Rngs | None = None) -> Callable[[jax.Array], jax.Array]:
+    """The content tower as a function of the rows' ids: int [R] -> [R, out_dim]. Over the
+    whole catalog (`rows.catalog`, tables not row-sharded) it reads the vector tables as
+    stored, with no gather of V + 1 rows, and repeats item V - 1's output as row V (the
+    out-of-range ids read the last item's catalog entry: `CatalogTables.safe_ids`)."""
+    names = self.schema.modality_names
+    run = lambda vectors, present: self.content(vectors, present, sequence=sequence,
+                                                train=train, rngs=rngs)
+    if rows.catalog and not rows.shards and self.catalog.readable_whole:
+      def content(ids):
+        out = run([self.catalog.all_vectors(n).astype(self.dtype) for n in names],
+                  jnp.stack([self.catalog.all_present(n) for n in names], axis=-1))
+        checks.check_shape("catalog rows", ids, (out.shape[0] + 1,))
+        return jnp.concatenate([out, out[-1:]])
+      return content
+    return lambda ids: run(self.modality_vectors(ids), self.modality_present(ids))
+
   def item_tokens(self, rows: Rows, *, sequence: bool = False, train: bool = False,
                   rngs: nnx.Rngs | None = None) -> Rows:
     """Rows of ids -> Rows of tokens [R, token_dim] = [e ; content] (sequence: behaviour side).
@@ -406,12 +432,14 @@ class CTRModel(nnx.Module):
     same rows: without a content tower their tokens are the same function of the ids, so
     they are encoded once (`_encoded_once`); the encoding's backward pass, and a row-sparse
     table's update, then see each distinct item once instead of once per side."""
+    content = None if self.content is None else self.item_content(
+        rows, sequence=sequence, train=train, rngs=rngs)
+
     def encode(ids):
       e = self.items(self.catalog, ids).astype(self.dtype)
-      if self.content is None:
+      if content is None:
         return e
-      c = self.content(self.modality_vectors(ids), sequence=sequence, train=train, rngs=rngs)
-      return jnp.concatenate([e, c], axis=-1)
+      return jnp.concatenate([e, content(ids)], axis=-1)
 
     encoded = _ENCODED_ROWS.get()
     if encoded is None or not rows.shards or self.content is not None:
@@ -426,6 +454,8 @@ class CTRModel(nnx.Module):
     a training forward over a batch with unique rows: the targets' rows among them)."""
     if state.candidate_rows is not None:
       return state.candidate_rows
+    if getattr(self.content, "sides_differ", False):  # the history's rows are another function
+      return self.item_rows(candidates)
     return self.item_rows(candidates, candidates.size + state.mask.size)
 
   def candidate_tokens(self, state: UserState, candidates: jax.Array, *, train: bool = False,

@@ -74,9 +74,10 @@ class ModalityTokens(nnx.Module):
     self.projections = nnx.List([Linear(m.dim, width, rngs=rngs) for m in schema.modalities])
     self.out_dim = width * len(schema.modalities)
 
-  def __call__(self, vectors: list[jax.Array], *, sequence: bool = False, train: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    del sequence, train, rngs  # the same projections on both sides, no dropout
+  def __call__(self, vectors: list[jax.Array], present: jax.Array | None = None, *,
+               sequence: bool = False, train: bool = False, rngs: nnx.Rngs | None = None
+               ) -> jax.Array:
+    del present, sequence, train, rngs  # the same projections on both sides, no dropout
     return jnp.concatenate([p(v) for p, v in zip(self.projections, vectors)], axis=-1)
 
 

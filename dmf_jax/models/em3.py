@@ -88,11 +88,15 @@ class ContentEncoder(nnx.Module):
     self.content_head = Linear(config.content_dim, config.contrastive_dim, rngs=rngs)
     self.id_head = Linear(schema.item_id_dim, config.contrastive_dim, rngs=rngs)
     self.out_dim = config.content_dim
+    # LoRA: the behaviour side is another function of the item than the target side, so the
+    # candidates' content is computed for their own rows, not read off the history's.
+    self.sides_differ = config.lora_rank > 0
 
-  def __call__(self, vectors, *, sequence=False, train=False, rngs=None):
-    """sequence=True: the behaviour side (LoRA adapters on frozen base weights)."""
+  def __call__(self, vectors, present=None, *, sequence=False, train=False, rngs=None):
+    """present [R, K] bool (None: a vector not all zero); sequence=True: the behaviour side
+    (LoRA adapters on frozen base weights)."""
     adapted = sequence and self.config.lora_rank > 0
-    return self.fusion(vectors, adapted=adapted, train=train, rngs=rngs)
+    return self.fusion(vectors, present, adapted=adapted, train=train, rngs=rngs)
 
   def contrastive_loss(self, model: CTRModel, item_ids, *, content=None, train=False,
                        rngs=None) -> jax.Array:
@@ -103,7 +107,8 @@ class ContentEncoder(nnx.Module):
 
     def embeddings(ids, content=None):
       if content is None:
-        content = self(model.modality_vectors(ids), train=train, rngs=rngs)
+        content = self(model.modality_vectors(ids), model.modality_present(ids), train=train,
+                       rngs=rngs)
       return (l2_normalize(self.content_head(content)),
               l2_normalize(self.id_head(model.items.id_embedding(model.catalog, ids))))
 

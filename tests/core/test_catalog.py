@@ -3,6 +3,7 @@ the typical cosine range and each record's cosines, against float64 references; 
 tables' lookups and their out-of-range rule; the catalog frozen in a model (not a parameter) and
 its bad tables refused."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from helpers import small_model, tiny_problem
 from dmf_jax.train import steps as training
 from dmf_jax.core.catalog import ItemCatalog
 from dmf_jax.core import catalog as catalog_lib
+from dmf_jax.core.sharding import ShardingRules
 
 
 def vectors(seed=0, n=40, d=12):
@@ -102,6 +104,41 @@ def test_tables_look_up_rows_and_keep_out_of_range_ids_defined():
     catalog_lib.CatalogTables(schema, catalog, vector_dtype="int8")
   without = catalog_lib.CatalogTables(schema, catalog, vectors=False)
   assert not without.holds_vectors and not without.has_pairwise
+
+
+def test_present_marks_the_vectors_that_are_not_all_zero_whole_or_by_id():
+  """has_vectors / all_present: the missing marker (an all-zero vector) as a table, kept in
+  step with the vectors by `load` and `extended`; all_vectors is the stored table."""
+  schema, catalog, _ = tiny_problem()
+  name = schema.modality_names[0]
+  modalities = dict(catalog.modalities)
+  modalities[name] = np.array(modalities[name], np.float32)
+  modalities[name][[2, 7]] = 0.0
+  modalities[name][9, :] = 0.0
+  modalities[name][9, 1] = 1e-30  # tiny, not missing
+  catalog = ItemCatalog(catalog.side, modalities, catalog.raw_ids, catalog.numeric)
+  want = np.any(modalities[name] != 0, axis=1)
+  assert not want[2] and not want[7] and want[9]
+  tables = catalog_lib.CatalogTables(schema, catalog)
+  np.testing.assert_array_equal(tables.all_present(name), want)
+  np.testing.assert_array_equal(tables.all_vectors(name), modalities[name])
+  ids = jnp.asarray([7, 9, 0, schema.num_items])  # out of range: the last item's
+  np.testing.assert_array_equal(tables.has_vectors(name, ids), want[[7, 9, 0, -1]])
+  restored = catalog_lib.CatalogTables(schema)  # all zero: nothing present until loaded
+  assert not np.any(restored.all_present(name))
+  restored.load(schema, catalog)
+  np.testing.assert_array_equal(restored.all_present(name), want)
+  new_vectors = {k: np.array(v[:2]) for k, v in catalog.modalities.items()}
+  new_vectors[name][1] = 0.0
+  bigger = tables.extended(schema, ItemCatalog({k: np.asarray(v)[:2] for k, v in
+                                                catalog.side.items()}, new_vectors))
+  np.testing.assert_array_equal(bigger.all_present(name), np.concatenate([want, [True, False]]))
+  with jax.set_mesh(jax.make_mesh((1, 1), ("data", "model"))):
+    sharded = catalog_lib.CatalogTables(
+        schema, catalog, sharding=ShardingRules(batch_axis="data", table_axis="model"))
+  assert not sharded.readable_whole
+  with pytest.raises(ValueError, match="row-sharded"):
+    sharded.all_vectors(name)
 
 
 def test_catalog_is_frozen_and_not_in_params():

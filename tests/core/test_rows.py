@@ -21,12 +21,13 @@ def test_whole_catalog_when_fewer_items_than_positions():
   table = jnp.asarray(np.random.default_rng(1).normal(size=(8, 3)), jnp.float32)
   f = lambda v: table[v] * 2.0
   np.testing.assert_allclose(rows.map(f).take(), f(jnp.asarray(want)), rtol=1e-6)
+  assert rows.catalog and rows.map(f).catalog  # the whole catalog, marked as such
 
 
 def test_positions_themselves_when_the_catalog_is_larger():
   ids = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
   rows = item_rows(ids, num_items=100)
-  assert rows.index is None
+  assert rows.index is None and not rows.catalog
   np.testing.assert_array_equal(rows.take(), ids)
   np.testing.assert_array_equal(rows.map(lambda v: v + 1).take(), ids + 1)
 

@@ -1,6 +1,8 @@
 """EM3 (`models.em3`): it trains and both losses fall, LoRA on the behaviour side, serving,
 config errors, the content table (its Q-Former, LoRA and loss: tests/nn)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from flax import nnx
 from helpers import jitted, take, tiny_problem, train_steps
 from dmf_jax.nn import lora
 from dmf_jax.nn.losses import bce_with_logits
+from dmf_jax.core import rows as core_rows
 from dmf_jax.core.rows import Rows
 from dmf_jax.models import base as model_base
 from dmf_jax.models import registry
@@ -120,6 +123,61 @@ def test_content_table_equals_per_position_content_and_gradients(monkeypatch):
   np.testing.assert_allclose(a, b, rtol=1e-5)
   for key in ga:
     np.testing.assert_allclose(ga[key], gb[key], rtol=2e-3, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("sequence", [True, False])
+def test_the_whole_catalogs_content_reads_the_tables_as_the_gathered_rows_do(sequence):
+  """Over the whole catalog the content tower reads the stored vector tables (no gather of
+  V + 1 rows) and repeats the last item's output for the out-of-range row: the same tokens,
+  and the same gradients, as the tower over the gathered rows (float64)."""
+  schema, _, _ = tiny_problem()
+  model = build_em3()
+  for layer in lora.adaptable_layers(model.content.fusion).values():
+    if layer.adapter is not None:
+      layer.adapter.b[...] = jnp.full(layer.adapter.b.shape, 0.05)
+  v = schema.num_items
+  ids = jnp.asarray(RNG.integers(0, v, (6, 9)), jnp.int32).at[0, 0].set(v).at[1, 2].set(-1)
+  whole = core_rows.item_rows(ids, v, positions=2 * v)  # the catalog; out of range: row V
+  gathered = dataclasses.replace(whole, catalog=False)
+  assert whole.catalog and whole.values.shape == (v + 1,)
+  weights = jnp.asarray(RNG.normal(size=(6, 9, model.token_dim)))
+  graphdef, params, rest = training.split_model(model)
+
+  def loss(p, rows):
+    m = nnx.merge(graphdef, p, rest)
+    tokens = m.item_tokens(rows, sequence=sequence).take()
+    return jnp.sum(tokens * weights), tokens
+
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    (a, ta), ga = jax.jit(jax.value_and_grad(loss, has_aux=True))(p64, whole)
+    (b, tb), gb = jax.jit(jax.value_and_grad(loss, has_aux=True))(p64, gathered)
+  assert ta.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(ta), np.asarray(tb), rtol=1e-12, atol=1e-13)
+  np.testing.assert_array_equal(np.asarray(ta)[0, 0], np.asarray(ta)[1, 2])  # both out of range
+  flat = lambda g: {"/".join(map(str, k)): np.asarray(x[...]) for k, x in nnx.to_flat_state(g)}
+  ga, gb = flat(ga), flat(gb)
+  assert set(ga) == set(gb) and any(np.any(g != 0) for g in ga.values())
+  for key in ga:
+    np.testing.assert_allclose(ga[key], gb[key], rtol=1e-10, atol=1e-13, err_msg=key)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_candidates_read_the_historys_catalog_rows_only_without_lora(lora_rank):
+  """With LoRA the behaviour side is another function, so the candidates take rows of their
+  own (per position while they are fewer than the catalog's); without it they read the rows
+  the history computed (the catalog: every item position of the batch counted)."""
+  schema, _, splits = tiny_problem()
+  batch = take(splits["train"], np.arange(8))
+  model = build_em3(lora_rank=lora_rank)
+  assert model.content.sides_differ == (lora_rank > 0)
+  candidates = jnp.asarray(batch["item_id"])[:, None]
+  assert candidates.size < schema.num_items + 1 < candidates.size + batch["hist_mask"].size
+  rows = model.candidate_rows(model.encode_user(batch), candidates)
+  if lora_rank:
+    assert rows.index is None and rows.values.shape == candidates.shape
+  else:
+    assert rows.values.shape == (schema.num_items + 1,) and rows.index.shape == candidates.shape
 
 
 @pytest.mark.parametrize("head,negatives", [("din", "in_batch"), ("dmf", "sampled")])
