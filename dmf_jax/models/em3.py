@@ -95,7 +95,7 @@ class ContentEncoder(nnx.Module):
   def __call__(self, vectors, present=None, *, sequence=False, train=False, rngs=None):
     """present [R, K] bool (None: a vector not all zero); sequence=True: the behaviour side
     (LoRA adapters on frozen base weights)."""
-    adapted = sequence and self.config.lora_rank > 0
+    adapted = sequence and self.sides_differ
     return self.fusion(vectors, present, adapted=adapted, train=train, rngs=rngs)
 
   def contrastive_loss(self, model: CTRModel, item_ids, *, content=None, train=False,
