@@ -133,20 +133,20 @@ _CHUNK_ROWS = 65536  # rows per host-side pass over a catalog's vectors (bounded
 
 def inverse_norms(vectors: np.ndarray) -> np.ndarray:
   """1 / max(|v|, eps) per row: [V, D] -> float32 [V] (computed in chunks, float64)."""
-  out = np.empty(len(vectors), np.float32)
+  return norms_and_presence(vectors)[0]
+
+
+def norms_and_presence(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One pass over the rows (in chunks, float64): (1 / max(|v|, eps) float32 [V], whether
+  each row is not all zero bool [V]: the catalog's missing marker). |v| > 0 exactly when a
+  row has a non-zero entry: a float32's square never underflows in float64."""
+  inv, present = np.empty(len(vectors), np.float32), np.empty(len(vectors), bool)
   for start in range(0, len(vectors), _CHUNK_ROWS):
     chunk = np.asarray(vectors[start:start + _CHUNK_ROWS], np.float64)
     norms = np.sqrt(np.sum(chunk * chunk, axis=1))
-    out[start:start + _CHUNK_ROWS] = 1.0 / np.maximum(norms, NORM_EPS)
-  return out
-
-
-def present_rows(vectors: np.ndarray) -> np.ndarray:
-  """Whether each row is not all zero (the catalog's missing marker): [V, D] -> bool [V]."""
-  out = np.empty(len(vectors), bool)
-  for start in range(0, len(vectors), _CHUNK_ROWS):
-    out[start:start + _CHUNK_ROWS] = np.any(vectors[start:start + _CHUNK_ROWS] != 0, axis=1)
-  return out
+    inv[start:start + _CHUNK_ROWS] = 1.0 / np.maximum(norms, NORM_EPS)
+    present[start:start + _CHUNK_ROWS] = norms > 0
+  return inv, present
 
 
 def record_cosines(vectors: np.ndarray, inv_norms: np.ndarray, item_id: np.ndarray,
@@ -280,8 +280,7 @@ class CatalogTables(nnx.Module):
       tables[f"side/{spec.name}"] = spec.rows(value) if spec.hashed else value.astype(np.int32)
     for name, value in self._modalities(catalog):
       tables[f"modality/{name}"] = np.asarray(value, np.float32)
-      tables[f"inv_norm/{name}"] = inverse_norms(value)
-      tables[f"present/{name}"] = present_rows(value)
+      tables[f"inv_norm/{name}"], tables[f"present/{name}"] = norms_and_presence(value)
     if self.hashed_ids:
       tables["id_rows"] = schema.item_id_spec.rows(catalog.raw_ids)
     for name, value in catalog.numeric.items():
@@ -405,15 +404,17 @@ class CatalogTables(nnx.Module):
   def all_vectors(self, name: str) -> jax.Array:
     """Every item's vectors, the stored table itself (no gather): float32 [V, D_k]. Only for
     tables that are not row-sharded (`readable_whole`)."""
-    if not self.readable_whole:
-      raise ValueError("all_vectors: the catalog's tables are row-sharded; gather by id instead")
-    return self.modalities[name][...][:self.num_items].astype(jnp.float32)
+    return self._whole(self.modalities[name]).astype(jnp.float32)
 
   def all_present(self, name: str) -> jax.Array:
     """`has_vectors` of every item: bool [V] (`readable_whole` tables only)."""
+    return self._whole(self.present[name])
+
+  def _whole(self, table: CatalogTable) -> jax.Array:
+    """The items' rows of an unsharded table as stored: [V, ...]."""
     if not self.readable_whole:
-      raise ValueError("all_present: the catalog's tables are row-sharded; gather by id instead")
-    return self.present[name][...][:self.num_items]
+      raise ValueError("the catalog's tables are row-sharded: gather them by id instead")
+    return table[...][:self.num_items]
 
   def calibrate(self, name: str, similarity: jax.Array) -> jax.Array:
     """Maps the catalog's typical cosine range [low, high] (random pairs, 0.5-99.5 percentiles)

@@ -396,14 +396,18 @@ class CTRModel(nnx.Module):
     return Rows(jnp.asarray(unique, jnp.int32), jnp.asarray(batch[key], jnp.int32),
                 shards=unique.shape[0])
 
-  def modality_vectors(self, item_ids: jax.Array) -> list[jax.Array]:
-    """K arrays [..., D_k] of frozen vectors (compute dtype), in schema order."""
-    return [self.catalog.vectors(name, item_ids).astype(self.dtype)
+  def modality_vectors(self, item_ids: jax.Array | None = None) -> list[jax.Array]:
+    """K arrays [..., D_k] of frozen vectors (compute dtype), in schema order; item_ids None:
+    every item's, [V, D_k], the tables as stored (`CatalogTables.readable_whole` only)."""
+    return [(self.catalog.all_vectors(name) if item_ids is None
+             else self.catalog.vectors(name, item_ids)).astype(self.dtype)
             for name in self.schema.modality_names]
 
-  def modality_present(self, item_ids: jax.Array) -> jax.Array:
-    """Whether each item has each modality (a vector not all zero): bool [..., K]."""
-    return jnp.stack([self.catalog.has_vectors(name, item_ids)
+  def modality_present(self, item_ids: jax.Array | None = None) -> jax.Array:
+    """Whether each item has each modality (a vector not all zero): bool [..., K]; item_ids
+    None: every item's, [V, K]."""
+    return jnp.stack([self.catalog.all_present(name) if item_ids is None
+                      else self.catalog.has_vectors(name, item_ids)
                       for name in self.schema.modality_names], axis=-1)
 
   def item_content(self, rows: Rows, *, sequence: bool = False, train: bool = False,
@@ -412,17 +416,14 @@ class CTRModel(nnx.Module):
     whole catalog (`rows.catalog`, tables not row-sharded) it reads the vector tables as
     stored, with no gather of V + 1 rows, and repeats item V - 1's output as row V (the
     out-of-range ids read the last item's catalog entry: `CatalogTables.safe_ids`)."""
-    names = self.schema.modality_names
-    run = lambda vectors, present: self.content(vectors, present, sequence=sequence,
-                                                train=train, rngs=rngs)
-    if rows.catalog and not rows.shards and self.catalog.readable_whole:
-      def content(ids):
-        out = run([self.catalog.all_vectors(n).astype(self.dtype) for n in names],
-                  jnp.stack([self.catalog.all_present(n) for n in names], axis=-1))
-        checks.check_shape("catalog rows", ids, (out.shape[0] + 1,))
-        return jnp.concatenate([out, out[-1:]])
-      return content
-    return lambda ids: run(self.modality_vectors(ids), self.modality_present(ids))
+    whole = rows.catalog and not rows.shards and self.catalog.readable_whole
+
+    def content(ids):
+      ids = None if whole else ids  # the whole catalog: its tables as stored, rows [0, V)
+      out = self.content(self.modality_vectors(ids), self.modality_present(ids),
+                         sequence=sequence, train=train, rngs=rngs)
+      return jnp.concatenate([out, out[-1:]]) if whole else out
+    return content
 
   def item_tokens(self, rows: Rows, *, sequence: bool = False, train: bool = False,
                   rngs: nnx.Rngs | None = None) -> Rows:
