@@ -8,6 +8,8 @@ too). Training adds a symmetric Content-ID InfoNCE between c and the item-id emb
 batch's target items (separate linear heads, L2-normalized; in-batch negatives, or
 `contrastive_num_negatives` items sampled from the table as well); the targets' c is the one
 the ranker's forward computed (`CTRModel.training_loss`), so the Q-Former runs on them once.
+The content tower draws its initial weights from a stream of its own, so the ranker starts from
+the plain ranker's draws for the same seed (`_content_rngs`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dmf_jax.nn.similarity import l2_normalize
 
 HEADS = {"din": DIN, "dmf": DMF}
 CONTRASTIVE_NEGATIVES = ("in_batch", "sampled")
+CONTENT_STREAM = 0xC0417E47  # folded into the ranker's next key: the content tower's own stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +139,16 @@ class ContentEncoder(nnx.Module):
 
 def build_em3(schema, config: EM3Config, *, rngs, catalog=None, sharding=NO_SHARDING) -> CTRModel:
   """The registry's `em3`: the `em3_head` ranker (DIN or DMF) over [e ; Q-Former content]."""
-  content = ContentEncoder(schema, config, rngs=rngs)
+  content = ContentEncoder(schema, config, rngs=_content_rngs(rngs))
   return HEADS[config.em3_head](schema, config, rngs=rngs, catalog=catalog, sharding=sharding,
                                 content=content)
+
+
+def _content_rngs(rngs: nnx.Rngs) -> nnx.Rngs:
+  """The content tower's own parameter stream, derived from the ranker's without drawing from
+  it: the ranker then draws the keys its plain model draws for the same seed, so every ranker
+  parameter of the plain model's shape starts equal to it (common random numbers: a paired
+  comparison of EM3 with its ranker differs in the content tower, not in the ranker's draws)."""
+  stream = rngs.params
+  return nnx.Rngs(jax.random.fold_in(jax.random.fold_in(stream.key[...], stream.count[...]),
+                                     CONTENT_STREAM))

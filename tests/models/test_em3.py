@@ -91,6 +91,31 @@ def test_em3_serves_through_its_heads_forward(head):
   np.testing.assert_allclose(logits, jitted(model)(many), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["din", "dmf"])
+def test_em3s_ranker_starts_from_its_plain_rankers_draws(head):
+  """Common random numbers: built from the same seed, each ranker parameter of EM3 with the
+  plain ranker's shape starts equal to it (the content tower draws from a stream of its own);
+  only the layers that read the wider [e ; c] tokens differ."""
+  schema, catalog, _ = tiny_problem()
+
+  def params(name, **fields):
+    model = registry.build_model({"name": name, **EM3_SMALL, **fields}, schema,
+                                 rngs=nnx.Rngs(7), catalog=catalog)
+    return {"/".join(map(str, p)): np.asarray(v[...])
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+  plain, em3 = params(head), params("em3", em3_head=head)
+  assert set(plain) < set(em3) and all(k.startswith("content/") for k in set(em3) - set(plain))
+  same = [k for k in plain if plain[k].shape == em3[k].shape]
+  wider = sorted(set(plain) - set(same))
+  assert len(same) > 10 and all(np.array_equal(plain[k], em3[k]) for k in same), head
+  assert wider and all(plain[k].shape[0] < em3[k].shape[0]  # more input rows: [e ; c]
+                       and plain[k].shape[1:] == em3[k].shape[1:] for k in wider), wider
+  # A tower that draws more (two layers) leaves every ranker draw as it was.
+  deeper = params("em3", em3_head=head, qformer_layers=2)
+  assert all(np.array_equal(deeper[k], em3[k]) for k in em3 if not k.startswith("content/"))
+
+
 def test_em3_config_errors():
   with pytest.raises(ValueError, match="em3_head='transformer' is not one of"):
     registry.model_config({"name": "em3", "em3_head": "transformer"})
