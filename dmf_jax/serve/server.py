@@ -153,8 +153,9 @@ class Server:
   @classmethod
   def from_train_state(cls, graphdef, state,
                        candidate_sizes: Sequence[int] = DEFAULT_CANDIDATE_SIZES):
-    """For a graphdef built without mesh axes; for a workdir's run use `from_workdir`."""
-    return cls(nnx.merge(graphdef, state.params, state.rest), candidate_sizes)
+    """For a graphdef built without mesh axes; for a workdir's run use `from_workdir`. Serves
+    the state's `eval_params` (the parameters' moving average, when kept)."""
+    return cls(nnx.merge(graphdef, state.eval_params, state.rest), candidate_sizes)
 
   def user_features(self, user: Mapping) -> dict[str, np.ndarray]:
     """Validated, padded request features: user/<field>, hist_item_id [L], hist_mask [L]."""

@@ -194,7 +194,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, test: bool = True,
     return build_model(validated.model, dataset.schema, rngs=rngs, sharding=rules)
 
   graphdef, state, shardings = partitioner.init(
-      factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog)
+      factory, tx, seed=config.seed, schema=dataset.schema, catalog=dataset.catalog,
+      ema_decay=validated.optimizer.ema_decay)
   if validated.optimizer.content_learning_rate is not None and not any(
       optimizers.in_content_tower(path) for path, _ in nnx.to_flat_state(state.params)):
     raise config_lib.ConfigError(
@@ -209,10 +210,11 @@ def serving_model(exp: Experiment, state):
 
   (The training graph's modules carry the mesh's batch axis, and the state its shardings.)
   Tables keep the row padding of the training mesh, so the trained rows fit as they are.
+  Its parameters are the state's `eval_params` (the moving average, when kept).
   """
   rules = ShardingRules(table_shards=exp.partitioner.rules.table_shards)
   model = build_model(exp.model_config, exp.dataset.schema, rngs=nnx.Rngs(0), sharding=rules)
-  nnx.update(model, jax.device_get(state.params), jax.device_get(state.rest))
+  nnx.update(model, jax.device_get(state.eval_params), jax.device_get(state.rest))
   return model
 
 

@@ -16,7 +16,7 @@ def _part(names: tuple[str, ...]) -> str:
   root = names[0] if names else ""
   if root == "params":
     return "tables" if "embedding" in names else "dense"
-  if root == "opt_state":
+  if root in ("opt_state", "ema"):  # the optimizer's state and the parameters' average
     return "optimizer"
   if root == "rest" and "catalog" in names:
     return "catalog"

@@ -6,7 +6,9 @@ optional separate optimizer for embedding tables (embedding_name, embedding_lear
 applied through `optax.multi_transform` to every `EmbeddingTable`'s rows, an optional learning
 rate of its own for the item-content tower (content_learning_rate: the Params under the
 model's `content` attribute, e.g. EM3's Q-Former and its contrastive heads), and row-sparse
-updates of the tables of at least `sparse_min_rows` rows (`dmf_jax.train.sparse`; 0 = off).
+updates of the tables of at least `sparse_min_rows` rows (`dmf_jax.train.sparse`; 0 = off),
+and ema_decay: the train state's moving average of the parameters, which evaluation, the
+choice of the best checkpoint and serving use instead of the parameters (0 = off).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class OptimizerConfig:
   # Tables of at least this many rows get lazy row-sparse updates with the embedding optimizer
   # (dmf_jax.train.sparse): O(rows looked up) per step instead of O(rows). 0: off.
   sparse_min_rows: int = 0
+  # Evaluate, select and serve the exponential moving average of the parameters (Polyak
+  # averaging, bias-corrected: `train.steps.AveragedTrainState`) with this decay; 0: off (the
+  # parameters as trained). Training itself is unchanged.
+  ema_decay: float = 0.0
 
   def __post_init__(self):
     problems = []  # every problem is reported at once
@@ -62,6 +68,12 @@ class OptimizerConfig:
         self.sparse_min_rows < 0):
       problems.append(f"optimizer.sparse_min_rows must be an integer >= 0, got "
                       f"{self.sparse_min_rows!r}")
+    if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or (
+        not 0 <= self.ema_decay < 1):
+      problems.append(f"optimizer.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+    elif self.ema_decay and self.sparse_min_rows:
+      problems.append("optimizer.ema_decay cannot be used with sparse_min_rows: the average "
+                      "would rewrite every row of the row-sparse tables each step")
     if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
       problems.append("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
     if problems:

@@ -81,11 +81,11 @@ class Partitioner:
     return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
                         is_leaf=lambda x: isinstance(x, P))
 
-  def _creator(self, model_factory, tx, seed: int):
+  def _creator(self, model_factory, tx, seed: int, ema_decay: float):
     """() -> (graphdef, TrainState) of a new model on this mesh's sharding rules."""
     def create():
       model = model_factory(self.rules, nnx.Rngs(seed))
-      return training.create_train_state(model, tx, seed)
+      return training.create_train_state(model, tx, seed, ema_decay)
     return create
 
   def init(
@@ -96,13 +96,15 @@ class Partitioner:
       seed: int,
       schema: FeatureSchema,
       catalog: ItemCatalog,
+      ema_decay: float = 0.0,
   ) -> tuple[nnx.GraphDef, training.TrainState, object]:
-    """(graphdef, sharded TrainState, its shardings), catalog loaded.
+    """(graphdef, sharded TrainState, its shardings), catalog loaded (ema_decay > 0: with the
+    parameters' moving average, `training.AveragedTrainState`).
 
     `model_factory(rules, rngs)` builds the model with a placeholder catalog; the real catalog
     is validated and put on the devices afterwards, so it is never baked into the program.
     """
-    create = self._creator(model_factory, tx, seed)
+    create = self._creator(model_factory, tx, seed, ema_decay)
     with jax.set_mesh(self.mesh):
       graphdef, abstract_state = nnx.eval_shape(create)
       shardings = self.state_shardings(abstract_state)
@@ -119,13 +121,14 @@ class Partitioner:
       tx: optax.GradientTransformation,
       *,
       seed: int = 0,
+      ema_decay: float = 0.0,
   ) -> tuple[nnx.GraphDef, training.TrainState, object]:
     """(graphdef, abstract TrainState, its shardings): `init` without creating anything, the
     leaves `jax.ShapeDtypeStruct`s carrying their shardings (the catalog's too, at the size
     the model's schema gives it). For compiling ahead of time for devices that are not
     present (`jax.jit(...).trace(abstract_state, ...).lower().compile()`)."""
     with jax.set_mesh(self.mesh):
-      graphdef, abstract = nnx.eval_shape(self._creator(model_factory, tx, seed))
+      graphdef, abstract = nnx.eval_shape(self._creator(model_factory, tx, seed, ema_decay))
       shardings = self.state_shardings(abstract)
     return graphdef, self.abstract_state(shardings, abstract), shardings
 

@@ -110,7 +110,7 @@ class RestoredRun:
   step: int
 
   def model(self):
-    return nnx.merge(self.graphdef, self.state.params, self.state.rest)
+    return nnx.merge(self.graphdef, self.state.eval_params, self.state.rest)
 
 
 def restore_run(workdir, step: int | None = None) -> RestoredRun:
@@ -128,7 +128,8 @@ def restore_run(workdir, step: int | None = None) -> RestoredRun:
   model = build_model(validated.model, dataset.schema, rngs=nnx.Rngs(config.seed), sharding=rules)
   model.catalog.load(dataset.schema, dataset.catalog)
   tx = optimizers.make_optimizer(validated.optimizer, 1)  # for the state's structure only
-  graphdef, like = training.create_train_state(model, tx, config.seed)
+  graphdef, like = training.create_train_state(model, tx, config.seed,
+                                                validated.optimizer.ema_decay)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
   ckpt = CheckpointManager(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,

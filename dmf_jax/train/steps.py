@@ -36,6 +36,31 @@ class TrainState:
   opt_state: optax.OptState
   rest: nnx.State
 
+  @property
+  def eval_params(self) -> nnx.State:
+    """The parameters a model is evaluated, selected and served with."""
+    return self.params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AveragedTrainState(TrainState):
+  """A `TrainState` that also keeps the parameters' moving average (`optimizer.ema_decay` d):
+  after each step t = 1, 2, ... the bias-corrected average of the params so far,
+      ema_t = sum_{s<=t} (1 - d) d^(t-s) params_s / (1 - d^t),
+  kept as ema_t = ema_{t-1} + (params_t - ema_{t-1}) (1 - d) / (1 - d^t) (ema_0 = the initial
+  params, which step 1 replaces whole). Evaluation, the best checkpoint's choice and serving
+  use it (`eval_params`); training does not read it. (A class of its own, so that a state
+  without an average is the same pytree, and reads the same checkpoints, as before.)
+  """
+
+  ema: nnx.State
+  ema_decay: float = dataclasses.field(default=0.0, metadata={"static": True})
+
+  @property
+  def eval_params(self) -> nnx.State:
+    return self.ema
+
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, params, rest) with params the nnx.Param variables."""
@@ -43,12 +68,24 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0, ema_decay: float = 0.0
 ) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, the state at step 0); ema_decay > 0 adds the parameters' moving average."""
   graphdef, params, rest = split_model(model)
   rng = jax.random.key_data(jax.random.key(seed))
   state = TrainState(jnp.zeros((), jnp.int32), rng, params, tx.init(params), rest)
+  if ema_decay:
+    state = AveragedTrainState(state.step, state.rng, params, state.opt_state, rest,
+                               ema=jax.tree.map(jnp.copy, params), ema_decay=float(ema_decay))
   return graphdef, state
+
+
+def moving_average(ema: nnx.State, params: nnx.State, step: jax.Array, decay: float
+                   ) -> nnx.State:
+  """The bias-corrected average after step `step` (>= 1) has produced `params`:
+  ema + (params - ema) (1 - d) / (1 - d^step) (`AveragedTrainState`)."""
+  weight = (1 - decay) / (1 - jnp.power(jnp.float32(decay), step.astype(jnp.float32)))
+  return jax.tree.map(lambda e, p: e + (p - e) * weight.astype(e.dtype), ema, params)
 
 
 param_path_names = sparse.path_names  # a pytree key path -> the attribute names
@@ -125,17 +162,21 @@ def make_train_step(
       tables, opt_state = row_sparse.apply_rows(
           tables, opt_state, lookups, lambda path: outside.is_trainable(phase, path))
       params = sparse.join(params, tables)
-    new_state = TrainState(state.step + 1, state.rng, params, opt_state, rest)
+    new_state = dataclasses.replace(state, step=state.step + 1, params=params,
+                                    opt_state=opt_state, rest=rest)
+    if isinstance(state, AveragedTrainState):
+      new_state = dataclasses.replace(
+          new_state, ema=moving_average(state.ema, params, new_state.step, state.ema_decay))
     return new_state, {"loss": loss, **extras}
 
   return jax.jit(step, donate_argnums=0) if jit else step
 
 
 def make_predict_step(graphdef: nnx.GraphDef, *, jit: bool = True):
-  """predict(state, batch) -> logits [B] in inference mode."""
+  """predict(state, batch) -> logits [B] in inference mode, with `state.eval_params`."""
 
   def predict(state: TrainState, batch):
-    model = nnx.merge(graphdef, state.params, state.rest)
+    model = nnx.merge(graphdef, state.eval_params, state.rest)
     return precision.to_compute_dtype(model, model.config.compute_dtype)(batch, train=False)
 
   return jax.jit(predict) if jit else predict

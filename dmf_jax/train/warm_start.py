@@ -7,6 +7,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmf_jax.core import hashing
@@ -94,6 +95,10 @@ def warm_start(exp, source_workdir: str, *, optimizer_state: bool, log=print):
   log(f"initialised from {source_workdir} (step {source.step}): weights"
       + (" and optimizer state" if optimizer_state else "")
       + ("; " + "; ".join(sorted(set(grown))) if grown else ""))
-  return dataclasses.replace(
-      state, params=jax.device_put(params, exp.shardings.params),
-      opt_state=jax.device_put(opt_state, exp.shardings.opt_state))
+  params = jax.device_put(params, exp.shardings.params)
+  state = dataclasses.replace(
+      state, params=params, opt_state=jax.device_put(opt_state, exp.shardings.opt_state))
+  if isinstance(state, training.AveragedTrainState):
+    # The moving average restarts with this run's steps (its first step replaces it whole).
+    state = dataclasses.replace(state, ema=jax.tree.map(jnp.copy, params))
+  return state
