@@ -26,7 +26,8 @@ ADDED_FIELDS = {"init_from": "", "init_from_optimizer": False,
                 "model_config.bst_heads": 2, "model_config.bst_layers": 1,
                 "model_config.bst_ffn_dim": 64, "model_config.dien_aux_weight": 1.0,
                 "model_config.compute_dtype": "float32",
-                "model_config.lookup_mode": "auto", "optimizer.content_learning_rate": None}
+                "model_config.lookup_mode": "auto", "optimizer.content_learning_rate": None,
+                "optimizer.ema_decay": 0.0}
 
 
 # The order in which `train.tuning` draws the model knobs that searches recorded before the

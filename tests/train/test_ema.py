@@ -152,3 +152,20 @@ def test_the_decay_is_a_validated_config_field(tmp_path):
   config.optimizer.ema_decay = 1.5
   with pytest.raises(config_lib.ConfigError, match=r"optimizer: optimizer.ema_decay must be"):
     config_lib.validate(config, num_devices=1)
+
+
+def test_a_run_recorded_before_the_average_existed_still_resumes(tmp_path):
+  """Its recorded config has no `optimizer.ema_decay`: at 0 the field is not part of a run's
+  identity (`runs.ADDED_FIELDS`), and a decay > 0 is."""
+  from dmf_jax.train import runs  # pylint: disable=g-import-not-at-top
+
+  config = tiny_train_config(tmp_path / "data")
+  recorded = runs._flatten(config.to_dict())  # pylint: disable=protected-access
+  del recorded["optimizer.ema_decay"]
+  older = runs._identity_fields(recorded)  # pylint: disable=protected-access
+  now = runs._identity_fields(runs._flatten(config.to_dict()))  # pylint: disable=protected-access
+  assert runs.differences(older, now) == []
+  config.optimizer.ema_decay = 0.99
+  averaged = runs._identity_fields(runs._flatten(config.to_dict()))  # pylint: disable=protected-access
+  assert runs.differences(older, averaged) == [
+      "optimizer.ema_decay: '<unset>' in the workdir, 0.99 now"]
